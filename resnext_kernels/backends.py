@@ -1,0 +1,172 @@
+"""Backend registry and selection.
+
+A backend is an implementation of the inference op
+``resnext_kernels::bottleneck_inference`` (BN folded into the convs):
+
+  reference      ATen composite ops; any device, any floating dtype (float64
+                 included). The CPU path and the ground truth.
+  triton         Triton kernels (resnext_kernels/triton_kernels). CUDA tensors;
+                 CPU tensors only when TRITON_INTERPRET=1 was set before
+                 triton was first imported (that is how CI tests them).
+  cuda           The C++/CUDA extension (csrc/*.cu). CUDA tensors.
+  cuda_emulated  Testing only: the same CUDA source compiled for the CPU
+                 against an emulation header. CPU tensors; slow.
+
+``auto`` picks the first usable backend in AUTO_ORDER for the input's device.
+An explicitly requested backend that cannot run raises BackendUnavailableError
+naming the backend and the reason; there is no silent fallback.
+
+Each backend kernel has the signature of ``reference.bottleneck_inference_reference``:
+(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups) -> y, where the
+inputs were already validated by ``ops.check_inputs``.
+"""
+
+import importlib
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "triton", "cuda", "cuda_emulated")
+TESTING_BACKENDS = ("cuda_emulated",)
+# Preference of "auto", per device type. The fused kernels come first on CUDA;
+# on CPU the interpreter/emulation backends are for testing only and never
+# chosen automatically.
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("reference",),
+}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on the given input."""
+
+
+def supported_dtypes(backend):
+    return REFERENCE_DTYPES if backend == "reference" else KERNEL_DTYPES
+
+
+def triton_interpreter_enabled():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device_type):
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:
+        return f"triton cannot be imported: {type(exc).__name__}: {exc}"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if triton_interpreter_enabled():
+            return "TRITON_INTERPRET=1 is set, kernels run in the interpreter (CPU tensors only)"
+        return None
+    if device_type == "cpu":
+        if not triton_interpreter_enabled():
+            return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
+        return None
+    return f"device type {device_type!r} is not supported"
+
+
+def _cuda_reason(device_type):
+    if _extension.extension() is None:
+        return _extension.extension_error()
+    if not _extension.built_with_cuda():
+        return "resnext_kernels._C was built without CUDA kernels (no nvcc or CPU-only torch at build time)"
+    if device_type != "cuda":
+        return f"needs CUDA tensors, got device type {device_type!r}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _cuda_emulated_reason(device_type):
+    if device_type != "cpu":
+        return f"testing backend for CPU tensors, got device type {device_type!r}"
+    try:
+        cuda_backend = importlib.import_module("resnext_kernels.cuda_backend")
+    except Exception as exc:
+        return f"resnext_kernels.cuda_backend cannot be imported: {type(exc).__name__}: {exc}"
+    return cuda_backend.emulated_unavailable_reason()
+
+
+def _reference_reason(device_type):
+    return None
+
+
+_REASONS = {
+    "reference": _reference_reason,
+    "triton": _triton_reason,
+    "cuda": _cuda_reason,
+    "cuda_emulated": _cuda_emulated_reason,
+}
+
+
+def check_backend_name(backend, argname="backend"):
+    if not isinstance(backend, str):
+        raise TypeError(f"{argname} must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{argname}={backend!r} is not one of {('auto',) + BACKENDS}")
+    return backend
+
+
+def unavailable_reason(backend, device):
+    """None if `backend` can run on tensors of `device`, else the reason."""
+    device = torch.device(device)
+    return _REASONS[backend](device.type)
+
+
+def resolve_backend(backend, device):
+    """Map 'auto' or an explicit name to a backend usable on `device`, or raise."""
+    check_backend_name(backend)
+    device = torch.device(device)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device) is None:
+                return name
+        return "reference"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on {device.type} tensors: {reason}")
+    return backend
+
+
+def kernel(backend):
+    """The Python callable implementing `backend` (imported lazily)."""
+    if backend == "reference":
+        from .reference import bottleneck_inference_reference
+
+        return bottleneck_inference_reference
+    if backend == "triton":
+        from .triton_kernels import bottleneck_inference_triton
+
+        return bottleneck_inference_triton
+    if backend == "cuda":
+        from .cuda_backend import bottleneck_inference_cuda
+
+        return bottleneck_inference_cuda
+    if backend == "cuda_emulated":
+        from .cuda_backend import bottleneck_inference_cuda_emulated
+
+        return bottleneck_inference_cuda_emulated
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def available_backends():
+    """Dict backend -> {"usable": {device_type: bool}, "reason": {...}, "testing": bool}.
+
+    "reason" holds None where usable, else why not. Device types are "cpu"
+    and "cuda".
+    """
+    info = {}
+    for name in BACKENDS:
+        reasons = {dev: unavailable_reason(name, dev) for dev in ("cpu", "cuda")}
+        info[name] = {
+            "usable": {dev: r is None for dev, r in reasons.items()},
+            "reason": reasons,
+            "testing": name in TESTING_BACKENDS or (name == "triton" and triton_interpreter_enabled()),
+        }
+    return info

@@ -1,0 +1,195 @@
+"""The op layer: torch.library ops of the ``resnext_kernels`` namespace.
+
+``resnext_kernels::bottleneck_inference`` is the whole ResNeXt bottleneck
+block with BatchNorm folded into the conv weights and biases:
+
+    t1 = relu(conv1x1(x, w1) + b1)                                   [N, width, H, W]
+    t2 = relu(conv3x3(t1, w2, stride, pad=dilation, dilation, groups) + b2)
+    y  = relu(conv1x1(t2, w3) + b3 + shortcut)                        [N, Cout, Ho, Wo]
+    shortcut = x (wd, bd None) or conv1x1(x, wd, stride) + bd
+
+Shapes: x [N, Cin, H, W]; w1 [width, Cin, 1, 1]; w2 [width, width/groups, 3, 3];
+w3 [Cout, width, 1, 1]; wd [Cout, Cin, 1, 1]; biases 1-D. Ho = (H-1)//stride+1.
+The output is channels_last (NHWC in memory), in x's dtype. NCHW-contiguous x
+is accepted: kernels convert it to channels_last once (one copy of x).
+
+The op has a fake kernel (shape inference for torch.compile) and autograd: the
+backward is composed of ATen ops (it recomputes t1, t2 from the saved x and
+weights, so the forward saves no intermediates) and gives gradients for x and
+every weight and bias.
+
+Training ops (batch statistics inside fused kernels) are future work; they will
+be added here beside this op, with their own schemas.
+"""
+
+import torch
+
+from . import backends
+
+_NS = "resnext_kernels"
+
+
+def _is_tensor(t):
+    return isinstance(t, torch.Tensor)
+
+
+def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend="reference"):
+    """Validate the op's arguments; raise TypeError/ValueError naming the argument."""
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
+    for name, t in named.items():
+        if not _is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if (wd is None) != (bd is None):
+        raise ValueError("wd and bd must both be given (projection shortcut) or both be None")
+    if wd is not None:
+        for name, t in (("wd", wd), ("bd", bd)):
+            if not _is_tensor(t):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        named.update(wd=wd, bd=bd)
+    for name, v in (("stride", stride), ("dilation", dilation), ("groups", groups)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+
+    allowed = backends.supported_dtypes(backend)
+    if x.dtype not in allowed:
+        raise TypeError(f"x has dtype {x.dtype}; backend {backend!r} supports {[str(d) for d in allowed]}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    expect_rank = {"w1": 4, "w2": 4, "w3": 4, "wd": 4, "b1": 1, "b2": 1, "b3": 1, "bd": 1}
+    for name, t in named.items():
+        if name != "x" and t.dim() != expect_rank[name]:
+            raise ValueError(f"{name} must be {expect_rank[name]}-D, got shape {tuple(t.shape)}")
+
+    cin = x.shape[1]
+    width = w1.shape[0]
+    cout = w3.shape[0]
+    if tuple(w1.shape[1:]) != (cin, 1, 1):
+        raise ValueError(f"w1 must have shape [width, Cin={cin}, 1, 1] to match x, got {tuple(w1.shape)}")
+    if width % groups != 0:
+        raise ValueError(f"groups={groups} does not divide width={width} (w1.shape[0])")
+    if tuple(w2.shape) != (width, width // groups, 3, 3):
+        raise ValueError(
+            f"w2 must have shape [width={width}, width/groups={width // groups}, 3, 3], got {tuple(w2.shape)}"
+        )
+    if tuple(w3.shape[1:]) != (width, 1, 1):
+        raise ValueError(f"w3 must have shape [Cout, width={width}, 1, 1], got {tuple(w3.shape)}")
+    for name, t, n in (("b1", b1, width), ("b2", b2, width), ("b3", b3, cout)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have {n} elements, got {t.shape[0]}")
+    if wd is None:
+        if cin != cout:
+            raise ValueError(
+                f"identity shortcut needs Cin == Cout, got Cin={cin} (x) and Cout={cout} (w3); pass wd/bd"
+            )
+        if stride != 1:
+            raise ValueError(f"identity shortcut needs stride=1, got stride={stride}; pass wd/bd")
+    else:
+        if tuple(wd.shape) != (cout, cin, 1, 1):
+            raise ValueError(f"wd must have shape [Cout={cout}, Cin={cin}, 1, 1], got {tuple(wd.shape)}")
+        if bd.shape[0] != cout:
+            raise ValueError(f"bd must have {cout} elements, got {bd.shape[0]}")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must be non-empty in N, H and W, got shape {tuple(x.shape)}")
+
+
+def output_shape(x, w3, stride):
+    n, _, h, w = x.shape
+    return (n, w3.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
+@torch.library.custom_op(f"{_NS}::bottleneck_inference", mutates_args=())
+def _bottleneck_inference_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    wd: torch.Tensor | None,
+    bd: torch.Tensor | None,
+    stride: int,
+    dilation: int,
+    groups: int,
+    backend: str,
+) -> torch.Tensor:
+    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)
+    backend = backends.resolve_backend(backend, x.device)
+    return backends.kernel(backend)(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+
+
+@_bottleneck_inference_op.register_fake
+def _(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend):
+    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)
+    return x.new_empty(output_shape(x, w3, stride)).contiguous(memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, _backend = inputs
+    ctx.conv = (stride, dilation, groups)
+    ctx.has_projection = wd is not None
+    ctx.save_for_backward(x, w1, b1, w2, b2, w3, wd, output)
+
+
+def _conv_backward(grad, inp, weight, stride, padding, dilation, groups, need_input, need_weight):
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        grad, inp, weight, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups,
+        [need_input, need_weight, False],
+    )
+    return gi, gw
+
+
+def _backward(ctx, grad_y):
+    x, w1, b1, w2, b2, w3, wd, y = ctx.saved_tensors
+    stride, dilation, groups = ctx.conv
+    need = ctx.needs_input_grad  # (x, w1, b1, w2, b2, w3, b3, wd, bd, ...)
+    f = torch.nn.functional
+    # Recompute t1, t2 (cheap next to saving them; activation memory matters).
+    t1 = f.relu(f.conv2d(x, w1, b1))
+    t2 = f.relu(f.conv2d(t1, w2, b2, stride=stride, padding=dilation, dilation=dilation, groups=groups))
+
+    g3 = grad_y * (y > 0)  # through the final ReLU; also the shortcut's gradient
+    gb3 = g3.sum((0, 2, 3))
+    gt2, gw3 = _conv_backward(g3, t2, w3, 1, 0, 1, 1, True, need[5])
+    gx_short, gwd, gbd = None, None, None
+    if ctx.has_projection:
+        gx_short, gwd = _conv_backward(g3, x, wd, stride, 0, 1, 1, need[0], need[7])
+        gbd = gb3
+    elif need[0]:
+        gx_short = g3
+    g2 = gt2 * (t2 > 0)
+    gb2 = g2.sum((0, 2, 3))
+    gt1, gw2 = _conv_backward(g2, t1, w2, stride, dilation, dilation, groups, True, need[3])
+    g1 = gt1 * (t1 > 0)
+    gb1 = g1.sum((0, 2, 3))
+    gx, gw1 = _conv_backward(g1, x, w1, 1, 0, 1, 1, need[0], need[1])
+    if need[0]:
+        gx = gx + gx_short
+    return gx, gw1, gb1, gw2, gb2, gw3, gb3, gwd, gbd, None, None, None, None
+
+
+_bottleneck_inference_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bottleneck_inference(x, w1, b1, w2, b2, w3, b3, wd=None, bd=None, *, stride=1, dilation=1, groups=1,
+                         backend="auto"):
+    """Run the folded inference block (see the module docstring) on `backend`.
+
+    backend: "auto" (fastest usable for x's device), "reference", "triton",
+    "cuda" or "cuda_emulated". An explicit backend that cannot run raises
+    BackendUnavailableError with the reason.
+    """
+    backends.check_backend_name(backend)
+    if not _is_tensor(x):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    resolved = backends.resolve_backend(backend, x.device)
+    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
+    return _bottleneck_inference_op(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
