@@ -1,0 +1,32 @@
+"""resnext_kernels: fused Triton and CUDA kernels for the ResNeXt bottleneck block.
+
+Public API:
+  FusedResNeXtBlock      drop-in for torchvision's / timm's Bottleneck
+  convert(model, backend) swap every convertible Bottleneck of a model in place
+  available_backends()   which backends can run here, and why not
+  bottleneck_inference   the folded inference op (functional form)
+
+Importing never fails because the compiled extension is missing or stale; the
+reason is reported by available_backends() and ``python -m resnext_kernels info``.
+"""
+
+from . import forms
+from ._extension import extension_error
+from .backends import BACKENDS, BackendUnavailableError, available_backends
+from .convert import ConversionWarning, convert
+from .module import FusedResNeXtBlock
+from .ops import bottleneck_inference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "ConversionWarning",
+    "FusedResNeXtBlock",
+    "available_backends",
+    "bottleneck_inference",
+    "convert",
+    "extension_error",
+    "forms",
+]

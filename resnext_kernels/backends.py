@@ -94,6 +94,8 @@ def _cuda_emulated_reason(device_type):
 
 
 def _reference_reason(device_type):
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     return None
 
 

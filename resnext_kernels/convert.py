@@ -1,0 +1,44 @@
+"""Swap torchvision/timm Bottleneck blocks of a model for FusedResNeXtBlock."""
+
+import warnings
+
+from . import backends
+from .module import FusedResNeXtBlock, _is_timm_bottleneck, _is_torchvision_bottleneck, unsupported_reason
+
+
+class ConversionWarning(UserWarning):
+    """Some Bottleneck blocks were left unconverted (see the message)."""
+
+
+def convert(model, backend="auto"):
+    """Replace every convertible torchvision/timm ``Bottleneck`` in `model`, in place.
+
+    Blocks that cannot be fused (timm blocks with attention, anti-aliasing,
+    drop-block or drop-path, non-ReLU activations, reduce_first != 1, or an
+    unusual downsample) are left alone and reported with one
+    ``ConversionWarning`` naming each block and the reason. The skipped blocks
+    are also recorded as ``model.resnext_kernels_skipped`` ({name: reason}).
+    Returns `model`.
+    """
+    backends.check_backend_name(backend)
+    if _is_torchvision_bottleneck(model) or _is_timm_bottleneck(model):
+        raise ValueError("model is itself a Bottleneck; use FusedResNeXtBlock.from_bottleneck(model)")
+    skipped = {}
+    converted = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not (_is_torchvision_bottleneck(child) or _is_timm_bottleneck(child)):
+                continue
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            reason = unsupported_reason(child)
+            if reason is not None:
+                skipped[full_name] = reason
+                continue
+            setattr(parent, child_name, FusedResNeXtBlock.from_bottleneck(child, backend=backend))
+            converted += 1
+    if skipped:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in skipped.items())
+        warnings.warn(f"resnext_kernels.convert left {len(skipped)} Bottleneck block(s) unconverted "
+                      f"({converted} converted):\n{lines}", ConversionWarning, stacklevel=2)
+    model.resnext_kernels_skipped = skipped
+    return model

@@ -1,0 +1,271 @@
+"""FusedResNeXtBlock: a drop-in for torchvision's (and timm's) Bottleneck."""
+
+import copy
+
+import torch
+from torch import nn
+
+from . import backends, folding, ops
+
+
+def _conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def _conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+class FusedResNeXtBlock(nn.Module):
+    """ResNeXt/ResNet bottleneck block running as fused kernels.
+
+    The constructor is torchvision's ``Bottleneck(inplanes, planes, stride=1,
+    downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None)``
+    plus the keyword ``backend``; submodules and state_dict keys are the same
+    (conv1 bn1 conv2 bn2 conv3 bn3 downsample), so torchvision weights load
+    unchanged and ``torchvision.models.resnet.ResNet(FusedResNeXtBlock, ...)``
+    builds a fused network.
+
+    Forward:
+      * Inference-mode normalization (BatchNorm2d in eval mode with running
+        stats, or FrozenBatchNorm2d in any mode): BN is folded into the convs
+        and the block runs as the op ``resnext_kernels::bottleneck_inference``
+        on ``backend``. Gradients reach x, conv weights and BN affine params.
+      * BatchNorm2d using batch statistics (train mode, or no running stats):
+        the block computes exactly torchvision's math with ATen ops (batch
+        statistics, running-stat and num_batches_tracked updates) whatever
+        ``backend`` says; fused training kernels are future work.
+
+    backend: "auto" (fastest usable for the input's device), "reference",
+    "triton", "cuda", or the testing backend "cuda_emulated". An explicitly
+    requested backend that cannot run raises BackendUnavailableError.
+
+    downsample must be None or ``nn.Sequential(Conv2d 1x1 no bias, norm)``
+    as torchvision builds it; other shortcut modules raise ValueError.
+
+    Folded weights are cached per module when no gradient is being recorded,
+    and recomputed when any parameter or buffer changes (``tensor._version``,
+    storage, dtype or device) or the input dtype changes.
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, backend="auto"):
+        super().__init__()
+        for name, value in (("inplanes", inplanes), ("planes", planes), ("stride", stride), ("groups", groups),
+                            ("base_width", base_width), ("dilation", dilation)):
+            _check_positive_int(name, value)
+        backends.check_backend_name(backend)
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        if width < 1:
+            raise ValueError(f"planes={planes} and base_width={base_width} give width {width} < 1")
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.backend = backend
+        self._fold_cache = None
+        self._check_structure()
+
+    # -- structure ---------------------------------------------------------
+
+    def _check_structure(self):
+        """Raise ValueError if the submodules are not a block this package can fold."""
+        c1, c2, c3 = self.conv1, self.conv2, self.conv3
+        for name, conv, k in (("conv1", c1, 1), ("conv2", c2, 3), ("conv3", c3, 1)):
+            if type(conv) is not nn.Conv2d or conv.kernel_size != (k, k) or conv.bias is not None:
+                raise ValueError(f"{name} must be an nn.Conv2d {k}x{k} with bias=False, got {conv}")
+        if c1.stride != (1, 1) or c3.stride != (1, 1) or c1.groups != 1 or c3.groups != 1:
+            raise ValueError("conv1 and conv3 must have stride 1 and groups 1")
+        s, d = c2.stride, c2.dilation
+        if s[0] != s[1] or d[0] != d[1] or c2.padding != d or c2.padding_mode != "zeros":
+            raise ValueError(f"conv2 must have square stride/dilation and padding == dilation, got {c2}")
+        if c2.in_channels != c1.out_channels or c2.out_channels != c1.out_channels:
+            raise ValueError("conv2 must map conv1's width to the same width")
+        for name in ("bn1", "bn2", "bn3"):
+            if not folding.is_supported_norm(getattr(self, name)):
+                raise ValueError(f"{name} must be nn.BatchNorm2d or FrozenBatchNorm2d, got {type(getattr(self, name))}")
+        ds = self.downsample
+        if ds is not None:
+            ok = (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+                  and ds[0].kernel_size == (1, 1) and ds[0].bias is None and ds[0].padding == (0, 0)
+                  and ds[0].stride == s and ds[0].groups == 1 and ds[0].dilation == (1, 1)
+                  and folding.is_supported_norm(ds[1]))
+            if not ok:
+                raise ValueError(
+                    "downsample must be None or nn.Sequential(nn.Conv2d(1x1, stride=conv2's stride, bias=False), "
+                    f"BatchNorm2d/FrozenBatchNorm2d), got {ds}")
+        elif s != (1, 1) or c1.in_channels != c3.out_channels:
+            raise ValueError(
+                f"without downsample the block needs stride 1 and inplanes == planes*4, got stride {s[0]}, "
+                f"inplanes {c1.in_channels}, planes*4 {c3.out_channels}")
+
+    def _norms(self):
+        norms = [self.bn1, self.bn2, self.bn3]
+        if self.downsample is not None:
+            norms.append(self.downsample[1])
+        return norms
+
+    def uses_batch_statistics(self):
+        """True when forward normalizes with batch statistics (unfused ATen path)."""
+        return any(folding.uses_batch_statistics(bn) for bn in self._norms())
+
+    # -- forward -----------------------------------------------------------
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self.uses_batch_statistics():
+            return self._forward_batch_statistics(x)
+        folded = self.folded_parameters(x.dtype)
+        c2 = self.conv2
+        return ops.bottleneck_inference(x, *folded, stride=c2.stride[0], dilation=c2.dilation[0],
+                                        groups=c2.groups, backend=self.backend)
+
+    def _forward_batch_statistics(self, x):
+        # Exactly torchvision's Bottleneck.forward. Check x first so that bad
+        # input gets the same clear error as on the fused path.
+        self._check_input(x)
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+    def _check_input(self, x):
+        w = self.conv1.weight
+        if x.dtype not in backends.REFERENCE_DTYPES:
+            raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype {[str(d) for d in backends.REFERENCE_DTYPES]}")
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the block's parameters are on {w.device}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} channels but conv1 expects {w.shape[1]}")
+
+    # -- folding -----------------------------------------------------------
+
+    def _state_key(self, dtype):
+        tensors = list(self.parameters()) + list(self.buffers())
+        return (dtype,) + tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+
+    def folded_parameters(self, dtype):
+        """(w1, b1, w2, b2, w3, b3, wd, bd) with BN folded, in `dtype`.
+
+        Cached when no autograd graph is being recorded (a cached tensor that
+        is part of a graph could not be backpropagated twice) and when not
+        tracing under torch.compile (the compiled graph folds by itself).
+        """
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"x has dtype {dtype}; expected a floating dtype")
+        records_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        cacheable = not records_grad and not torch.compiler.is_compiling()
+        if cacheable:
+            key = self._state_key(dtype)
+            if self._fold_cache is not None and self._fold_cache[0] == key:
+                return self._fold_cache[1]
+        w1, b1 = folding.fold_conv_bn(self.conv1.weight, self.bn1, dtype)
+        w2, b2 = folding.fold_conv_bn(self.conv2.weight, self.bn2, dtype)
+        w3, b3 = folding.fold_conv_bn(self.conv3.weight, self.bn3, dtype)
+        wd = bd = None
+        if self.downsample is not None:
+            wd, bd = folding.fold_conv_bn(self.downsample[0].weight, self.downsample[1], dtype)
+        folded = (w1, b1, w2, b2, w3, b3, wd, bd)
+        if cacheable:
+            self._fold_cache = (key, folded)
+        else:
+            self._fold_cache = None
+        return folded
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() replace parameters; drop the cache eagerly so it
+        # does not keep old-device tensors alive.
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- construction from other blocks ------------------------------------
+
+    @classmethod
+    def from_bottleneck(cls, block, backend="auto"):
+        """A FusedResNeXtBlock with a deep copy of `block`'s parameters and buffers.
+
+        `block` is a torchvision ``Bottleneck`` or a timm ``Bottleneck``
+        without attention, anti-aliasing, drop-block or drop-path, with ReLU
+        activations and reduce_first=1. Raises ValueError otherwise.
+        """
+        reason = unsupported_reason(block)
+        if reason is not None:
+            raise ValueError(f"cannot convert {type(block).__module__}.{type(block).__name__}: {reason}")
+        return cls.from_modules(*(copy.deepcopy(getattr(block, name)) for name in _SUBMODULES),
+                                backend=backend, training=block.training)
+
+    @classmethod
+    def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, *, backend="auto", training=True):
+        """A block made of the given submodules (used as they are, not copied); checks the structure."""
+        backends.check_backend_name(backend)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.conv1, new.bn1, new.conv2, new.bn2, new.conv3, new.bn3 = conv1, bn1, conv2, bn2, conv3, bn3
+        new.relu = nn.ReLU(inplace=True)
+        new.downsample = downsample
+        new.stride = conv2.stride[0]
+        new.backend = backend
+        new._fold_cache = None
+        new._check_structure()
+        return new.train(training)
+
+
+_SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+
+
+def _is_torchvision_bottleneck(m):
+    return type(m).__name__ == "Bottleneck" and type(m).__module__ == "torchvision.models.resnet"
+
+
+def _is_timm_bottleneck(m):
+    return type(m).__name__ == "Bottleneck" and type(m).__module__.startswith("timm.models")
+
+
+def _is_identity_or_none(m):
+    return m is None or type(m) is nn.Identity
+
+
+def unsupported_reason(block):
+    """None if `block` can become a FusedResNeXtBlock, else why not."""
+    if _is_torchvision_bottleneck(block):
+        pass
+    elif _is_timm_bottleneck(block):
+        for attr, what in (("se", "attention (attn_layer)"), ("aa", "anti-aliasing (aa_layer)"),
+                           ("drop_block", "drop-block"), ("drop_path", "drop-path")):
+            if not _is_identity_or_none(getattr(block, attr, None)):
+                return f"it carries {what}"
+        for attr in ("act1", "act2", "act3"):
+            if type(getattr(block, attr, None)) is not nn.ReLU:
+                return f"{attr} is {type(getattr(block, attr, None)).__name__}, not nn.ReLU"
+    else:
+        return "not a torchvision or timm Bottleneck"
+    try:
+        # training= keeps the probe from flipping the block's submodules' mode.
+        FusedResNeXtBlock.from_modules(*(getattr(block, name) for name in _SUBMODULES), training=block.training)
+    except ValueError as exc:
+        return str(exc)
+    return None
