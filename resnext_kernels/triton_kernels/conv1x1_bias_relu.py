@@ -1,0 +1,127 @@
+"""K1: conv1 (1x1) + bias + ReLU as a GEMM over NHWC pixels -> t1.
+
+    t1[m, j] = relu(sum_k x[m, k] * w1p[k, j] + b1p[j]),   m = (n, h, w) pixel
+
+The output channels are the *packed* channels of packing.py (each group padded
+to d_p channels), so K2 reads a width tile of t1 as one contiguous slice. The
+padded channels have zero weights and bias and come out as exact zeros.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_precision, interpreting
+from .packing import next_pow2
+
+
+@triton.jit
+def _conv1x1_bias_relu_kernel(
+    x_ptr, w_ptr, b_ptr, t1_ptr,
+    M, HW, W, CIN, NOUT,
+    sxn, sxc, sxh, sxw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One program computes a [BLOCK_M pixels, BLOCK_N channels] tile of t1.
+
+    x_ptr:  x, [N, CIN, H, W] in x's dtype, any strides (channels_last in
+            practice); element (n, c, h, w) at n*sxn + c*sxc + h*sxh + w*sxw.
+    w_ptr:  w1p, [CIN, NOUT] contiguous (row k = input channel, column j =
+            packed output channel).
+    b_ptr:  b1p, [NOUT] fp32.
+    t1_ptr: t1, [M, NOUT] contiguous in x's dtype, M = N*H*W pixels in
+            (n, h, w) order, i.e. NHWC with NOUT (= width_p) channels.
+    M: pixel count; HW = H*W; W: image width (to split m into n, h, w).
+    PREC: tl.dot input_precision ("tf32" or "ieee"; only affects fp32).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(NOUT, BLOCK_N),), channel tiles fastest so
+    programs sharing an x tile run together.
+    """
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(NOUT, BLOCK_N)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < NOUT
+
+    # int64: N*H*W*C can pass 2**31 at large batch.
+    m64 = offs_m.to(tl.int64)
+    img = m64 // HW
+    rem = m64 % HW
+    x_row = img * sxn + (rem // W) * sxh + (rem % W) * sxw
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < CIN
+        a = tl.load(x_ptr + x_row[:, None] + k[None, :] * sxc, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + k[:, None] * NOUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+
+    bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)
+    acc = tl.maximum(acc + bias[None, :], 0.0)
+    out = t1_ptr + m64[:, None] * NOUT + offs_n[None, :]
+    tl.store(out, acc.to(t1_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _gpu_configs():
+    # Hopper-sized GEMM tiles; BLOCK_N = 128/256 covers a whole stage-1/2 width
+    # so x is read once. Pruned per shape below.
+    cfgs = []
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune(configs, nargs, **kwargs):
+    args = {**nargs, **kwargs}
+    nout, cin = args["NOUT"], args["CIN"]
+    bn_max = max(16, next_pow2(nout))
+    bk_max = max(16, next_pow2(cin))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_max and c.kwargs["BLOCK_K"] <= bk_max]
+    if not kept:  # all tiles larger than the problem: keep the smallest
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return kept
+
+
+_conv1x1_bias_relu_tuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M", "CIN", "NOUT"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_conv1x1_bias_relu_kernel)
+
+# Interpreter: one large-tile config (fewer programs = fewer numpy round trips).
+_INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
+
+
+def conv1x1_bias_relu(x, w1p, b1p, t1):
+    """Launch K1. x [N, Cin, H, W] (strided), w1p [Cin, width_p], b1p fp32,
+    t1 [N*H*W, width_p] contiguous (written completely)."""
+    n, cin, h, w = x.shape
+    m = n * h * w
+    nout = w1p.shape[1]
+    args = (x, w1p, b1p, t1, m, h * w, w, cin, nout, *x.stride())
+    prec = dot_precision(x.dtype)
+    if interpreting():
+        cfg = _INTERPRET_CONFIG
+        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(nout, cfg["BLOCK_N"]),)
+        _conv1x1_bias_relu_kernel[grid](*args, PREC=prec, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nout, meta["BLOCK_N"]),)
+
+        _conv1x1_bias_relu_tuned[grid](*args, PREC=prec)
+    return t1
+
+
+__all__ = ["conv1x1_bias_relu"]

@@ -1,0 +1,201 @@
+"""K2: grouped 3x3 conv + bias + ReLU, consumed in registers by conv3 + bias
++ shortcut + ReLU; one store of y.
+
+Per program: BLOCK_P output pixels x BLOCK_CO output channels. For each
+packed width tile of GT channels (packing.py):
+
+    t2_tile = relu(sum_{tap, chunk} t1_window(tap, chunk) @ w2p[tap, tile, chunk] + b2p[tile])
+    acc    += t2_tile.to(dtype) @ w3p[tile, co_tile]
+
+t1_window is the [BLOCK_P, GT] slice of t1 at the tap's input pixel
+(stride, dilation; zero padding through the load mask). The chunks of an
+output tile are the GT-channel pieces of its group's input (KCH of them when
+d_p > GT, else just the tile itself: block-diagonal packing). Epilogue:
++ b3, + shortcut (identity: x at the same pixel; projection: x at the strided
+pixel @ wdp + bdp, a K loop over Cin in the same program), ReLU, store.
+t2 and the shortcut never touch global memory.
+
+Rounding: t2 is rounded to the activation dtype before the conv3 dot (as
+PyTorch does between convs); conv3 + shortcut are summed in fp32 and rounded
+once, where eager PyTorch rounds twice.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import cdiv, dot_precision, interpreting
+from .packing import next_pow2
+
+
+@triton.jit
+def _grouped_conv_conv3_kernel(
+    t1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, x_ptr, wd_ptr, bd_ptr, y_ptr,
+    M_OUT, HWO, WO, H, W, WIDTH_P, N_TILES, CIN, COUT, STRIDE, DIL,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    GT: tl.constexpr, KCH: tl.constexpr, PROJECTION: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program computes y for BLOCK_P output pixels x BLOCK_CO channels.
+
+    t1_ptr: t1, [N*H*W, WIDTH_P] contiguous (NHWC, packed channels), act dtype.
+    w2_ptr: w2p, [9, N_TILES, KCH, GT, GT] contiguous: tap kh*3+kw, output
+            tile, input chunk, input channel in the chunk, output channel in
+            the tile.
+    b2_ptr: b2p, [WIDTH_P] fp32.
+    w3_ptr: w3p, [WIDTH_P, COUT] contiguous (row = packed t2 channel).
+    b3_ptr: b3, [COUT] fp32.
+    x_ptr:  x, [N, CIN, H, W], element (n, c, h, w) at
+            n*sxn + c*sxc + h*sxh + w*sxw (the shortcut's input).
+    wd_ptr: wdp, [CIN, COUT] contiguous; bd_ptr: bd, [COUT] fp32. Only read
+            when PROJECTION (else any pointer, e.g. w3p / b3p).
+    y_ptr:  y, [N, COUT, HO, WO], element (n, c, h, w) at
+            n*syn + c*syc + h*syh + w*syw (channels_last), act dtype.
+    M_OUT = N*HO*WO output pixels; HWO = HO*WO; WO output width; H, W input
+    size; N_TILES width tiles of GT packed channels (WIDTH_P = N_TILES*GT);
+    STRIDE, DIL of the 3x3 conv (padding = DIL); the projection reads x at
+    (ho*STRIDE, wo*STRIDE). PREC: tl.dot input_precision (fp32 only).
+    Grid: (cdiv(M_OUT, BLOCK_P) * cdiv(COUT, BLOCK_CO),), Cout tiles fastest
+    so the programs that recompute the same t2 tiles run together (t1 in L2).
+    """
+    pid = tl.program_id(0)
+    n_co = tl.cdiv(COUT, BLOCK_CO)
+    pid_p = pid // n_co
+    pid_co = pid % n_co
+    dtype = y_ptr.dtype.element_ty
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_g = tl.arange(0, GT)
+    p_mask = offs_p < M_OUT
+    co_mask = offs_co < COUT
+
+    p64 = offs_p.to(tl.int64)
+    img = p64 // HWO
+    rem = p64 % HWO
+    ho = rem // WO
+    wo = rem % WO
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for ot in range(N_TILES):
+        # First packed channel of this output tile's group: its input chunks.
+        in_base = (ot // KCH) * (KCH * GT)
+        t2 = tl.zeros((BLOCK_P, GT), dtype=tl.float32)
+        for tap in tl.static_range(9):
+            hi = ho * STRIDE + (tap // 3 - 1) * DIL
+            wi = wo * STRIDE + (tap % 3 - 1) * DIL
+            valid = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            row = ((img * H + hi) * W + wi) * WIDTH_P + in_base
+            for kc in tl.static_range(KCH):
+                a = tl.load(t1_ptr + row[:, None] + (kc * GT + offs_g)[None, :], mask=valid[:, None], other=0.0)
+                w_off = (((tap * N_TILES + ot) * KCH + kc) * GT + offs_g[:, None]) * GT + offs_g[None, :]
+                t2 = tl.dot(a, tl.load(w2_ptr + w_off), t2, input_precision=PREC)
+        b2 = tl.load(b2_ptr + ot * GT + offs_g)
+        t2 = tl.maximum(t2 + b2[None, :], 0.0).to(dtype)
+        w3 = tl.load(w3_ptr + (ot * GT + offs_g)[:, None] * COUT + offs_co[None, :], mask=co_mask[None, :], other=0.0)
+        acc = tl.dot(t2, w3, acc, input_precision=PREC)
+
+    acc += tl.load(b3_ptr + offs_co, mask=co_mask, other=0.0)[None, :]
+    x_row = img * sxn + (ho * STRIDE) * sxh + (wo * STRIDE) * sxw
+    if PROJECTION:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, CIN, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < CIN
+            xk = tl.load(x_ptr + x_row[:, None] + k[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+            wk = tl.load(wd_ptr + k[:, None] * COUT + offs_co[None, :], mask=k_mask[:, None] & co_mask[None, :],
+                         other=0.0)
+            acc = tl.dot(xk, wk, acc, input_precision=PREC)
+        acc += tl.load(bd_ptr + offs_co, mask=co_mask, other=0.0)[None, :]
+    else:
+        # Identity: STRIDE == 1 and CIN == COUT (checked by the op layer).
+        acc += tl.load(x_ptr + x_row[:, None] + offs_co[None, :] * sxc, mask=p_mask[:, None] & co_mask[None, :],
+                       other=0.0).to(tl.float32)
+
+    y = tl.maximum(acc, 0.0).to(dtype)
+    y_row = img * syn + ho * syh + wo * syw
+    tl.store(y_ptr + y_row[:, None] + offs_co[None, :] * syc, y, mask=p_mask[:, None] & co_mask[None, :])
+
+
+# (BLOCK_P, BLOCK_CO, num_warps, num_stages). Large pixel tiles for Hopper
+# wgmma; BLOCK_CO up to 256 so Cout <= 256 needs no t2 recompute and stage 4
+# (Cout 2048) recomputes t2 8x, not 16x.
+_GPU_TILES = (
+    (128, 128, 8, 2),
+    (64, 256, 8, 2),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 3),
+)
+# Rough fp32 registers per thread: acc [P, CO] + t2 [P, GT] + the t1 window
+# [P, GT] + w2 tile [GT, GT] + w3 tile [GT, CO] (16-bit operands count half),
+# spread over 32*num_warps threads; the rest of the 255 is addresses/masks.
+_REG_BUDGET = 160
+
+
+def _reg_estimate(bp, bco, gt, warps):
+    return (bp * bco + bp * gt + (bp * gt + gt * gt + gt * bco) / 2) / (32 * warps)
+
+
+def _gpu_configs():
+    return [
+        triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
+        for bp, bco, warps, stages in _GPU_TILES
+    ]
+
+
+def _prune(configs, nargs, **kwargs):
+    args = {**nargs, **kwargs}
+    gt = args["GT"]
+    co_max = max(16, next_pow2(args["COUT"]))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_CO"] <= co_max
+        and _reg_estimate(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], gt, c.num_warps) <= _REG_BUDGET
+    ]
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_CO"])]
+    # Fewest t2 recomputes first: only the configs with the largest useful
+    # BLOCK_CO compete (recompute factor = cdiv(Cout, BLOCK_CO)).
+    best_co = max(min(c.kwargs["BLOCK_CO"], co_max) for c in kept)
+    return [c for c in kept if min(c.kwargs["BLOCK_CO"], co_max) == best_co]
+
+
+_grouped_conv_conv3_tuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_grouped_conv_conv3_kernel)
+
+_INTERPRET_CONFIG = {"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}
+
+
+def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
+    """Launch K2. t1 [N*H*W, width_p] from K1; x [N, Cin, H, W] (strided);
+    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo] (strided,
+    written completely)."""
+    n, cin, h, w = x.shape
+    _, cout, ho, wo = y.shape
+    m_out = n * ho * wo
+    projection = packed["wdp"] is not None
+    wd = packed["wdp"] if projection else packed["w3p"]
+    bd = packed["bdp"] if projection else packed["b3p"]
+    args = (
+        t1, packed["w2p"], packed["b2p"], packed["w3p"], packed["b3p"], x, wd, bd, y,
+        m_out, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles, cin, cout, stride, dilation,
+        *x.stride(), *y.stride(),
+    )
+    consts = {"GT": tiling.gt, "KCH": tiling.kch, "PROJECTION": projection, "PREC": dot_precision(x.dtype)}
+    if interpreting():
+        cfg = _INTERPRET_CONFIG
+        grid = (cdiv(m_out, cfg["BLOCK_P"]) * cdiv(cout, cfg["BLOCK_CO"]),)
+        _grouped_conv_conv3_kernel[grid](*args, **consts, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(m_out, meta["BLOCK_P"]) * triton.cdiv(cout, meta["BLOCK_CO"]),)
+
+        _grouped_conv_conv3_tuned[grid](*args, **consts)
+    return y
+
+
+__all__ = ["grouped_conv_conv3"]

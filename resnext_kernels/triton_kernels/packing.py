@@ -1,0 +1,183 @@
+"""Weight packing for the Triton inference kernels, and its cache.
+
+Group packing (DESIGN.md sec. 4). ``tl.dot`` needs K, N >= 16, but the group
+width d of a ResNeXt grouped conv is often 4 or 8 (or not a power of two at
+all: 14, 24, 40). Every group is padded to d_p = next_pow2(d) channels and the
+"packed" channel index of real channel c (group g = c // d, i = c % d) is
+
+    packed(c) = g * d_p + i.
+
+The packed channels are cut into tiles of GT channels:
+
+  * d_p <= 16: GT = 16, one tile holds 16 / d_p whole groups; its 3x3 weight
+    per tap is a block-diagonal GT x GT matrix (zeros between groups).
+  * d_p > 16:  GT = min(d_p, 64), a group spans KCH = d_p / GT tiles. An output
+    tile's inputs are the *whole* group, so every output tile has KCH input
+    chunks (the trap of DESIGN.md sec. 4: reading only the tile's own chunk is
+    right for d <= 16 and wrong for d = 64).
+
+Padded channels carry zero weights and zero biases, so t1 and t2 are exactly
+0 there (relu(0 + 0)) and contribute nothing to conv3.
+
+Packed tensors (all contiguous, activation dtype unless noted):
+
+  w1p [Cin, width_p]                      conv1, K-major (B operand of x @ w1p)
+  b1p [width_p] fp32
+  w2p [9, n_tiles, KCH, GT, GT]           tap (kh*3+kw), output tile, input chunk,
+                                          input channel in chunk, output channel in tile
+  b2p [width_p] fp32
+  w3p [width_p, Cout]                     conv3, K-major
+  b3p [Cout] fp32
+  wdp [Cin, Cout], bdp [Cout] fp32        projection shortcut (None for identity)
+
+width_p = n_tiles * GT (>= groups * d_p; the tail tile may hold padding groups).
+"""
+
+import collections
+import threading
+import weakref
+
+import torch
+
+# Largest tile of the grouped conv for d > 16. 64 keeps one tap's weight tile
+# (64 x 64) and the t2 accumulator [BLOCK_P, 64] inside the register budget
+# (docs/triton_backend.md, "Config heuristics").
+MAX_GT = 64
+MIN_GT = 16  # tl.dot (and the tensor-core MMAs) need K, N >= 16
+
+_CACHE_SIZE = 32
+
+
+def next_pow2(n):
+    return 1 << (int(n) - 1).bit_length()
+
+
+class GroupTiling:
+    """How the `groups` groups of width d are laid out in packed channels."""
+
+    def __init__(self, width, groups):
+        self.width = width
+        self.groups = groups
+        self.d = width // groups
+        self.d_p = next_pow2(self.d)
+        if self.d_p <= MIN_GT:
+            self.gt = MIN_GT
+            self.kch = 1
+            groups_per_tile = MIN_GT // self.d_p
+            self.n_tiles = -(-groups // groups_per_tile)
+        else:
+            self.gt = min(self.d_p, MAX_GT)
+            self.kch = self.d_p // self.gt
+            self.n_tiles = groups * self.kch
+        self.width_p = self.n_tiles * self.gt
+
+    def packed_index(self, device):
+        """Long tensor [width]: packed channel of each real channel."""
+        c = torch.arange(self.width, device=device)
+        return (c // self.d) * self.d_p + c % self.d
+
+
+def _pack_w2(w2, tiling):
+    """w2 [width, d, 3, 3] -> [9, n_tiles, KCH, GT, GT] (see module docstring)."""
+    t = tiling
+    d, d_p, gt = t.d, t.d_p, t.gt
+    # Per group, padded: wg[g, tap, i_in, j_out] (input channel first: the
+    # kernel computes t1_window[P, in] @ w[in, out]).
+    wg = w2.new_zeros(t.groups, 9, d_p, d_p)
+    wg[:, :, :d, :d] = w2.reshape(t.groups, d, d, 9).permute(0, 3, 2, 1)
+    if d_p <= MIN_GT:
+        gpt = MIN_GT // d_p
+        padded_groups = t.n_tiles * gpt
+        wg_full = w2.new_zeros(padded_groups, 9, d_p, d_p)
+        wg_full[: t.groups] = wg
+        wg_full = wg_full.reshape(t.n_tiles, gpt, 9, d_p, d_p)
+        packed = w2.new_zeros(9, t.n_tiles, 1, gt, gt)
+        for lg in range(gpt):  # place each group on the tile's diagonal
+            sl = slice(lg * d_p, (lg + 1) * d_p)
+            packed[:, :, 0, sl, sl] = wg_full[:, lg].permute(1, 0, 2, 3)
+        return packed.contiguous()
+    kch = t.kch
+    # wg[g, tap, kc*GT + i, s*GT + j] -> packed[tap, g*KCH + s, kc, i, j]
+    packed = wg.reshape(t.groups, 9, kch, gt, kch, gt).permute(1, 0, 4, 2, 3, 5)
+    return packed.reshape(9, t.n_tiles, kch, gt, gt).contiguous()
+
+
+@torch.no_grad()
+def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
+    """Pack the folded weights for the kernels; returns (tiling, dict of tensors)."""
+    width, cin = w1.shape[0], w1.shape[1]
+    cout = w3.shape[0]
+    t = GroupTiling(width, groups)
+    idx = t.packed_index(w1.device)
+    f32 = torch.float32
+    w1p = w1.new_zeros(cin, t.width_p)
+    w1p[:, idx] = w1.reshape(width, cin).t()
+    b1p = torch.zeros(t.width_p, dtype=f32, device=w1.device)
+    b1p[idx] = b1.to(f32)
+    b2p = torch.zeros(t.width_p, dtype=f32, device=w1.device)
+    b2p[idx] = b2.to(f32)
+    w3p = w3.new_zeros(t.width_p, cout)
+    w3p[idx] = w3.reshape(cout, width).t()
+    packed = {
+        "w1p": w1p,
+        "b1p": b1p,
+        "w2p": _pack_w2(w2, t),
+        "b2p": b2p,
+        "w3p": w3p,
+        "b3p": b3.to(f32).contiguous(),
+        "wdp": None if wd is None else wd.reshape(cout, cin).t().contiguous(),
+        "bdp": None if bd is None else bd.to(f32).contiguous(),
+    }
+    return t, packed
+
+
+def _tensor_key(t):
+    # _version changes on every in-place update, so a modified weight misses.
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class PackCache:
+    """LRU cache of packed weights keyed on (data_ptr, _version, shape, dtype)
+    of every weight tensor.
+
+    A freed tensor's address can be reused by a new tensor of the same shape
+    with _version 0, so a key alone could return stale weights; each entry
+    also keeps weak references to the tensors it was packed from and is used
+    only while those are the very tensors passed in. Inference tensors
+    (torch.inference_mode) have no version counter, so they are packed on
+    every call.
+    """
+
+    def __init__(self, maxsize=_CACHE_SIZE):
+        self._entries = collections.OrderedDict()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def get(self, w1, b1, w2, b2, w3, b3, wd, bd, groups):
+        tensors = [t for t in (w1, b1, w2, b2, w3, b3, wd, bd) if t is not None]
+        if any(t.is_inference() for t in tensors):
+            return pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
+        key = (groups, wd is None) + tuple(_tensor_key(t) for t in tensors)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
+                self._entries.move_to_end(key)
+                return entry[1]
+        value = pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
+        refs = [weakref.ref(t) for t in tensors]
+        with self._lock:
+            self._entries[key] = (refs, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._maxsize:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
+
+
+PACK_CACHE = PackCache()
