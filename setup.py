@@ -71,7 +71,9 @@ def _extensions():
     cuda_home, reason = _cuda_build_decision(torch)
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need
+    # (C++17 for torch 2.11, C++20 for torch 2.14).
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     if cuda_home is None:
@@ -96,7 +98,6 @@ def _extensions():
     _say(f"building C++ + CUDA ({reason}); archs: {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "-lineinfo",
         "--expt-relaxed-constexpr",
         "-Xptxas=-v" if os.environ.get("RESNEXT_KERNELS_PTXAS_VERBOSE") else "-Xptxas=-O3",
