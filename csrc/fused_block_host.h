@@ -1,0 +1,266 @@
+// Host side of the fused block kernel, shared by the CUDA build
+// (fused_block_cuda.cu) and the CPU emulation build
+// (emulation/fused_block_emu.cpp): argument checks, the tile/shared-memory
+// plan, weight packing (ATen ops on the weights' device) and the output
+// allocation. Include ATen before this header.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fused_block_kernel.cuh"
+
+namespace rk {
+
+enum class Math { kHalf, kBf16, kTf32, kFp32 };
+
+inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Group width padded for packing: a power of two up to 16 (16/d_p groups
+// share one block-diagonal 16-wide tile), else a multiple of 16 (a group
+// spans d_p/16 tiles).
+inline int padded_group_width(int d) {
+  if (d > 16) return round_up(d, 16);
+  int dp = 1;
+  while (dp < d) dp *= 2;
+  return dp;
+}
+
+// Chooses the tile height TH, the width chunk WC and the output-channel slice
+// CS, and lays out shared memory. Preference: the tallest tile (up to 4
+// rows), then the fewest Cout slices (each slice recomputes t1 and t2), then
+// the widest chunk (each chunk re-reads the x halo). Fills p's size, tiling
+// and layout fields and returns the dynamic shared-memory bytes, or 0 when no
+// plan fits in smem_limit.
+inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,
+                               int stride, int dil, int elem_bytes, size_t smem_limit) {
+  const int d = width / groups;
+  p.N = N;
+  p.H = H;
+  p.W = W;
+  p.Cin = Cin;
+  p.Cout = Cout;
+  p.stride = stride;
+  p.dil = dil;
+  p.Ho = (H - 1) / stride + 1;
+  p.Wo = (W - 1) / stride + 1;
+  p.Cin_p = round_up(Cin, 16);
+  p.Cout_p = round_up(Cout, 16);
+  p.d_p = padded_group_width(d);
+  p.KT = std::max(1, p.d_p / 16);
+  p.Wp = round_up(groups * p.d_p, 16);
+  p.tiles_x = ceil_div(p.Wo, kTileW);
+  // Rows padded by 32 bytes: keeps every 16-row/16-column wmma tile pointer
+  // 256-bit aligned and shifts consecutive rows by 8 banks.
+  const int pad = 32 / elem_bytes;
+  const int unit = std::max(16, p.d_p);  // a chunk holds whole groups
+  auto align = [](size_t v) { return (v + 127) / 128 * 128; };
+  for (int th = std::min(p.Ho, 4); th >= 1; --th) {
+    const int hwp = (kTileW - 1) * stride + 2 * dil + 1;
+    const int hh = (th - 1) * stride + 2 * dil + 1;
+    const int p1 = hh * hwp;
+    const int mp1 = round_up(p1, 16);
+    const int mo = th * kTileW;
+    const int kc = std::min(64, p.Cin_p);
+    int prev_cs = -1;
+    for (int nsl = 1; nsl <= p.Cout_p / 16; ++nsl) {
+      const int cs = round_up(ceil_div(p.Cout_p, nsl), 16);
+      if (cs == prev_cs) continue;
+      prev_cs = cs;
+      for (int wc = p.Wp; wc >= unit; wc -= unit) {
+        if (p.Wp % wc != 0) continue;
+        const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
+        const int pitch_acc = wc + 8, pitch_y = cs + 8;
+        const size_t xs_bytes = align(static_cast<size_t>(std::max(mp1 * pitch_xs, mo * pitch_t2)) * elem_bytes);
+        const size_t acc_bytes = align(static_cast<size_t>(mp1) * pitch_acc * 4);
+        const size_t t1_bytes = align(static_cast<size_t>(mp1) * pitch_t1 * elem_bytes);
+        const size_t y_bytes = align(static_cast<size_t>(mo) * pitch_y * 4);
+        const size_t total = xs_bytes + acc_bytes + t1_bytes + y_bytes;
+        if (total > smem_limit) continue;
+        p.TH = th;
+        p.HH = hh;
+        p.HWp = hwp;
+        p.P1 = p1;
+        p.Mp1 = mp1;
+        p.Mo = mo;
+        p.KC = kc;
+        p.WC = wc;
+        p.CS = cs;
+        p.pitch_xs = pitch_xs;
+        p.pitch_t2 = pitch_t2;
+        p.pitch_t1 = pitch_t1;
+        p.pitch_acc = pitch_acc;
+        p.pitch_y = pitch_y;
+        p.off_xs = 0;
+        p.off_acc = static_cast<int>(xs_bytes);
+        p.off_t1 = static_cast<int>(xs_bytes + acc_bytes);
+        p.off_y = static_cast<int>(xs_bytes + acc_bytes + t1_bytes);
+        return total;
+      }
+    }
+  }
+  return 0;
+}
+
+// Packed weights in the layouts FusedBlockParams documents.
+struct PackedWeights {
+  at::Tensor w1p, b1p, w2p, b2p, w3p, b3p, wdp;
+};
+
+inline PackedWeights pack_weights(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                  const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3,
+                                  const std::optional<at::Tensor>& wd, const std::optional<at::Tensor>& bd,
+                                  const FusedBlockParams& p, int groups) {
+  const int64_t width = w1.size(0), cin = w1.size(1), cout = w3.size(0);
+  const int64_t d = width / groups;
+  const auto opts = w1.options();
+  const auto fopts = opts.dtype(at::kFloat);
+  const auto dev = w1.device();
+  // Padded position of each real width channel c = g*d + j.
+  std::vector<int64_t> pos(width);
+  for (int64_t c = 0; c < width; ++c) pos[c] = (c / d) * p.d_p + c % d;
+  const at::Tensor idx = at::tensor(pos, at::TensorOptions().dtype(at::kLong)).to(dev);
+
+  PackedWeights pw;
+  pw.w1p = at::zeros({p.Cin_p, p.Wp}, opts);
+  pw.w1p.narrow(0, 0, cin).index_copy_(1, idx, w1.reshape({width, cin}).t());
+  pw.b1p = at::zeros({p.Wp}, fopts);
+  pw.b1p.index_copy_(0, idx, b1.to(at::kFloat));
+  pw.b2p = at::zeros({p.Wp}, fopts);
+  pw.b2p.index_copy_(0, idx, b2.to(at::kFloat));
+  pw.w3p = at::zeros({p.Wp, p.Cout_p}, opts);
+  pw.w3p.narrow(1, 0, cout).index_copy_(0, idx, w3.reshape({cout, width}).t());
+  pw.b3p = at::zeros({p.Cout_p}, fopts);
+  at::Tensor bias3 = b3.to(at::kFloat);
+  if (bd.has_value()) bias3 = bias3 + bd->to(at::kFloat);
+  pw.b3p.narrow(0, 0, cout).copy_(bias3);
+  if (wd.has_value()) {
+    pw.wdp = at::zeros({p.Cin_p, p.Cout_p}, opts);
+    pw.wdp.narrow(0, 0, cin).narrow(1, 0, cout).copy_(wd->reshape({cout, cin}).t());
+  }
+
+  // w2: gather row (c*d + ji) of w2 viewed [width*d, 9] for every (padded
+  // output channel po, K position ri); a zero row past the end fills padding
+  // and the off-diagonal blocks.
+  const int ks = p.KT * 16;  // K span of one output tile per tap
+  const int64_t zero_row = width * d;
+  std::vector<int64_t> gather(static_cast<size_t>(p.Wp) * ks, zero_row);
+  for (int po = 0; po < p.Wp; ++po) {
+    const int g = po / p.d_p, jo = po % p.d_p;
+    if (g >= groups || jo >= d) continue;
+    for (int ri = 0; ri < ks; ++ri) {
+      int ji = ri;
+      if (p.d_p <= 16) {
+        const int pi = (po / 16) * 16 + ri;  // input channel in the same 16-tile
+        if (pi / p.d_p != g) continue;       // off the block diagonal
+        ji = pi % p.d_p;
+      }
+      if (ji >= d) continue;
+      gather[static_cast<size_t>(po) * ks + ri] = (g * d + jo) * d + ji;
+    }
+  }
+  const at::Tensor gidx = at::tensor(gather, at::TensorOptions().dtype(at::kLong)).to(dev);
+  const at::Tensor w2f = at::cat({w2.reshape({width * d, 9}), at::zeros({1, 9}, opts)}, 0);
+  pw.w2p = w2f.index_select(0, gidx).view({p.Wp / 16, 16, p.KT, 16, 9}).permute({0, 4, 2, 3, 1}).contiguous();
+  return pw;
+}
+
+inline void check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                       const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3,
+                       const std::optional<at::Tensor>& wd, const std::optional<at::Tensor>& bd, int64_t stride,
+                       int64_t dilation, int64_t groups, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, Cin, H, W], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op,
+              ": x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && groups >= 1, op, ": stride, dilation and groups must be >= 1");
+  TORCH_CHECK(wd.has_value() == bd.has_value(), op, ": wd and bd must both be given or both be None");
+  const int64_t cin = x.size(1), width = w1.size(0), cout = w3.size(0);
+  TORCH_CHECK(x.size(0) > 0 && x.size(2) > 0 && x.size(3) > 0, op, ": x must be non-empty, got ", x.sizes());
+  TORCH_CHECK(w1.dim() == 4 && w1.size(1) == cin && w1.size(2) == 1 && w1.size(3) == 1, op,
+              ": w1 must be [width, Cin=", cin, ", 1, 1], got ", w1.sizes());
+  TORCH_CHECK(width % groups == 0, op, ": groups=", groups, " does not divide width=", width);
+  TORCH_CHECK(w2.dim() == 4 && w2.size(0) == width && w2.size(1) == width / groups && w2.size(2) == 3 &&
+                  w2.size(3) == 3,
+              op, ": w2 must be [width, width/groups, 3, 3], got ", w2.sizes());
+  TORCH_CHECK(w3.dim() == 4 && w3.size(1) == width && w3.size(2) == 1 && w3.size(3) == 1, op,
+              ": w3 must be [Cout, width=", width, ", 1, 1], got ", w3.sizes());
+  TORCH_CHECK(b1.dim() == 1 && b1.size(0) == width, op, ": b1 must have ", width, " elements");
+  TORCH_CHECK(b2.dim() == 1 && b2.size(0) == width, op, ": b2 must have ", width, " elements");
+  TORCH_CHECK(b3.dim() == 1 && b3.size(0) == cout, op, ": b3 must have ", cout, " elements");
+  if (wd.has_value()) {
+    TORCH_CHECK(wd->dim() == 4 && wd->size(0) == cout && wd->size(1) == cin && wd->size(2) == 1 && wd->size(3) == 1,
+                op, ": wd must be [Cout, Cin, 1, 1], got ", wd->sizes());
+    TORCH_CHECK(bd->dim() == 1 && bd->size(0) == cout, op, ": bd must have ", cout, " elements");
+  } else {
+    TORCH_CHECK(cin == cout && stride == 1, op, ": an identity shortcut needs Cin == Cout and stride 1, got Cin=", cin,
+                " Cout=", cout, " stride=", stride);
+  }
+  std::vector<const at::Tensor*> all = {&w1, &b1, &w2, &b2, &w3, &b3};
+  if (wd.has_value()) {
+    all.push_back(&*wd);
+    all.push_back(&*bd);
+  }
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": all tensors must have x's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on x's device ", x.device(), ", got ",
+                t->device());
+  }
+  // The kernel indexes with 32-bit ints inside one image.
+  TORCH_CHECK(x.size(2) * x.size(3) * std::max(cin, cout) < (int64_t(1) << 31), op, ": image too large");
+  TORCH_CHECK(x.size(0) <= 65535, op, ": batch must be <= 65535 (grid z), got ", x.size(0));
+}
+
+inline Math math_for(at::ScalarType t, bool allow_tf32) {
+  if (t == at::kHalf) return Math::kHalf;
+  if (t == at::kBFloat16) return Math::kBf16;
+  return allow_tf32 ? Math::kTf32 : Math::kFp32;
+}
+
+// Runs the whole op. launch(math, params, grid, smem_bytes) starts the
+// kernel on the machine at hand. NCHW-contiguous x is converted to
+// channels_last here, once (one copy of x); y is channels_last.
+template <class Launch>
+at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                               const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3,
+                               const std::optional<at::Tensor>& wd, const std::optional<at::Tensor>& bd,
+                               int64_t stride, int64_t dilation, int64_t groups, bool allow_tf32, size_t smem_limit,
+                               const char* op, Launch&& launch) {
+  check_args(x_in, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, op);
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const int N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int width = w1.size(0), Cout = w3.size(0);
+  FusedBlockParams p{};
+  const size_t smem = plan_fused_block(p, N, H, W, Cin, width, Cout, static_cast<int>(groups),
+                                       static_cast<int>(stride), static_cast<int>(dilation),
+                                       static_cast<int>(x.element_size()), smem_limit);
+  TORCH_CHECK(smem > 0, op, ": no tile plan fits in ", smem_limit, " bytes of shared memory (Cin=", Cin,
+              " width=", width, " Cout=", Cout, " stride=", stride, " dilation=", dilation, ")");
+  const PackedWeights pw = pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, p, static_cast<int>(groups));
+  at::Tensor y = at::empty({N, Cout, p.Ho, p.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.w1p = pw.w1p.data_ptr();
+  p.b1p = pw.b1p.data_ptr<float>();
+  p.w2p = pw.w2p.data_ptr();
+  p.b2p = pw.b2p.data_ptr<float>();
+  p.w3p = pw.w3p.data_ptr();
+  p.b3p = pw.b3p.data_ptr<float>();
+  p.wdp = wd.has_value() ? pw.wdp.data_ptr() : nullptr;
+  for (const void* ptr : {p.w1p, p.w2p, p.w3p, p.wdp}) {
+    // wmma reads weight tiles straight from global memory.
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 32 == 0, op, ": packed weights are not 32-byte aligned");
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.Ho, p.TH) * p.tiles_x),
+                  static_cast<unsigned>(ceil_div(p.Cout_p, p.CS)), static_cast<unsigned>(N));
+  launch(math_for(x.scalar_type(), allow_tf32), p, grid, smem);
+  return y;
+}
+
+}  // namespace rk

@@ -1,0 +1,317 @@
+// The fused ResNeXt bottleneck inference kernel (one launch per block).
+//
+// Compiled by nvcc for the GPU (csrc/fused_block_cuda.cu) and by g++ for the
+// CPU emulation build (csrc/emulation/fused_block_emu.cpp); rk_device.cuh
+// selects the machine. Algorithm and memory plan: docs/cuda_backend.md.
+#pragma once
+
+#include "rk_device.cuh"
+
+namespace rk {
+
+constexpr int kThreads = 256;  // 8 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileW = 16;     // output tile width: one 16-row MMA tile per output row
+
+// Everything the kernel needs, computed on the host (fused_block_host.h).
+//
+// Tensors (all contiguous, element type T of the policy unless noted):
+//   x    [N, H, W, Cin]            NHWC activations (channels_last x)
+//   y    [N, Ho, Wo, Cout]         NHWC output
+//   w1p  [Cin_p, Wp]               conv1 as a K x N row-major GEMM operand;
+//                                  column pc = g*d_p + j is channel j of group
+//                                  g (padded width), padding rows/cols zero
+//   b1p  [Wp] float
+//   w2p  [Wp/16][9][KT][16][16]    grouped 3x3 conv: for output tile ot, tap
+//                                  (ky*3+kx), K tile kt: a 16x16 row-major
+//                                  (input row, output col) block. d_p <= 16:
+//                                  block-diagonal over the 16/d_p groups of
+//                                  the tile, KT = 1. d_p > 16: rows are input
+//                                  channels kt*16.. of the tile's group,
+//                                  KT = d_p/16.
+//   b2p  [Wp] float
+//   w3p  [Wp, Cout_p]              conv3, K x N row-major
+//   b3p  [Cout_p] float            b3 (+ bd with a projection shortcut)
+//   wdp  [Cin_p, Cout_p] or null   projection shortcut, K x N row-major
+// Sizes: Cin_p = Cin rounded up to 16, Cout_p likewise, d_p = d rounded up
+// to a power of two (d <= 16) or to a multiple of 16, Wp = groups*d_p rounded
+// up to 16.
+struct FusedBlockParams {
+  const void* x;
+  void* y;
+  const void* w1p;
+  const float* b1p;
+  const void* w2p;
+  const float* b2p;
+  const void* w3p;
+  const float* b3p;
+  const void* wdp;
+  int N, H, W, Cin, Cout, Ho, Wo;
+  int Cin_p, Wp, Cout_p, d_p, KT, stride, dil;
+  // Tiling: a block owns output rows [ty*TH, ty*TH+TH) x cols [tx*16, tx*16+16)
+  // of image blockIdx.z and output channels [blockIdx.y*CS, +CS).
+  int TH, tiles_x;
+  int HH, HWp;   // halo tile height and width (input pixels)
+  int P1, Mp1;   // halo pixels, rounded up to 16
+  int Mo;        // output pixels per tile = TH*16
+  int KC;        // input-channel chunk streamed through shared memory
+  int WC;        // width chunk (padded channels of t1/t2 kept at once)
+  int CS;        // output-channel slice of one block
+  // Shared memory (byte offsets from the dynamic base) and row pitches
+  // (elements). xs (x chunk) and t2s alias; t1acc and t2acc alias.
+  int off_xs, off_acc, off_t1, off_y;
+  int pitch_xs, pitch_t2, pitch_acc, pitch_t1, pitch_y;
+};
+
+// ---------------------------------------------------------------------------
+// Warp-level 16x16 tile products. Each policy provides:
+//   Elem          element type of A/B operands in memory
+//   Acc           a 16x16 fp32 accumulator held by the warp
+//   zero(acc), load_acc(acc, p, ld), store_acc(p, ld, acc)   row-major fp32
+//   mma(acc, A, lda, B, ldb, k16):  acc += A[16 x 16*k16] * B[16*k16 x 16],
+//                                   both row-major; all 32 lanes call it.
+// ---------------------------------------------------------------------------
+
+namespace wmma = nvcuda::wmma;
+
+template <class T>
+struct WmmaPolicy16 {  // fp16 / bf16 tensor cores, fp32 accumulation
+  using Elem = T;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
+  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
+    wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
+    wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ void mma(Acc& acc, const T* A, int lda, const T* B, int ldb, int k16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+    for (int k = 0; k < k16; ++k) {
+      wmma::load_matrix_sync(a, A + k * 16, lda);
+      wmma::load_matrix_sync(b, B + k * 16 * ldb, ldb);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+  }
+};
+
+struct Tf32Policy {  // fp32 data on TF32 tensor cores (allow_tf32)
+  using Elem = float;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
+  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
+    wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
+    wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ void mma(Acc& acc, const float* A, int lda, const float* B, int ldb, int k16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+    for (int k = 0; k < 2 * k16; ++k) {
+      wmma::load_matrix_sync(a, A + k * 8, lda);
+      wmma::load_matrix_sync(b, B + k * 8 * ldb, ldb);
+      // The programming guide requires tf32 operands to be converted.
+      for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+      for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+  }
+};
+
+struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
+  using Elem = float;
+  // Lane l owns row l/2, columns (l%2)*8 .. +8 of the 16x16 tile.
+  struct Acc {
+    float v[8];
+  };
+  static __device__ __forceinline__ int row() { return (threadIdx.x & 31) >> 1; }
+  static __device__ __forceinline__ int col0() { return (threadIdx.x & 1) * 8; }
+  static __device__ __forceinline__ void zero(Acc& a) {
+    for (int j = 0; j < 8; ++j) a.v[j] = 0.0f;
+  }
+  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
+    for (int j = 0; j < 8; ++j) a.v[j] = p[row() * ld + col0() + j];
+  }
+  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
+    for (int j = 0; j < 8; ++j) p[row() * ld + col0() + j] = a.v[j];
+  }
+  static __device__ __forceinline__ void mma(Acc& acc, const float* A, int lda, const float* B, int ldb, int k16) {
+    const float* a_row = A + row() * lda;
+    const float* b_col = B + col0();
+    for (int k = 0; k < 16 * k16; ++k) {
+      const float a = a_row[k];
+      for (int j = 0; j < 8; ++j) acc.v[j] = fmaf(a, b_col[k * ldb + j], acc.v[j]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// The kernel. Grid: (tiles_y*tiles_x, ceil(Cout_p/CS), N); block: kThreads.
+// Per block, for each width chunk [w0, w0+WC):
+//   1. t1acc[halo px][WC] = x_halo @ w1p[:, chunk]   (x streamed in KC chunks)
+//   2. t1s = relu(t1acc + b1) for halo pixels inside the image, else 0
+//      (zero padding of the 3x3 conv applies to t1)
+//   3. t2acc[out px][WC] = grouped 3x3 over t1s (9 taps x KT K-tiles)
+//   4. t2s = relu(t2acc + b2)
+//   5. yacc[out px][CS] += t2s @ w3p[chunk, slice]
+// then yacc += x_strided @ wdp (projection), and
+//   y = relu(yacc + b3p + (identity ? x : 0)), written once.
+// ---------------------------------------------------------------------------
+template <class P>
+__global__ void __launch_bounds__(kThreads) fused_block_kernel(const FusedBlockParams p) {
+  using T = typename P::Elem;
+  using Acc = typename P::Acc;
+  unsigned char* smem = dynamic_smem();
+  T* xs = reinterpret_cast<T*>(smem + p.off_xs);
+  T* t2s = xs;
+  float* acc_s = reinterpret_cast<float*>(smem + p.off_acc);
+  T* t1s = reinterpret_cast<T*>(smem + p.off_t1);
+  float* ys = reinterpret_cast<float*>(smem + p.off_y);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int n = blockIdx.z;
+  const int oy0 = (blockIdx.x / p.tiles_x) * p.TH;
+  const int ox0 = (blockIdx.x % p.tiles_x) * kTileW;
+  const int cs0 = blockIdx.y * p.CS;
+  const int cs_len = min(p.CS, p.Cout_p - cs0);
+  const int s = p.stride, dil = p.dil;
+  const int iy0 = oy0 * s - dil, ix0 = ox0 * s - dil;  // input coords of halo (0, 0)
+  const T* __restrict__ x = static_cast<const T*>(p.x) + static_cast<size_t>(n) * p.H * p.W * p.Cin;
+  const T* __restrict__ w1p = static_cast<const T*>(p.w1p);
+  const T* __restrict__ w2p = static_cast<const T*>(p.w2p);
+  const T* __restrict__ w3p = static_cast<const T*>(p.w3p);
+  const T* __restrict__ wdp = static_cast<const T*>(p.wdp);
+  const int wc16 = p.WC / 16;
+  const int cs16 = cs_len / 16;
+  // Output rows of the tile that exist (the tile may overhang the image).
+  const int th_valid = min(p.TH, p.Ho - oy0);
+
+  for (int i = tid; i < p.Mo * cs_len; i += kThreads) ys[(i / cs_len) * p.pitch_y + i % cs_len] = 0.0f;
+
+  for (int w0 = 0; w0 < p.Wp; w0 += p.WC) {
+    // ---- 1. conv1 over the halo, x streamed in KC-channel chunks ----
+    for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
+      const int kc = min(p.KC, p.Cin_p - k0);
+      __syncthreads();  // xs/t2s readers of the previous step are done
+      for (int i = tid; i < p.Mp1 * kc; i += kThreads) {
+        const int px = i / kc, c = i % kc;
+        const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+        T v = from_float<T>(0.0f);
+        if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W && k0 + c < p.Cin) {
+          v = x[(static_cast<size_t>(iy) * p.W + ix) * p.Cin + k0 + c];
+        }
+        xs[px * p.pitch_xs + c] = v;
+      }
+      __syncthreads();
+      for (int job = warp; job < (p.Mp1 / 16) * wc16; job += kWarps) {
+        const int mt = job / wc16, nt = job % wc16;
+        float* a_out = acc_s + mt * 16 * p.pitch_acc + nt * 16;
+        Acc a;
+        if (k0 == 0) {
+          P::zero(a);
+        } else {
+          P::load_acc(a, a_out, p.pitch_acc);
+        }
+        P::mma(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs, w1p + static_cast<size_t>(k0) * p.Wp + w0 + nt * 16, p.Wp,
+               kc / 16);
+        P::store_acc(a_out, p.pitch_acc, a);
+      }
+    }
+    __syncthreads();
+    // ---- 2. t1 = relu(conv1 + b1) inside the image, 0 outside ----
+    for (int i = tid; i < p.Mp1 * p.WC; i += kThreads) {
+      const int px = i / p.WC, c = i % p.WC;
+      const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+      float v = 0.0f;
+      if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
+        v = fmaxf(acc_s[px * p.pitch_acc + c] + p.b1p[w0 + c], 0.0f);
+      }
+      t1s[px * p.pitch_t1 + c] = from_float<T>(v);
+    }
+    __syncthreads();
+    // ---- 3. grouped 3x3: output row oy of the tile is one 16-row M tile;
+    // its tap (ky, kx) operand starts at halo pixel (oy*s + ky*dil, kx*dil)
+    // and steps s pixels per row ----
+    for (int job = warp; job < th_valid * wc16; job += kWarps) {
+      const int oy = job / wc16, ot = job % wc16;  // ot: 16-channel tile inside the chunk
+      // First input column (chunk-local) of the tile's K range.
+      const int in0 = p.d_p <= 16 ? ot * 16 : (ot * 16 / p.d_p) * p.d_p;
+      const T* w2t = w2p + static_cast<size_t>(w0 / 16 + ot) * 9 * p.KT * 256;
+      Acc a;
+      P::zero(a);
+      for (int tap = 0; tap < 9; ++tap) {
+        const int hy = oy * s + (tap / 3) * dil, hx = (tap % 3) * dil;
+        const T* a_in = t1s + (hy * p.HWp + hx) * p.pitch_t1 + in0;
+        for (int kt = 0; kt < p.KT; ++kt) {
+          P::mma(a, a_in + kt * 16, s * p.pitch_t1, w2t + (tap * p.KT + kt) * 256, 16, 1);
+        }
+      }
+      P::store_acc(acc_s + oy * 16 * p.pitch_acc + ot * 16, p.pitch_acc, a);
+    }
+    __syncthreads();
+    // ---- 4. t2 = relu(gconv + b2) ----
+    for (int i = tid; i < th_valid * 16 * p.WC; i += kThreads) {
+      const int m = i / p.WC, c = i % p.WC;
+      t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(acc_s[m * p.pitch_acc + c] + p.b2p[w0 + c], 0.0f));
+    }
+    __syncthreads();
+    // ---- 5. yacc += t2 @ w3p[chunk rows, slice cols] ----
+    for (int job = warp; job < th_valid * cs16; job += kWarps) {
+      const int mt = job / cs16, nt = job % cs16;
+      float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
+      Acc a;
+      P::load_acc(a, y_out, p.pitch_y);
+      P::mma(a, t2s + mt * 16 * p.pitch_t2, p.pitch_t2, w3p + static_cast<size_t>(w0) * p.Cout_p + cs0 + nt * 16,
+             p.Cout_p, wc16);
+      P::store_acc(y_out, p.pitch_y, a);
+    }
+  }
+
+  if (wdp != nullptr) {
+    // ---- projection shortcut: yacc += x[oy*s, ox*s] @ wdp ----
+    for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
+      const int kc = min(p.KC, p.Cin_p - k0);
+      __syncthreads();
+      for (int i = tid; i < th_valid * 16 * kc; i += kThreads) {
+        const int m = i / kc, c = i % kc;
+        const int gy = oy0 + m / 16, gx = ox0 + m % 16;
+        T v = from_float<T>(0.0f);
+        if (gx < p.Wo && k0 + c < p.Cin) {
+          v = x[(static_cast<size_t>(gy * s) * p.W + gx * s) * p.Cin + k0 + c];
+        }
+        xs[m * p.pitch_xs + c] = v;
+      }
+      __syncthreads();
+      for (int job = warp; job < th_valid * cs16; job += kWarps) {
+        const int mt = job / cs16, nt = job % cs16;
+        float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
+        Acc a;
+        P::load_acc(a, y_out, p.pitch_y);
+        P::mma(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs, wdp + static_cast<size_t>(k0) * p.Cout_p + cs0 + nt * 16,
+               p.Cout_p, kc / 16);
+        P::store_acc(y_out, p.pitch_y, a);
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- epilogue: y = relu(yacc + b3 + shortcut), channels fastest so that
+  // consecutive threads write consecutive addresses ----
+  const int c_real = min(cs_len, p.Cout - cs0);
+  T* y = static_cast<T*>(p.y) + static_cast<size_t>(n) * p.Ho * p.Wo * p.Cout;
+  for (int i = tid; i < th_valid * 16 * c_real; i += kThreads) {
+    const int m = i / c_real, c = i % c_real;
+    const int gy = oy0 + m / 16, gx = ox0 + m % 16;
+    if (gx >= p.Wo) continue;
+    float v = ys[m * p.pitch_y + c] + p.b3p[cs0 + c];
+    if (wdp == nullptr) {  // identity: stride 1, Cin == Cout
+      v += to_float(x[(static_cast<size_t>(gy) * p.W + gx) * p.Cin + cs0 + c]);
+    }
+    y[(static_cast<size_t>(gy) * p.Wo + gx) * p.Cout + cs0 + c] = from_float<T>(fmaxf(v, 0.0f));
+  }
+}
+
+}  // namespace rk

@@ -1,0 +1,65 @@
+// The thin layer between the kernel sources and the machine they run on.
+//
+// Compiled by nvcc (__CUDACC__): the real CUDA headers. Compiled by g++ for
+// the CPU emulation build (backend "cuda_emulated"): csrc/emulation/cuda_emu.h,
+// which provides the same names. Everything here that the emulator cannot
+// model exactly is listed in cuda_emu.h's header comment; this file only
+// maps types and the dynamic shared-memory base pointer.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+namespace rk {
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Base of the block's dynamic shared memory (128-byte aligned).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char rk_dynamic_smem_[];
+  return rk_dynamic_smem_;
+}
+}  // namespace rk
+
+#else  // CPU emulation build
+
+#include "emulation/cuda_emu.h"
+
+namespace rk {
+using half_t = c10::Half;
+using bf16_t = c10::BFloat16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// c10's float->Half/BFloat16 conversions round to nearest even, like
+// __float2half_rn / __float2bfloat16_rn.
+template <class T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+inline unsigned char* dynamic_smem() { return ::rk_emu::dynamic_smem(); }
+
+// CUDA's integer min() is a global device function; kernels call it
+// unqualified from namespace rk.
+inline int min(int a, int b) { return a < b ? a : b; }
+}  // namespace rk
+
+#endif
