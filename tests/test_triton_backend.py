@@ -1,0 +1,345 @@
+"""Tests of the `triton` backend (resnext_kernels/triton_kernels).
+
+On a machine without CUDA the kernels run on CPU tensors in the Triton
+interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
+triton. The line below repeats that for a run of this file alone without the
+conftest; it is a no-op when triton was already imported (then conftest did it).
+
+Interpreter caveats: `tl.dot` ignores input_precision there (numpy fp32), so
+the TF32 on/off runs on CPU check that both settings run and are correct but
+cannot see a TF32 difference; bf16 dots give garbage in the interpreter, so
+bf16 is tested on CUDA only. Sizes stay small (H, W <= 9) because the
+interpreter runs every program in Python.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from resnext_kernels import FusedResNeXtBlock, backends, ops  # noqa: E402
+from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
+from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, packing  # noqa: E402
+from helpers import assert_close_to_reference, randomize_norms  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+cuda_only = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)"))
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton", DEVICE) is not None,
+    reason=f"triton backend unusable: {backends.unavailable_reason('triton', DEVICE)}",
+)
+
+
+class Block:
+    """One block configuration: (N, Cin, width, Cout, groups, H, W, stride, dilation, projection)."""
+
+    def __init__(self, n, cin, width, cout, groups, h, w, stride=1, dilation=1, projection=False):
+        self.n, self.cin, self.width, self.cout, self.groups = n, cin, width, cout, groups
+        self.h, self.w, self.stride, self.dilation, self.projection = h, w, stride, dilation, projection
+
+    def __repr__(self):
+        kind = "proj" if self.projection else "id"
+        return (f"N{self.n}_Cin{self.cin}_w{self.width}_Cout{self.cout}_g{self.groups}_d{self.width // self.groups}"
+                f"_{self.h}x{self.w}_s{self.stride}_dil{self.dilation}_{kind}")
+
+    def make(self, dtype=torch.float32, device="cpu", channels_last=True):
+        """Fresh random fp64 inputs (scaled so activations stay O(1)), then cast."""
+        def rnd(*shape, scale=1.0):
+            return torch.randn(*shape, dtype=torch.float64) * scale
+
+        d = self.width // self.groups
+        x = rnd(self.n, self.cin, self.h, self.w)
+        w1 = rnd(self.width, self.cin, 1, 1, scale=self.cin ** -0.5)
+        w2 = rnd(self.width, d, 3, 3, scale=(9 * d) ** -0.5)
+        w3 = rnd(self.cout, self.width, 1, 1, scale=self.width ** -0.5)
+        b1, b2, b3 = rnd(self.width, scale=0.3), rnd(self.width, scale=0.3), rnd(self.cout, scale=0.3)
+        wd = rnd(self.cout, self.cin, 1, 1, scale=self.cin ** -0.5) if self.projection else None
+        bd = rnd(self.cout, scale=0.3) if self.projection else None
+        tensors = [x, w1, b1, w2, b2, w3, b3, wd, bd]
+        out = [None if t is None else t.to(dtype=dtype, device=device) for t in tensors]
+        if channels_last:
+            out[0] = out[0].contiguous(memory_format=torch.channels_last)
+        return out
+
+    @property
+    def conv(self):
+        return self.stride, self.dilation, self.groups
+
+
+# Interpreter-sized blocks covering every packing regime: d = 1, 4, 8, 14
+# (d_p <= 16: several groups per 16-channel block-diagonal tile), d = 24, 40,
+# 64 (one group per tile, padded to d_p = GT), d = 128 (group spans two 64-wide
+# tiles: the input-chunk sweep); Cin/Cout not multiples of 16, odd H/W, stride
+# 2 on odd sizes, dilation 2, batch 1, a 1xW image, identity and projection.
+CPU_BLOCKS = [
+    Block(2, 32, 64, 32, 16, 9, 9),                                  # d=4, s1-like
+    Block(2, 24, 32, 40, 8, 9, 9, projection=True),                  # d=4, s1_first-like
+    Block(1, 48, 64, 72, 8, 9, 7, stride=2, projection=True),        # d=8, stride 2 on odd sizes
+    Block(2, 20, 16, 20, 16, 7, 7),                                  # d=1
+    Block(1, 28, 28, 28, 2, 7, 9, dilation=2),                       # d=14, dilation 2
+    Block(1, 20, 48, 36, 2, 7, 7, stride=2, projection=True),        # d=24 -> d_p=32
+    Block(1, 24, 80, 24, 2, 5, 7),                                   # d=40 -> d_p=64
+    Block(1, 36, 128, 36, 2, 7, 7, dilation=2),                      # d=64
+    Block(1, 24, 256, 40, 2, 5, 5, stride=2, projection=True),       # d=128: KCH=2
+    Block(1, 16, 32, 24, 4, 1, 3, stride=2, projection=True),        # 1x3 image, padding only
+    Block(2, 16, 32, 32, 4, 9, 9, stride=2, dilation=2, projection=True),  # stride 2 + dilation 2
+]
+
+# (dtype, allow_tf32): allow_tf32 is set for the fp32 runs only.
+DTYPES = [
+    pytest.param(torch.float32, True, id="fp32-tf32on"),
+    pytest.param(torch.float32, False, id="fp32-tf32off"),
+    pytest.param(torch.float16, None, id="fp16"),
+    pytest.param(torch.bfloat16, None, id="bf16", marks=cuda_only),  # interpreter bf16 dots are garbage
+]
+
+# Floor of the relative error bound (helpers.assert_close_to_reference): for
+# fp32 with TF32 on, a GPU convolution may or may not use TF32 while our dots
+# always do, so eager's error does not bound ours; TF32 keeps 10 mantissa bits.
+_TF32_FLOOR = 5e-3
+
+
+@pytest.fixture
+def allow_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield lambda flag: (setattr(torch.backends.cudnn, "allow_tf32", flag),
+                        setattr(torch.backends.cuda.matmul, "allow_tf32", flag))
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make torch.empty return NaN-filled floating tensors during the test.
+
+    The launcher allocates t1 and y with torch.empty, so any element a kernel
+    fails to write stays NaN and fails the finiteness check. Returns the list
+    of poisoned allocations so a test can assert the poisoning happened.
+    """
+    real_empty = torch.empty
+    made = []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return made
+
+
+def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None):
+    """Run the triton backend on `block` and compare with fp64 and eager at dtype."""
+    if tf32 is not None:
+        allow_tf32(tf32)
+    inputs = block.make(dtype, device)
+    expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
+    eager = bottleneck_inference_reference(*inputs, *block.conv)
+    n_poisoned = len(poisoned) if poisoned is not None else 0
+    y = bottleneck_inference_triton(*inputs, *block.conv)
+    if poisoned is not None:
+        assert len(poisoned) - n_poisoned >= 2, "t1 and y were expected to come from the poisoned torch.empty"
+    ho, wo = (block.h - 1) // block.stride + 1, (block.w - 1) // block.stride + 1
+    assert y.shape == (block.n, block.cout, ho, wo)
+    assert y.dtype == dtype and y.device == inputs[0].device
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    floor = _TF32_FLOOR if (tf32 and device == "cuda") else 1e-6
+    assert_close_to_reference(y.cpu(), expected, eager.cpu(), floor=floor)
+
+
+def _fp64_cpu(inputs):
+    return [None if t is None else t.detach().to("cpu", torch.float64) for t in inputs]
+
+
+@pytest.mark.parametrize("dtype,tf32", DTYPES)
+@pytest.mark.parametrize("block", CPU_BLOCKS, ids=repr)
+def test_blocks_match_fp64_reference(block, dtype, tf32, allow_tf32, poisoned_empty):
+    _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty)
+
+
+@pytest.mark.parametrize("max_gt", [16, 32])
+@pytest.mark.parametrize("block", [
+    Block(1, 24, 128, 40, 2, 5, 5, stride=2, projection=True),  # d=64 in 4 or 2 chunks
+    Block(1, 20, 48, 20, 2, 5, 7),                              # d=24 (d_p=32) in 2 or 1 chunks
+], ids=repr)
+def test_group_split_across_tiles(block, max_gt, monkeypatch, allow_tf32, poisoned_empty):
+    """d > GT: every output tile must sweep all input chunks of its group
+    (a kernel reading only its own tile passes d <= 16 and fails here)."""
+    monkeypatch.setattr(packing, "MAX_GT", max_gt)
+    packing.PACK_CACHE.clear()  # entries packed with another GT must not be reused
+    try:
+        tiling = packing.GroupTiling(block.width, block.groups)
+        assert tiling.gt == min(max_gt, tiling.d_p) and tiling.kch == tiling.d_p // tiling.gt
+        _check_block(block, torch.float32, False, DEVICE, allow_tf32, poisoned_empty)
+    finally:
+        packing.PACK_CACHE.clear()
+
+
+@pytest.mark.parametrize("width,groups", [(64, 16), (28, 2), (48, 2), (256, 2), (24, 24)])
+def test_packed_w2_is_the_grouped_conv(width, groups):
+    """Unpacking w2p through the packed channel map gives back the dense
+    block-diagonal 3x3 weight, per tap, including the chunk layout for d > GT."""
+    d = width // groups
+    w2 = torch.randn(width, d, 3, 3, dtype=torch.float64)
+    ones = torch.ones(width, dtype=torch.float64)
+    tiling, packed = packing.pack_weights(
+        torch.randn(width, 8, 1, 1, dtype=torch.float64), ones, w2, ones,
+        torch.randn(8, width, 1, 1, dtype=torch.float64), torch.ones(8, dtype=torch.float64), None, None, groups)
+    t = tiling
+    # dense[tap, in_p, out_p] from the packed tiles
+    dense = torch.zeros(9, t.width_p, t.width_p, dtype=torch.float64)
+    w2p = packed["w2p"]
+    assert w2p.shape == (9, t.n_tiles, t.kch, t.gt, t.gt)
+    for ot in range(t.n_tiles):
+        for kc in range(t.kch):
+            in0 = (ot // t.kch) * t.kch * t.gt + kc * t.gt
+            dense[:, in0:in0 + t.gt, ot * t.gt:(ot + 1) * t.gt] = w2p[:, ot, kc]
+    # expected dense weight over real channels: w[tap, c_in, c_out], zero across groups
+    expected = torch.zeros(9, width, width, dtype=torch.float64)
+    for g in range(groups):
+        sl = slice(g * d, (g + 1) * d)
+        expected[:, sl, sl] = w2[sl].reshape(d, d, 9).permute(2, 1, 0)
+    idx = t.packed_index("cpu")
+    torch.testing.assert_close(dense[:, idx][:, :, idx], expected, rtol=0, atol=0)
+    # Nothing else: weights outside the real channels are zero.
+    dense[:, idx[:, None], idx[None, :]] = 0
+    assert dense.abs().max() == 0
+
+
+def test_nchw_input_and_op_wrapper(allow_tf32):
+    """Through ops.bottleneck_inference(backend="triton"): NCHW-contiguous and
+    channels_last inputs give the same, correct channels_last output."""
+    allow_tf32(False)
+    block = Block(2, 24, 32, 40, 8, 7, 9, stride=2, projection=True)
+    inputs = block.make(torch.float32, DEVICE, channels_last=False)
+    assert inputs[0].is_contiguous()
+    kwargs = dict(stride=block.stride, dilation=block.dilation, groups=block.groups, backend="triton")
+    y_nchw = ops.bottleneck_inference(*inputs, **kwargs)
+    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+    y_cl = ops.bottleneck_inference(*inputs, **kwargs)
+    assert y_nchw.is_contiguous(memory_format=torch.channels_last)
+    expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
+    eager = bottleneck_inference_reference(*inputs, *block.conv)
+    assert_close_to_reference(y_nchw.cpu(), expected, eager.cpu())
+    torch.testing.assert_close(y_nchw, y_cl, rtol=0, atol=0)
+
+
+def test_out_argument_is_written_completely(allow_tf32):
+    allow_tf32(False)
+    block = Block(1, 16, 32, 24, 4, 5, 7, projection=True)
+    inputs = block.make(torch.float32, DEVICE)
+    out = torch.full((1, 24, 5, 7), float("nan"), device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y = bottleneck_inference_triton(*inputs, *block.conv, out=out)
+    assert y is out
+    expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
+    assert_close_to_reference(y.cpu(), expected, bottleneck_inference_reference(*inputs, *block.conv).cpu())
+    with pytest.raises(ValueError, match="out must be"):
+        bottleneck_inference_triton(*inputs, *block.conv, out=torch.empty(1, 24, 5, 7, device=DEVICE))
+
+
+def test_packed_weights_are_cached_and_invalidated(monkeypatch, allow_tf32):
+    allow_tf32(False)
+    calls = []
+    real_pack = packing.pack_weights
+
+    def counting_pack(*args):
+        calls.append(1)
+        return real_pack(*args)
+
+    monkeypatch.setattr(packing, "pack_weights", counting_pack)
+    block = Block(1, 16, 32, 16, 4, 5, 5)
+    inputs = block.make(torch.float32, DEVICE)
+    y1 = bottleneck_inference_triton(*inputs, *block.conv)
+    y2 = bottleneck_inference_triton(*inputs, *block.conv)
+    assert len(calls) == 1, "the second call with the same weights must not repack"
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    inputs[3].mul_(-1.5)  # in-place weight update bumps _version: must repack
+    y3 = bottleneck_inference_triton(*inputs, *block.conv)
+    assert len(calls) == 2
+    expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
+    assert_close_to_reference(y3.cpu(), expected, bottleneck_inference_reference(*inputs, *block.conv).cpu())
+
+
+def test_tf32_flag_read_at_call_time(allow_tf32):
+    allow_tf32(True)
+    assert _common.dot_precision(torch.float32) == "tf32"
+    allow_tf32(False)
+    assert _common.dot_precision(torch.float32) == "ieee"
+    assert _common.dot_precision(torch.float16) == "tf32"  # no effect on 16-bit dots
+
+
+def test_opcheck(allow_tf32):
+    allow_tf32(False)
+    block = Block(1, 16, 32, 24, 4, 5, 5, stride=2, projection=True)
+    inputs = block.make(torch.float32, DEVICE)
+    torch.library.opcheck(
+        torch.ops.resnext_kernels.bottleneck_inference.default,
+        (*inputs, *block.conv, "triton"),
+    )
+
+
+def test_fused_module_triton_backend(allow_tf32):
+    """FusedResNeXtBlock(..., backend="triton") runs (on CPU tensors under the interpreter)."""
+    allow_tf32(False)
+    down = torch.nn.Sequential(torch.nn.Conv2d(24, 32, 1, stride=2, bias=False), torch.nn.BatchNorm2d(32))
+    block = FusedResNeXtBlock(24, 8, stride=2, downsample=down, groups=4, base_width=16, backend="triton")
+    randomize_norms(block).eval()
+    x = torch.randn(2, 24, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = block.to(DEVICE)(x.to(DEVICE))
+        block.backend = "reference"
+        eager = block.cpu()(x)
+        expected = block.double()(x.double())
+    assert_close_to_reference(y.cpu(), expected, eager)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error outside the interpreter; this machine has CUDA")
+def test_cpu_tensors_rejected_without_interpreter():
+    code = (
+        "import torch, resnext_kernels.backends as b\n"
+        "from resnext_kernels.triton_kernels import bottleneck_inference_triton as f\n"
+        "x = torch.randn(1, 4, 3, 3)\n"
+        "try:\n"
+        "    f(x, None, None, None, None, None, None, None, None, 1, 1, 1)\n"
+        "except b.BackendUnavailableError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "RAISED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- GPU only
+# Same regimes at realistic-ish sizes, plus the canonical ResNeXt-50 32x4d
+# shapes of DESIGN.md sec. 5 at batch 2.
+GPU_BLOCKS = [
+    Block(4, 64, 128, 256, 32, 28, 28, projection=True),               # s1_first, 28x28
+    Block(2, 256, 128, 256, 32, 56, 56),                               # s1
+    Block(2, 256, 256, 512, 32, 56, 56, stride=2, projection=True),    # s2_first
+    Block(2, 512, 256, 512, 32, 28, 28),                               # s2
+    Block(2, 1024, 512, 1024, 32, 14, 14),                             # s3 (d=16)
+    Block(2, 2048, 1024, 2048, 32, 7, 7),                              # s4 (d=32)
+    Block(2, 256, 512, 256, 8, 32, 32),                                # cifar29 (d=64)
+    Block(2, 200, 280, 328, 20, 13, 15, stride=2, projection=True),    # d=14, odd everything
+    Block(1, 96, 384, 96, 3, 17, 17, dilation=2),                      # d=128, dilation 2
+    Block(2, 72, 96, 72, 96, 13, 13),                                  # d=1
+    Block(2, 120, 240, 136, 6, 11, 9, stride=2, projection=True),      # d=40
+]
+
+
+@pytest.mark.parametrize("dtype,tf32", DTYPES)
+@pytest.mark.parametrize("block", GPU_BLOCKS, ids=repr)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
+def test_gpu_blocks_match_fp64_reference(block, dtype, tf32, allow_tf32, poisoned_empty):
+    _check_block(block, dtype, tf32, "cuda", allow_tf32, poisoned_empty)
