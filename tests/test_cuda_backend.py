@@ -1,0 +1,290 @@
+"""Tests of the fused CUDA kernel (csrc/fused_block_kernel.cuh).
+
+On CPU the kernel runs through the emulation build (backend
+"cuda_emulated"): the same source compiled by g++ against
+csrc/emulation/cuda_emu.h. Tests marked `cuda` run the real kernel and are
+skipped without a GPU.
+
+Every case uses fresh random inputs; the emulated op fills its output with NaN
+before the kernel runs (the GPU tests get the same effect by freeing a
+NaN-filled tensor of the output's size just before the call, which the caching
+allocator hands back). Tolerance: the kernel's max relative error vs the fp64
+reference must be at most 2x PyTorch's own error at the same dtype (+ a small
+floor). TF32 has fp16's 10-bit mantissa, and eager CPU convolutions cannot
+use TF32, so on CPU the TF32 path is held to eager fp16's error.
+"""
+
+import pytest
+import torch
+
+from resnext_kernels import backends, cuda_backend, ops
+from resnext_kernels.reference import bottleneck_inference_reference
+from helpers import assert_close_to_reference
+
+HAS_CUDA = torch.cuda.is_available()
+_emu_reason = cuda_backend.emulated_unavailable_reason()
+needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
+_cuda_reason = backends.unavailable_reason("cuda", "cuda")
+needs_cuda = pytest.mark.skipif(_cuda_reason is not None, reason=f"cuda backend unusable: {_cuda_reason}")
+
+
+class Block:
+    """(N, Cin, width, Cout, groups, H, W, stride, dilation, projection)."""
+
+    def __init__(self, n, cin, width, cout, groups, h, w, stride=1, dilation=1, projection=False):
+        self.n, self.cin, self.width, self.cout, self.groups = n, cin, width, cout, groups
+        self.h, self.w, self.stride, self.dilation, self.projection = h, w, stride, dilation, projection
+
+    def __repr__(self):
+        kind = "proj" if self.projection else "id"
+        return (f"N{self.n}_Cin{self.cin}_w{self.width}_Cout{self.cout}_g{self.groups}_d{self.width // self.groups}"
+                f"_{self.h}x{self.w}_s{self.stride}_dil{self.dilation}_{kind}")
+
+    def make(self, dtype, device="cpu", channels_last=True):
+        """Fresh random inputs, scaled so activations stay O(1), in `dtype`."""
+        d = self.width // self.groups
+        f = torch.float64
+        x = torch.randn(self.n, self.cin, self.h, self.w, dtype=f)
+        args = [
+            x,
+            torch.randn(self.width, self.cin, 1, 1, dtype=f) / self.cin ** 0.5,
+            torch.randn(self.width, dtype=f) * 0.3,
+            torch.randn(self.width, d, 3, 3, dtype=f) / (9 * d) ** 0.5,
+            torch.randn(self.width, dtype=f) * 0.3,
+            torch.randn(self.cout, self.width, 1, 1, dtype=f) / self.width ** 0.5,
+            torch.randn(self.cout, dtype=f) * 0.3,
+        ]
+        if self.projection:
+            args += [torch.randn(self.cout, self.cin, 1, 1, dtype=f) / self.cin ** 0.5, torch.randn(self.cout, dtype=f)]
+        else:
+            args += [None, None]
+        args = [a if a is None else a.to(device=device, dtype=dtype) for a in args]
+        if channels_last:
+            args[0] = args[0].contiguous(memory_format=torch.channels_last)
+        return args
+
+    @property
+    def conv(self):
+        return self.stride, self.dilation, self.groups
+
+
+# Odd sizes, channel counts off multiples of 16, stride 2 on odd inputs,
+# dilation 2, group widths d in {1, 3, 4, 8, 14, 24, 64}, several column tiles.
+CASES = [
+    Block(2, 32, 32, 32, 8, 9, 9),                                # d=4
+    Block(1, 20, 24, 40, 3, 7, 11, stride=2, projection=True),    # d=8, odd channels
+    Block(1, 16, 64, 16, 1, 9, 9, dilation=2, projection=True),   # d=64: 4 K tiles per group
+    Block(1, 24, 28, 24, 2, 13, 13),                              # d=14 -> 16
+    Block(1, 8, 16, 24, 16, 7, 9, stride=2, dilation=2, projection=True),  # d=1
+    Block(2, 48, 48, 48, 2, 5, 7),                                # d=24 -> 32
+    Block(1, 64, 128, 64, 2, 9, 9, stride=2, projection=True),    # d=64, stride 2
+    Block(1, 32, 96, 48, 32, 9, 9, projection=True),              # d=3 -> 4
+    Block(1, 17, 16, 17, 4, 9, 9),                                # odd Cin == Cout
+    Block(1, 16, 32, 16, 8, 5, 37),                               # 3 column tiles
+]
+
+# (dtype, allow_tf32) modes of the kernel.
+MODES = [(torch.float16, True), (torch.bfloat16, True), (torch.float32, True), (torch.float32, False)]
+
+
+def _mode_id(mode):
+    dtype, tf32 = mode
+    name = str(dtype).replace("torch.", "")
+    return f"{name}_tf32" if dtype == torch.float32 and tf32 else name
+
+
+def _reference(args, conv):
+    return bottleneck_inference_reference(*[a if a is None else a.double().cpu() for a in args], *conv)
+
+
+def _eager_yardstick(args, conv, dtype, tf32, device):
+    """PyTorch's own result at the kernel's precision (see module docstring)."""
+    if dtype == torch.float32 and tf32 and device == "cpu":
+        dtype = torch.float16
+    return bottleneck_inference_reference(*[a if a is None else a.to(dtype) for a in args], *conv)
+
+
+def _check(y, args, block, dtype, tf32, device):
+    n, _, h, w = args[0].shape
+    assert y.shape == (n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1)
+    assert y.dtype == dtype and y.device.type == device
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = _reference(args, block.conv)
+    eager = _eager_yardstick(args, block.conv, dtype, tf32, device)
+    assert_close_to_reference(y.cpu(), ref, eager.cpu(), factor=2.0, floor=1e-6)
+
+
+def _emulated(args, block, tf32, smem_limit=0):
+    return torch.ops.resnext_kernels.fused_block_cuda_emulated(*args, *block.conv, tf32, smem_limit)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    cuda_backend.load_emulation()
+    return torch.ops.resnext_kernels_emu
+
+
+@needs_emu
+@pytest.mark.parametrize("mode", MODES, ids=_mode_id)
+@pytest.mark.parametrize("block", CASES, ids=repr)
+def test_emulated_matches_reference(emu, block, mode):
+    dtype, tf32 = mode
+    args = block.make(dtype)
+    _check(_emulated(args, block, tf32), args, block, dtype, tf32, "cpu")
+
+
+def _plan(emu, block, elem_bytes, limit):
+    th, wc, cs, kc, smem, gx, gy = emu.fused_block_plan(
+        block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups, block.stride,
+        block.dilation, elem_bytes, limit)
+    return {"TH": th, "WC": wc, "CS": cs, "smem": smem, "slices": gy}
+
+
+def _smallest_limit(emu, block, elem_bytes):
+    """The smallest shared-memory limit any plan fits in (binary search)."""
+    lo, hi = 1, 232448
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            _plan(emu, block, elem_bytes, mid)
+            hi = mid
+        except RuntimeError:
+            lo = mid + 1
+    return lo
+
+
+SPLIT_CASES = [
+    Block(1, 64, 128, 64, 2, 9, 9, stride=2, projection=True),
+    Block(1, 40, 64, 72, 8, 7, 9, dilation=2, projection=True),
+    Block(1, 48, 48, 48, 2, 5, 7),
+]
+
+
+@needs_emu
+@pytest.mark.parametrize("mode", [(torch.bfloat16, True), (torch.float32, False)], ids=_mode_id)
+@pytest.mark.parametrize("block", SPLIT_CASES, ids=repr)
+def test_emulated_split_plan(emu, block, mode):
+    """A small shared-memory limit forces width chunks and Cout slices (recompute)."""
+    dtype, tf32 = mode
+    elem = torch.empty(0, dtype=dtype).element_size()
+    limit = _smallest_limit(emu, block, elem)
+    full = _plan(emu, block, elem, 0)
+    tight = _plan(emu, block, elem, limit)
+    assert full["slices"] == 1
+    # Several width chunks (WC < width) and several Cout slices.
+    assert tight["slices"] > 1 and tight["WC"] < block.width, tight
+    args = block.make(dtype)
+    _check(_emulated(args, block, tf32, limit), args, block, dtype, tf32, "cpu")
+    with pytest.raises(RuntimeError, match="no tile plan fits"):
+        _emulated(args, block, tf32, limit - 1)
+
+
+@needs_emu
+def test_emulated_backend_through_public_op():
+    block = Block(1, 24, 32, 24, 4, 7, 9)
+    args = block.make(torch.float16, channels_last=False)  # NCHW input is converted once
+    assert args[0].is_contiguous()
+    y = ops.bottleneck_inference(*args, stride=1, dilation=1, groups=4, backend="cuda_emulated")
+    _check(y, args, block, torch.float16, True, "cpu")
+
+
+@needs_emu
+def test_emulated_tf32_flag_is_honoured(emu, monkeypatch):
+    block = Block(1, 32, 32, 32, 4, 7, 7)
+    args = block.make(torch.float32)
+    outs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
+        outs[flag] = ops.bottleneck_inference(*args, groups=4, backend="cuda_emulated")
+    ref = _reference(args, block.conv)
+    err = {k: (v.double() - ref).abs().max().item() for k, v in outs.items()}
+    # Full fp32 is far more accurate than TF32 (10-bit mantissa).
+    assert err[False] < 1e-4 * ref.abs().max().item() < err[True], err
+
+
+@needs_emu
+def test_emulated_opcheck(emu):
+    for block in (Block(1, 16, 32, 24, 2, 5, 6, stride=2, projection=True), Block(1, 16, 16, 16, 4, 5, 5)):
+        args = block.make(torch.float32)
+        torch.library.opcheck(torch.ops.resnext_kernels.fused_block_cuda_emulated.default,
+                              (*args, *block.conv, False, 0))
+
+
+@needs_emu
+def test_emulated_rejects_bad_arguments(emu):
+    block = Block(1, 16, 16, 16, 4, 5, 5)
+    args = block.make(torch.float32)
+    bad_w2 = list(args)
+    bad_w2[3] = bad_w2[3][:, :2]
+    with pytest.raises(RuntimeError, match="w2 must be"):
+        _emulated(bad_w2, block, False)
+    mixed = list(args)
+    mixed[1] = mixed[1].double()
+    with pytest.raises(RuntimeError, match="dtype"):
+        _emulated(mixed, block, False)
+    with pytest.raises(RuntimeError, match="identity shortcut"):
+        torch.ops.resnext_kernels.fused_block_cuda_emulated(*args, 2, 1, 4, False, 0)
+
+
+# ---------------------------------------------------------------------------
+# GPU: the real kernel.
+# ---------------------------------------------------------------------------
+
+def _poison_next_allocation(shape, dtype):
+    # The caching allocator hands this block back for the next same-size
+    # allocation, so elements the kernel fails to write stay NaN.
+    torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    torch.cuda.synchronize()
+
+
+def _cuda_run(args, block, tf32, smem_limit=0):
+    n, _, h, w = args[0].shape
+    _poison_next_allocation((n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1), args[0].dtype)
+    y = torch.ops.resnext_kernels.fused_block_cuda(*args, *block.conv, tf32, smem_limit)
+    torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES, ids=_mode_id)
+@pytest.mark.parametrize("block", CASES, ids=repr)
+def test_cuda_matches_reference(block, mode):
+    dtype, tf32 = mode
+    args = block.make(dtype, device="cuda")
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        _check(_cuda_run(args, block, tf32), args, block, dtype, tf32, "cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+STAGES = [  # ResNeXt-50 32x4d stages at batch 2, plus the CIFAR d=64 block
+    Block(2, 64, 128, 256, 32, 56, 56, projection=True),
+    Block(2, 256, 256, 512, 32, 56, 56, stride=2, projection=True),
+    Block(2, 512, 256, 512, 32, 28, 28),
+    Block(2, 1024, 512, 1024, 32, 14, 14),
+    Block(2, 2048, 1024, 2048, 32, 7, 7),
+    Block(2, 256, 512, 256, 8, 32, 32),
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("block", STAGES, ids=repr)
+def test_cuda_stage_shapes(block, dtype):
+    args = block.make(dtype, device="cuda")
+    _check(_cuda_run(args, block, True), args, block, dtype, True, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_split_plan_and_backend():
+    block = Block(2, 64, 128, 64, 2, 9, 9, stride=2, projection=True)
+    args = block.make(torch.bfloat16, device="cuda")
+    _check(_cuda_run(args, block, True, smem_limit=40000), args, block, torch.bfloat16, True, "cuda")
+    y = ops.bottleneck_inference(*args, stride=2, groups=2, backend="cuda")
+    _check(y, args, block, torch.bfloat16, True, "cuda")
+    torch.library.opcheck(torch.ops.resnext_kernels.fused_block_cuda.default, (*args, *block.conv, True, 0))
