@@ -23,6 +23,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 
 from resnext_kernels import FusedResNeXtBlock, backends, ops  # noqa: E402
 from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
@@ -301,6 +302,59 @@ def test_fused_module_triton_backend(allow_tf32):
         eager = block.cpu()(x)
         expected = block.double()(x.double())
     assert_close_to_reference(y.cpu(), expected, eager)
+
+
+# ResNeXt-50 32x4d stages (DESIGN.md sec. 5), plus d=64 (CIFAR ResNeXt-29 8x64d)
+# and d=128: (Cin, width, Cout, groups, H, stride, projection).
+CANONICAL = {
+    "s1_first": (64, 128, 256, 32, 56, 1, True),
+    "s1": (256, 128, 256, 32, 56, 1, False),
+    "s2_first": (256, 256, 512, 32, 56, 2, True),
+    "s2": (512, 256, 512, 32, 28, 1, False),
+    "s3": (1024, 512, 1024, 32, 14, 1, False),
+    "s4": (2048, 1024, 2048, 32, 7, 1, False),
+    "cifar29_s1": (256, 512, 256, 8, 32, 1, False),
+    "d128": (1024, 2048, 1024, 16, 14, 1, False),
+}
+
+
+@pytest.mark.parametrize("name", list(CANONICAL))
+def test_gpu_config_heuristics(name):
+    """The GPU autotune candidates for each canonical shape (batch 128, bf16):
+    the prune callbacks accept the real kernel arguments, leave >= 1 config,
+    keep K2 within the register estimate, and keep the t2 recompute factor
+    (cdiv(Cout, BLOCK_CO)) within 2x of the best available. Runs on meta
+    tensors: this checks the host logic only, not compiled register use."""
+    from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1
+    from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2
+
+    cin, width, cout, groups, h, stride, proj = CANONICAL[name]
+    n, ho = 128, (h - 1) // stride + 1
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    tiling, packed = packing.pack_weights(
+        meta(width, cin, 1, 1), meta(width), meta(width, width // groups, 3, 3), meta(width),
+        meta(cout, width, 1, 1), meta(cout), meta(cout, cin, 1, 1) if proj else None, meta(cout) if proj else None,
+        groups)
+    x = meta(n, cin, h, h).contiguous(memory_format=torch.channels_last)
+    t1 = meta(n * h * h, tiling.width_p)
+    y = meta(n, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+
+    def pruned(mod, kernel, args, consts):
+        assert set(mod.TUNE_KEY) | set(consts) <= set(kernel.arg_names)
+        kept = mod._prune(mod._gpu_configs(), dict(zip(kernel.arg_names, args)), **consts)
+        assert kept
+        return kept
+
+    pruned(k1, k1._conv1x1_bias_relu_kernel, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1))
+    kept = pruned(k2, k2._grouped_conv_conv3_kernel, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1))
+    recompute = [triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept]
+    best = triton.cdiv(cout, max(bco for _, bco, _, _ in k2._GPU_TILES))
+    assert max(recompute) <= 2 * best
+    for c in kept:
+        assert k2._reg_estimate(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], tiling.gt, c.num_warps) <= k2._REG_BUDGET
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error outside the interpreter; this machine has CUDA")

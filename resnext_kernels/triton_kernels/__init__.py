@@ -9,11 +9,14 @@ K2 (grouped_conv_conv3.py): grouped 3x3 + b2 + ReLU one width tile at a time
 Algorithm, tiling and config heuristics: docs/triton_backend.md.
 """
 
+import contextlib
+
 import torch
 
 from .. import backends
-from .conv1x1_bias_relu import conv1x1_bias_relu
-from .grouped_conv_conv3 import grouped_conv_conv3
+# Modules, not their launchers, so the submodule names stay importable.
+from . import conv1x1_bias_relu as _k1
+from . import grouped_conv_conv3 as _k2
 from .packing import PACK_CACHE
 
 
@@ -48,10 +51,12 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
             f"out must be a channels_last {x.dtype} tensor of shape {(n, cout, ho, wo)} on {x.device}, got "
             f"{out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    tiling, packed = PACK_CACHE.get(w1, b1, w2, b2, w3, b3, wd, bd, groups)
-    t1 = torch.empty((n * h * w, tiling.width_p), dtype=x.dtype, device=x.device)
-    conv1x1_bias_relu(x, packed["w1p"], packed["b1p"], t1)
-    grouped_conv_conv3(t1, x, tiling, packed, out, stride, dilation)
+    # Triton launches on the current CUDA device; make it x's device.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        tiling, packed = PACK_CACHE.get(w1, b1, w2, b2, w3, b3, wd, bd, groups)
+        t1 = torch.empty((n * h * w, tiling.width_p), dtype=x.dtype, device=x.device)
+        _k1.conv1x1_bias_relu(x, packed["w1p"], packed["b1p"], t1)
+        _k2.grouped_conv_conv3(t1, x, tiling, packed, out, stride, dilation)
     return out
 
 

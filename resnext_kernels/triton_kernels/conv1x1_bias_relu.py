@@ -67,6 +67,9 @@ def _conv1x1_bias_relu_kernel(
     tl.store(out, acc.to(t1_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# Autotune key: the shape (and, implicitly, the dtypes of the tensor args).
+TUNE_KEY = ["M", "CIN", "NOUT"]
+
 def _gpu_configs():
     # Hopper-sized GEMM tiles; BLOCK_N = 128/256 covers a whole stage-1/2 width
     # so x is read once. Pruned per shape below.
@@ -96,7 +99,7 @@ def _prune(configs, nargs, **kwargs):
 
 _conv1x1_bias_relu_tuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["M", "CIN", "NOUT"],
+    key=TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_conv1x1_bias_relu_kernel)
 
@@ -104,23 +107,27 @@ _conv1x1_bias_relu_tuned = triton.autotune(
 _INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
 
 
+def _kernel_args(x, w1p, b1p, t1):
+    """(positional args, constexpr kwargs) of the K1 kernel for these tensors."""
+    n, cin, h, w = x.shape
+    args = (x, w1p, b1p, t1, n * h * w, h * w, w, cin, w1p.shape[1], *x.stride())
+    return args, {"PREC": dot_precision(x.dtype)}
+
+
 def conv1x1_bias_relu(x, w1p, b1p, t1):
     """Launch K1. x [N, Cin, H, W] (strided), w1p [Cin, width_p], b1p fp32,
     t1 [N*H*W, width_p] contiguous (written completely)."""
-    n, cin, h, w = x.shape
-    m = n * h * w
-    nout = w1p.shape[1]
-    args = (x, w1p, b1p, t1, m, h * w, w, cin, nout, *x.stride())
-    prec = dot_precision(x.dtype)
+    args, consts = _kernel_args(x, w1p, b1p, t1)
+    m, nout = t1.shape
     if interpreting():
         cfg = _INTERPRET_CONFIG
         grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(nout, cfg["BLOCK_N"]),)
-        _conv1x1_bias_relu_kernel[grid](*args, PREC=prec, **cfg)
+        _conv1x1_bias_relu_kernel[grid](*args, **consts, **cfg)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nout, meta["BLOCK_N"]),)
 
-        _conv1x1_bias_relu_tuned[grid](*args, PREC=prec)
+        _conv1x1_bias_relu_tuned[grid](*args, **consts)
     return t1
 
 

@@ -137,6 +137,10 @@ def _reg_estimate(bp, bco, gt, warps):
     return (bp * bco + bp * gt + (bp * gt + gt * gt + gt * bco) / 2) / (32 * warps)
 
 
+# Autotune key: the shape (and, implicitly, the dtypes of the tensor args).
+TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION"]
+
+
 def _gpu_configs():
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
@@ -155,37 +159,46 @@ def _prune(configs, nargs, **kwargs):
     ]
     if not kept:
         kept = [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_CO"])]
-    # Fewest t2 recomputes first: only the configs with the largest useful
-    # BLOCK_CO compete (recompute factor = cdiv(Cout, BLOCK_CO)).
-    best_co = max(min(c.kwargs["BLOCK_CO"], co_max) for c in kept)
-    return [c for c in kept if min(c.kwargs["BLOCK_CO"], co_max) == best_co]
+    # Every Cout tile recomputes the grouped conv (factor cdiv(Cout, BLOCK_CO)):
+    # only configs within 2x of the fewest recomputes go to the benchmark,
+    # which also keeps autotuning (one compile per config) short.
+    cout = args["COUT"]
+    fewest = min(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept)
+    return [c for c in kept if triton.cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
 
 
 _grouped_conv_conv3_tuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION"],
+    key=TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_grouped_conv_conv3_kernel)
 
 _INTERPRET_CONFIG = {"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}
 
 
-def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
-    """Launch K2. t1 [N*H*W, width_p] from K1; x [N, Cin, H, W] (strided);
-    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo] (strided,
-    written completely)."""
+def _kernel_args(t1, x, tiling, packed, y, stride, dilation):
+    """(positional args, constexpr kwargs) of the K2 kernel for these tensors."""
     n, cin, h, w = x.shape
     _, cout, ho, wo = y.shape
-    m_out = n * ho * wo
     projection = packed["wdp"] is not None
     wd = packed["wdp"] if projection else packed["w3p"]
     bd = packed["bdp"] if projection else packed["b3p"]
     args = (
         t1, packed["w2p"], packed["b2p"], packed["w3p"], packed["b3p"], x, wd, bd, y,
-        m_out, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles, cin, cout, stride, dilation,
+        n * ho * wo, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles, cin, cout, stride, dilation,
         *x.stride(), *y.stride(),
     )
     consts = {"GT": tiling.gt, "KCH": tiling.kch, "PROJECTION": projection, "PREC": dot_precision(x.dtype)}
+    return args, consts
+
+
+def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
+    """Launch K2. t1 [N*H*W, width_p] from K1; x [N, Cin, H, W] (strided);
+    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo] (strided,
+    written completely)."""
+    args, consts = _kernel_args(t1, x, tiling, packed, y, stride, dilation)
+    n, cout, ho, wo = y.shape
+    m_out = n * ho * wo
     if interpreting():
         cfg = _INTERPRET_CONFIG
         grid = (cdiv(m_out, cfg["BLOCK_P"]) * cdiv(cout, cfg["BLOCK_CO"]),)
