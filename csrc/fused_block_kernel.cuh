@@ -160,7 +160,7 @@ struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
 //   y = relu(yacc + b3p + (identity ? x : 0)), written once.
 // ---------------------------------------------------------------------------
 template <class P>
-__global__ void __launch_bounds__(kThreads) fused_block_kernel(const FusedBlockParams p) {
+__global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlockParams p) {
   using T = typename P::Elem;
   using Acc = typename P::Acc;
   unsigned char* smem = dynamic_smem();
