@@ -1,0 +1,41 @@
+"""One ResNeXt bottleneck block: fused backends vs eager and torch.compile.
+
+Parametrized in conftest.py over shape x dtype x impl; unusable cases skip
+with the reason. Each case records in extra_info the FLOPs, the bytes floor,
+achieved GB/s and TFLOP/s, the time floor and % of it (ceilings measured once
+per run), and the max error vs a float64 reference. A fused backend whose
+error exceeds the tolerance (2x eager PyTorch's own error at the dtype plus
+one ulp) fails the test after its timing is recorded.
+"""
+
+import pytest
+
+from resnext_kernels import bench
+
+
+def test_block(benchmark, bench_settings, device_settings, ceilings, case_cache, shape, dtype, impl):
+    s = bench_settings
+    torch_dtype = bench.parse_dtype(dtype)
+    reason = s.skip_reason(impl, torch_dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    case = case_cache.get(shape, torch_dtype)
+    fn, info, error = case.build(impl)
+    inputs = case.inputs_for(impl)
+
+    benchmark.group = f"{shape}-{dtype}"
+    benchmark.extra_info.update(
+        shape=shape, spec=case.shape.spec(), batch=s.batch, dtype=dtype, impl=impl, seed=s.seed,
+        n_inputs=len(inputs), device=bench.device_name(s.device), **device_settings, **info,
+        **case.error_info(error))
+    calib = bench.round_seconds(fn, inputs, s.device, 1)[0] * len(inputs)
+    benchmark.pedantic(bench.RotatingTarget(fn, inputs, s.device), iterations=len(inputs), warmup_rounds=1,
+                       rounds=bench.plan_rounds(calib, s.seconds))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info.update(
+            bench.performance(case.shape, s.batch, torch_dtype, benchmark.stats.stats.median, ceilings))
+        benchmark.extra_info["ceilings"] = ceilings.as_dict()
+    if impl in bench.FUSED_IMPLS:
+        assert error <= case.tolerance, (
+            f"{impl} {shape} {dtype}: max abs error {error:.3g} > tolerance {case.tolerance:.3g} "
+            f"(eager {dtype} error {case.eager_error:.3g})")
