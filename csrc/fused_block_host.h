@@ -253,6 +253,9 @@ at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1, con
   p.w3p = pw.w3p.data_ptr();
   p.b3p = pw.b3p.data_ptr<float>();
   p.wdp = wd.has_value() ? pw.wdp.data_ptr() : nullptr;
+  const int vec = 16 / static_cast<int>(x.element_size());
+  p.vec_x = Cin % vec == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+  p.vec_y = Cout % vec == 0 && reinterpret_cast<uintptr_t>(p.y) % 16 == 0 && (wd.has_value() || p.vec_x);
   for (const void* ptr : {p.w1p, p.w2p, p.w3p, p.wdp}) {
     // wmma reads weight tiles straight from global memory.
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 32 == 0, op, ": packed weights are not 32-byte aligned");

@@ -61,6 +61,9 @@ struct FusedBlockParams {
   // (elements). xs (x chunk) and t2s alias; t1acc and t2acc alias.
   int off_xs, off_acc, off_t1, off_y;
   int pitch_xs, pitch_t2, pitch_acc, pitch_t1, pitch_y;
+  // 16-byte vector access is possible: vec_x for x (Cin a multiple of the
+  // vector width, x 16-byte aligned), vec_y for y and the identity shortcut.
+  int vec_x, vec_y;
 };
 
 // ---------------------------------------------------------------------------
@@ -147,6 +150,35 @@ struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
   }
 };
 
+// Copies channels [k0, k0+kc) of `rows` pixels of x into dst (row pitch
+// `pitch` elements). row_src(r) is the element offset of pixel r's channel 0
+// in x, or -1 for a zero row (outside the image or the tile); channels at or
+// past cin are zero.
+template <class T, class RowSrc>
+__device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int k0, int cin, bool vec,
+                                        const T* __restrict__ x, RowSrc row_src) {
+  if (vec) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int kcv = kc / kVec;
+    for (int i = threadIdx.x; i < rows * kcv; i += kThreads) {
+      const int r = i / kcv, c = (i - r * kcv) * kVec;
+      const long long src = row_src(r);
+      T* d = dst + r * pitch + c;
+      if (src >= 0 && k0 + c < cin) {  // cin is a multiple of kVec here
+        copy16(d, x + src + k0 + c);
+      } else {
+        zero16(d);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * kc; i += kThreads) {
+      const int r = i / kc, c = i - r * kc;
+      const long long src = row_src(r);
+      dst[r * pitch + c] = (src >= 0 && k0 + c < cin) ? x[src + k0 + c] : from_float<T>(0.0f);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The kernel. Grid: (tiles_y*tiles_x, ceil(Cout_p/CS), N); block: kThreads.
 // Per block, for each width chunk [w0, w0+WC):
@@ -196,15 +228,11 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
     for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
       const int kc = min(p.KC, p.Cin_p - k0);
       __syncthreads();  // xs/t2s readers of the previous step are done
-      for (int i = tid; i < p.Mp1 * kc; i += kThreads) {
-        const int px = i / kc, c = i % kc;
+      stage_x(xs, p.pitch_xs, p.Mp1, kc, k0, p.Cin, p.vec_x, x, [&](int px) -> long long {
         const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
-        T v = from_float<T>(0.0f);
-        if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W && k0 + c < p.Cin) {
-          v = x[(static_cast<size_t>(iy) * p.W + ix) * p.Cin + k0 + c];
-        }
-        xs[px * p.pitch_xs + c] = v;
-      }
+        if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
+        return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
+      });
       __syncthreads();
       for (int job = warp; job < (p.Mp1 / 16) * wc16; job += kWarps) {
         const int mt = job / wc16, nt = job % wc16;
@@ -275,15 +303,11 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
     for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
       const int kc = min(p.KC, p.Cin_p - k0);
       __syncthreads();
-      for (int i = tid; i < th_valid * 16 * kc; i += kThreads) {
-        const int m = i / kc, c = i % kc;
+      stage_x(xs, p.pitch_xs, th_valid * 16, kc, k0, p.Cin, p.vec_x, x, [&](int m) -> long long {
         const int gy = oy0 + m / 16, gx = ox0 + m % 16;
-        T v = from_float<T>(0.0f);
-        if (gx < p.Wo && k0 + c < p.Cin) {
-          v = x[(static_cast<size_t>(gy * s) * p.W + gx * s) * p.Cin + k0 + c];
-        }
-        xs[m * p.pitch_xs + c] = v;
-      }
+        if (gx >= p.Wo) return -1;
+        return (static_cast<long long>(gy * s) * p.W + gx * s) * p.Cin;
+      });
       __syncthreads();
       for (int job = warp; job < th_valid * cs16; job += kWarps) {
         const int mt = job / cs16, nt = job % cs16;
@@ -302,15 +326,33 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
   // consecutive threads write consecutive addresses ----
   const int c_real = min(cs_len, p.Cout - cs0);
   T* y = static_cast<T*>(p.y) + static_cast<size_t>(n) * p.Ho * p.Wo * p.Cout;
-  for (int i = tid; i < th_valid * 16 * c_real; i += kThreads) {
-    const int m = i / c_real, c = i % c_real;
+  // Vector width: 1, or 16 bytes of T (c_real is then a multiple of it:
+  // Cout and cs0 are).
+  constexpr int kVec = 16 / sizeof(T);
+  const int vw = p.vec_y ? kVec : 1;
+  const int cv = c_real / vw;
+  for (int i = tid; i < th_valid * 16 * cv; i += kThreads) {
+    const int m = i / cv, c = (i - m * cv) * vw;
     const int gy = oy0 + m / 16, gx = ox0 + m % 16;
     if (gx >= p.Wo) continue;
-    float v = ys[m * p.pitch_y + c] + p.b3p[cs0 + c];
-    if (wdp == nullptr) {  // identity: stride 1, Cin == Cout
-      v += to_float(x[(static_cast<size_t>(gy) * p.W + gx) * p.Cin + cs0 + c]);
+    // identity shortcut: stride 1 and Cin == Cout, so x has y's indexing
+    const T* xin = x + (static_cast<size_t>(gy) * p.W + gx) * p.Cin + cs0 + c;
+    T* yout = y + (static_cast<size_t>(gy) * p.Wo + gx) * p.Cout + cs0 + c;
+    if (p.vec_y) {
+      alignas(16) T xv[kVec];
+      alignas(16) T out[kVec];
+      if (wdp == nullptr) copy16(xv, xin);
+      for (int j = 0; j < kVec; ++j) {
+        float v = ys[m * p.pitch_y + c + j] + p.b3p[cs0 + c + j];
+        if (wdp == nullptr) v += to_float(xv[j]);
+        out[j] = from_float<T>(fmaxf(v, 0.0f));
+      }
+      copy16(yout, out);
+    } else {
+      float v = ys[m * p.pitch_y + c] + p.b3p[cs0 + c];
+      if (wdp == nullptr) v += to_float(*xin);
+      *yout = from_float<T>(fmaxf(v, 0.0f));
     }
-    y[(static_cast<size_t>(gy) * p.Wo + gx) * p.Cout + cs0 + c] = from_float<T>(fmaxf(v, 0.0f));
   }
 }
 

@@ -29,6 +29,12 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// 16-byte copy / zero fill; both addresses must be 16-byte aligned.
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+__device__ __forceinline__ void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
+
 // Base of the block's dynamic shared memory (128-byte aligned).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char rk_dynamic_smem_[];
@@ -56,6 +62,19 @@ inline T from_float(float v) {
 }
 
 inline unsigned char* dynamic_smem() { return ::rk_emu::dynamic_smem(); }
+
+// A 16-byte vector access faults on hardware unless both addresses are
+// 16-byte aligned; the emulator reports that instead.
+inline void copy16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    ::rk_emu::fail("copy16: address not 16-byte aligned");
+  }
+  std::memcpy(dst, src, 16);
+}
+inline void zero16(void* dst) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) ::rk_emu::fail("zero16: address not 16-byte aligned");
+  std::memset(dst, 0, 16);
+}
 
 // CUDA's integer min() is a global device function; kernels call it
 // unqualified from namespace rk.

@@ -189,6 +189,23 @@ def test_emulated_backend_through_public_op():
 
 
 @needs_emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_emulated_unaligned_x(emu, dtype):
+    """x whose data starts one element past an aligned address: the kernel
+    must not use 16-byte vector loads on it (the emulator reports misaligned
+    vector accesses) and must still be correct."""
+    block = Block(1, 32, 32, 32, 4, 5, 7)
+    args = block.make(dtype)
+    x = args[0]
+    storage = torch.empty(x.numel() + 1, dtype=dtype)
+    shifted = storage[1:].as_strided(x.shape, x.stride())
+    shifted.copy_(x)
+    assert shifted.is_contiguous(memory_format=torch.channels_last) and shifted.data_ptr() % 16 != 0
+    args[0] = shifted
+    _check(_emulated(args, block, False), args, block, dtype, False, "cpu")
+
+
+@needs_emu
 def test_emulated_tf32_flag_is_honoured(emu, monkeypatch):
     block = Block(1, 32, 32, 32, 4, 7, 7)
     args = block.make(torch.float32)
