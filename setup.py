@@ -6,7 +6,10 @@ kernels (csrc/*.cu) are added when torch is a CUDA build and nvcc is found.
 Environment switches:
   RESNEXT_KERNELS_SKIP_CUDA=1   build the C++ part only, even if nvcc exists.
   TORCH_CUDA_ARCH_LIST          archs to compile for (torch's own switch).
-                                Unset and no GPU visible: "9.0" (sm_90).
+                                Unset and no GPU visible: "8.0;9.0" (sm_80 +
+                                sm_90; the kernels need bf16/tf32 tensor cores,
+                                sm_80+). sm_80 adds only seconds: the
+                                device code compiles in ~5 s per arch.
   CUDA_HOME                     CUDA toolkit root. Unset: /usr/local/cuda when
                                 it holds bin/nvcc (torch would guess /usr/local).
   MAX_JOBS                      parallel compile jobs (torch's own switch).
@@ -93,8 +96,8 @@ def _extensions():
         if torch.cuda.is_available():
             _say("TORCH_CUDA_ARCH_LIST unset: building for the visible GPU(s)")
         else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-            _say("TORCH_CUDA_ARCH_LIST unset and no GPU visible: building for sm_90")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            _say("TORCH_CUDA_ARCH_LIST unset and no GPU visible: building for sm_80 and sm_90")
     _say(f"building C++ + CUDA ({reason}); archs: {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     nvcc_flags = [
         "-O3",
