@@ -1,4 +1,4 @@
-"""Command line: ``python -m resnext_kernels info``."""
+"""Command line: ``python -m resnext_kernels info`` and ``python -m resnext_kernels bench``."""
 
 import argparse
 import sys
@@ -47,9 +47,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m resnext_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, and which backends are usable (and why not)")
+    bench_parser = sub.add_parser("bench", help="validate every usable backend, then benchmark the block "
+                                  "against eager and torch.compile (see docs/benchmarks.md)")
+    from . import bench_cli
+
+    bench_cli.add_arguments(bench_parser)
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "bench":
+        return bench_cli.run(args)
     return 2
 
 

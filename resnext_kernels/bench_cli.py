@@ -1,0 +1,231 @@
+"""``python -m resnext_kernels bench``: validate every usable backend, then time them.
+
+1. Validation: for each shape and dtype, every usable fused backend runs the
+   block on the benchmark input; its max error on the first images vs the
+   float64 CPU reference must be <= 2x eager PyTorch's own error at that dtype
+   plus one ulp of the dtype at the output's largest magnitude
+   (bench.tolerance). Any failure (or exception) makes the exit status 1.
+2. Timing (progress bar on stderr): fused backends that passed, eager NCHW,
+   eager channels_last and, for the chosen dtypes, torch.compile; then a
+   table with speedups vs the faster eager layout and vs compile, achieved
+   GB/s and TFLOP/s and % of the time floor.
+
+Defaults: quick on CPU (small shapes, short timing), thorough on CUDA; see
+bench.defaults. Helpers and definitions live in resnext_kernels.bench.
+"""
+
+import json
+import random
+import sys
+import time
+
+import torch
+
+from . import bench, bench_report
+
+
+def add_arguments(parser):
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="short run (the default on CPU)")
+    mode.add_argument("--thorough", action="store_true", help="full run (the default on CUDA)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
+                        help=f"shape names ({', '.join(bench.SHAPES)}) or NAME=H:CIN:WIDTH:GROUPS:COUT:STRIDE; "
+                             "default: all named shapes")
+    parser.add_argument("--dtypes", nargs="+", default=None, metavar="DTYPE",
+                        help="bfloat16 float16 float32 (default: all on CUDA thorough, bfloat16 on CUDA quick, "
+                             "bfloat16 float32 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 2 on CPU")
+    parser.add_argument("--max-hw", type=int, default=None, help="cap on H=W (default: none on CUDA, 14 on CPU)")
+    parser.add_argument("--compile", default=None, metavar="DTYPES",
+                        help="dtypes with a torch.compile baseline: none, all or a comma list (default: bfloat16 "
+                             "on CUDA thorough, none otherwise)")
+    parser.add_argument("--seconds", type=float, default=None, help="timing budget per case")
+    parser.add_argument("--seed", type=int, default=None, help="seed of weights and inputs (default: random)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="write a chart of speedup vs eager")
+
+
+def _progress(total):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
+    except ImportError:
+        return None
+
+
+def _settings(args):
+    device = torch.device(args.device or bench.default_device().type)
+    quick = args.quick or (device.type == "cpu" and not args.thorough)
+    d = bench.defaults(device, quick)
+    shapes = bench.parse_shapes(args.shapes or [",".join(bench.SHAPES)])
+    max_hw = args.max_hw or d["max_hw"]
+    return {
+        "device": device,
+        "quick": quick,
+        "shapes": [s.with_max_hw(max_hw) for s in shapes],
+        "dtypes": [bench.parse_dtype(t) for t in args.dtypes] if args.dtypes else d["dtypes"],
+        "compile_dtypes": bench.parse_compile_dtypes(args.compile) if args.compile else d["compile_dtypes"],
+        "batch": args.batch or d["batch"],
+        "seconds": args.seconds or d["seconds"],
+        "seed": args.seed if args.seed is not None else random.randrange(2**31 - 1),
+    }
+
+
+def validate(s):
+    """[{shape, dtype, backend, max_abs_err, eager_err, tolerance, ok, error}] for every usable fused backend."""
+    results = []
+    for shape in s["shapes"]:
+        for dtype in s["dtypes"]:
+            usable = [b for b in bench.FUSED_IMPLS if bench.impl_unavailable_reason(b, s["device"], dtype) is None]
+            if not usable:
+                continue
+            case = bench.Case(shape, s["batch"], dtype, s["device"], s["seed"], n_inputs=1)
+            for backend in usable:
+                r = {"shape": shape.name, "dtype": bench.dtype_name(dtype), "backend": backend,
+                     "eager_err": case.eager_error, "tolerance": case.tolerance}
+                try:
+                    err = case.build(backend)[2]
+                    r.update(max_abs_err=err, ok=err <= case.tolerance, error=None)
+                except Exception as exc:  # a crashing backend is a failed validation, reported, not a traceback
+                    r.update(max_abs_err=None, ok=False, error=f"{type(exc).__name__}: {exc}")
+                results.append(r)
+                status = "pass" if r["ok"] else "FAIL"
+                detail = (f"max err {r['max_abs_err']:.3e}  tol {r['tolerance']:.3e}  (eager {r['eager_err']:.3e})"
+                          if r["error"] is None else r["error"])
+                print(f"  {status}  {shape.name:<14} {r['dtype']:<9} {backend:<10} {detail}", flush=True)
+            del case
+            if s["device"].type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def time_all(s, ceilings, failed):
+    """Timed rows for every (shape, dtype, impl) that is available and did not fail validation."""
+    plan = []
+    for shape in s["shapes"]:
+        for dtype in s["dtypes"]:
+            impls = [i for i in bench.IMPLS
+                     if bench.impl_unavailable_reason(i, s["device"], dtype, s["compile_dtypes"]) is None
+                     and (shape.name, bench.dtype_name(dtype), i) not in failed]
+            plan.append((shape, dtype, impls))
+    bar = _progress(sum(len(p[2]) for p in plan))
+    rows = []
+    for shape, dtype, impls in plan:
+        case = bench.Case(shape, s["batch"], dtype, s["device"], s["seed"])
+        for impl in impls:
+            if bar is not None:
+                bar.set_description(f"{shape.name} {bench.dtype_name(dtype)} {impl}")
+            row = {"shape": shape.name, "spec": shape.spec(), "dtype": bench.dtype_name(dtype), "impl": impl,
+                   "batch": s["batch"], "n_inputs": case.n_inputs}
+            try:
+                fn, info, err = case.build(impl)
+                inputs = case.inputs_for(impl)
+                times = bench.time_per_call(fn, inputs, s["device"], s["seconds"])
+                med = bench.median(times)
+                row.update(info, median_s=med, rounds=len(times), error=None, **case.error_info(err),
+                           **bench.performance(shape, s["batch"], dtype, med, ceilings))
+            except Exception as exc:
+                row.update(median_s=None, error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+        del case
+        if s["device"].type == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def plot(rows, path):
+    """Bar chart of speedup vs the faster eager layout, per shape (x) and impl (bars), one panel per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(11, 3.5 * len(dtypes)), squeeze=False)
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        sel = [r for r in rows if r["dtype"] == dtype and r.get("vs_eager")]
+        shapes = list(dict.fromkeys(r["shape"] for r in sel))
+        impls = [i for i in bench.IMPLS if any(r["impl"] == i for r in sel)]
+        width = 0.8 / max(1, len(impls))
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for j, shape in enumerate(shapes):
+                match = [r["vs_eager"] for r in sel if r["shape"] == shape and r["impl"] == impl]
+                if match:
+                    xs.append(j + (k - (len(impls) - 1) / 2) * width)
+                    ys.append(match[0])
+            ax.bar(xs, ys, width, label=impl)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(shapes)), shapes, rotation=20)
+        ax.set_ylabel("speedup vs best eager")
+        ax.set_title(dtype)
+        ax.legend(fontsize="small", ncol=len(impls))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    s = _settings(args)
+    device = s["device"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    backend_settings = bench.configure_backends(device)
+    print(f"resnext_kernels bench on {bench.device_name(device)} ({'quick' if s['quick'] else 'thorough'}): "
+          f"batch {s['batch']}, dtypes {[bench.dtype_name(d) for d in s['dtypes']]}, "
+          f"compile {[bench.dtype_name(d) for d in s['compile_dtypes']] or 'none'}, seed {s['seed']}")
+    for shape in s["shapes"]:
+        print(f"  {shape.name:<14} {shape.describe()}")
+    print("validation (fused backend vs float64 reference; tol = 2x eager error at dtype + 1 ulp):", flush=True)
+    validation = validate(s)
+    failed = {(v["shape"], v["dtype"], v["backend"]) for v in validation if not v["ok"]}
+    if not validation:
+        print("  no usable fused backend on this device")
+
+    ceilings = bench.Ceilings(device)
+    for dtype in s["dtypes"]:
+        ceilings.matmul_flops_per_s(dtype)
+    print(bench_report._ceilings_line(ceilings.as_dict()), flush=True)
+    rows = time_all(s, ceilings, failed)
+    timed = [r for r in rows if r["median_s"] is not None]
+    bench_report.add_speedups(timed)
+    print(bench_report.block_table(timed))
+    crashed = [r for r in rows if r["median_s"] is None]
+    for r in crashed:
+        print(f"timing failed: {r['shape']} {r['dtype']} {r['impl']}: {r['error']}")
+    for v in validation:
+        if not v["ok"]:
+            why = v["error"] or f"max err {v['max_abs_err']:.3e} > tol {v['tolerance']:.3e}"
+            print(f"VALIDATION FAILED: {v['shape']} {v['dtype']} {v['backend']}: {why}")
+    elapsed = time.perf_counter() - t0
+    print(f"done in {elapsed:.0f} s")
+
+    if args.json:
+        doc = {
+            "format": bench_report.FORMAT,
+            "device": bench.device_name(device),
+            "torch": torch.__version__,
+            "settings": {"quick": s["quick"], "batch": s["batch"], "seed": s["seed"], "seconds": s["seconds"],
+                         "dtypes": [bench.dtype_name(d) for d in s["dtypes"]],
+                         "compile_dtypes": [bench.dtype_name(d) for d in s["compile_dtypes"]],
+                         "shapes": {sh.name: sh.spec() for sh in s["shapes"]}, **backend_settings},
+            "ceilings": ceilings.as_dict(),
+            "validation": validation,
+            "rows": rows,
+            "elapsed_s": elapsed,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    if args.plot:
+        plot(timed, args.plot)
+    fused_crash = any(r["impl"] in bench.FUSED_IMPLS for r in crashed)
+    return 1 if failed or fused_crash else 0
