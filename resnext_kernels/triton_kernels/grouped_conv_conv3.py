@@ -81,7 +81,7 @@ def _grouped_conv_conv3_kernel(
         # First packed channel of this output tile's group: its input chunks.
         in_base = (ot // KCH) * (KCH * GT)
         t2 = tl.zeros((BLOCK_P, GT), dtype=tl.float32)
-        for tap in tl.static_range(9):
+        for tap in range(9):
             hi = ho * STRIDE + (tap // 3 - 1) * DIL
             wi = wo * STRIDE + (tap % 3 - 1) * DIL
             valid = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
