@@ -322,7 +322,7 @@ def plan_rounds(seconds_per_round, budget_seconds, min_rounds=5, max_rounds=1000
     """Rounds that fill about budget_seconds, within [min_rounds, max_rounds]."""
     if seconds_per_round <= 0:
         return max_rounds
-    return int(min(max_rounds, max(min_rounds, budget_seconds // seconds_per_round)))
+    return int(min(max_rounds, max(min_rounds, int(budget_seconds / seconds_per_round))))
 
 
 def time_per_call(fn, inputs, device, budget_seconds, warmup_rounds=2, min_rounds=5):

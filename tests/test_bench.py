@@ -1,0 +1,183 @@
+"""Tests of the benchmark helpers, the report generator and `python -m resnext_kernels bench` (CPU, fast)."""
+
+import datetime
+import json
+
+import pytest
+import torch
+
+from resnext_kernels import __main__ as cli
+from resnext_kernels import bench, bench_report
+
+# -- counting ------------------------------------------------------------------
+
+
+def test_flops_and_bytes_by_hand_s2_first():
+    # s2_first: 56x56, Cin 256, width 256 = 32 groups x 8, Cout 512, stride 2 -> 28x28, projection.
+    shape = bench.SHAPES["s2_first"]
+    n = 3
+    conv1 = n * 56 * 56 * 256 * 256
+    conv2 = n * 28 * 28 * 256 * 8 * 9
+    conv3 = n * 28 * 28 * 256 * 512
+    proj = n * 28 * 28 * 256 * 512
+    assert bench.block_flops(shape, n) == 2 * (conv1 + conv2 + conv3 + proj)
+
+    x = n * 256 * 56 * 56
+    y = n * 512 * 28 * 28
+    weights = 256 * 256 + 256 * 8 * 9 + 512 * 256 + 512 * 256
+    biases = 256 + 256 + 512 + 512
+    assert bench.block_bytes_floor(shape, n, torch.float16) == 2 * (x + y + weights + biases)
+    assert bench.block_bytes_floor(shape, n, torch.float32) == 4 * (x + y + weights + biases)
+
+
+def test_design_worked_example_s1_batch128_bf16():
+    # DESIGN.md sec 1: 56 GFLOP (26.3 + 3.7 + 26.3) and 0.41 GB moved by a fused block.
+    shape = bench.SHAPES["s1"]
+    assert bench.block_flops(shape, 128) / 1e9 == pytest.approx(26.3 + 3.7 + 26.3, abs=0.1)
+    assert bench.block_bytes_floor(shape, 128, torch.bfloat16) / 1e9 == pytest.approx(0.41, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["s1_first", "s2_first", "cifar29_s1", "x101_64x4d_s1"])
+def test_flops_match_torch_flop_counter(name):
+    # torch's FlopCounterMode counts 2*MACs of every conv of the real torchvision block.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = bench.SHAPES[name].with_max_hw(9)
+    block = bench.make_block(shape, seed=0)
+    x = torch.randn(2, shape.cin, shape.hw, shape.hw)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        block(x)
+    assert bench.block_flops(shape, 2) == counter.get_total_flops()
+
+
+def test_block_shape_matches_torchvision_block():
+    for shape in bench.SHAPES.values():
+        block = bench.make_block(shape.with_max_hw(4), seed=1)
+        assert block.conv1.in_channels == shape.cin
+        assert block.conv2.in_channels == shape.width and block.conv2.groups == shape.groups
+        assert block.conv3.out_channels == shape.cout
+        assert block.conv2.stride == (shape.stride, shape.stride)
+        assert (block.downsample is not None) == shape.projection
+
+
+def test_parse_shapes():
+    s = bench.parse_shapes(["s1,s4", "tiny=8:32:16:4:32:2"])
+    assert [x.name for x in s] == ["s1", "s4", "tiny"]
+    assert (s[2].hw, s[2].cin, s[2].width, s[2].groups, s[2].cout, s[2].stride) == (8, 32, 16, 4, 32, 2)
+    assert s[2].projection and s[2].out_hw == 4
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench.parse_shapes(["s9"])
+    with pytest.raises(ValueError, match="does not divide"):
+        bench.parse_shapes(["bad=8:32:18:4:32:1"])
+
+
+# -- timing helpers -----------------------------------------------------------------
+
+
+def test_rotating_target_cycles_inputs():
+    seen = []
+    target = bench.RotatingTarget(seen.append, ["a", "b", "c"], torch.device("cpu"))
+    for _ in range(7):
+        target()
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_rotation_count_and_plan_rounds():
+    cpu = torch.device("cpu")
+    assert bench.rotation_count(2**30, cpu) == 2  # at least two distinct inputs
+    assert bench.rotation_count(1024, cpu) == 4  # CPU cap
+    assert bench.rotation_count(2**30, cpu, max_total_bytes=2**30) == 1  # only one fits
+    assert bench.plan_rounds(0.01, 1.0) == 100
+    assert bench.plan_rounds(1.0, 0.1) == 5
+    assert bench.plan_rounds(1e-6, 1.0, max_rounds=50) == 50
+
+
+def test_tolerance_is_twice_eager_error_plus_one_ulp():
+    y_ref = torch.tensor([-4.0, 1.0], dtype=torch.float64)
+    assert bench.tolerance(0.01, y_ref, torch.bfloat16) == pytest.approx(0.02 + 4 * 2**-7)
+    assert bench.tolerance(0.0, y_ref, torch.float32) == pytest.approx(4 * 2**-23)
+
+
+# -- report generator ---------------------------------------------------------------
+
+
+def _pytest_doc():
+    def case(impl, ms, **extra):
+        info = {"shape": "s1", "dtype": "bfloat16", "impl": impl, "batch": 128, "device": "Fake GPU",
+                "achieved_GBps": 1234.5, "pct_of_floor": 41.0, "max_abs_err": 0.01, "tolerance": 0.05,
+                "within_tolerance": True, **extra}
+        return {"group": "s1-bfloat16", "name": f"test_block[s1-bfloat16-{impl}]", "extra_info": info,
+                "stats": {"median": ms / 1e3}}
+
+    model = {"group": "resnext50-b64", "name": "test_model[b64-eager]", "stats": {"median": 0.1},
+             "extra_info": {"model": "resnext50_32x4d", "batch": 64, "resolution": 224, "impl": "eager",
+                            "images_per_s": 640.0, "peak_mem_bytes": 3 * 2**30}}
+    return {"benchmarks": [case("eager_nchw", 2.0), case("eager_cl", 1.0), case("compile", 0.8),
+                           case("triton", 0.5, within_tolerance=False), model],
+            "datetime": "2026-01-01T00:00:00", "version": "5.2.3", "commit_info": {"id": "abcdef1234567"}}
+
+
+def test_add_speedups_uses_faster_eager_and_compile():
+    rows = bench_report.add_speedups(bench_report.block_rows_from_pytest(_pytest_doc()))
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["triton"]["vs_eager"] == pytest.approx(2.0)  # 1.0 ms (eager_cl) / 0.5 ms
+    assert by_impl["triton"]["vs_compile"] == pytest.approx(1.6)
+    assert by_impl["eager_nchw"]["vs_eager"] == pytest.approx(0.5)
+
+
+def test_markdown_report():
+    md = bench_report.render([_pytest_doc()])
+    lines = md.splitlines()
+    triton = next(line for line in lines if "| triton |" in line)
+    assert triton.split(" | ")[3:6] == ["0.5", "2.00x", "1.60x"]
+    assert triton.rstrip(" |").endswith("NO")  # out of tolerance is visible
+    model = next(line for line in lines if line.startswith("| resnext50_32x4d"))
+    assert "640.0" in model and "| 3072 |" in model
+    with pytest.raises(ValueError, match="neither"):
+        bench_report.render([{"something": "else"}])
+
+
+def test_result_stem_sanitizes_card_name():
+    stem = bench_report.result_stem("NVIDIA H100 80GB HBM3", "1a2b3c4", datetime.date(2026, 1, 2))
+    assert stem == "2026-01-02_NVIDIA-H100-80GB-HBM3_1a2b3c4"
+
+
+# -- the CLI -------------------------------------------------------------------------
+
+TINY = ["tiny_id=6:32:16:4:32:1", "tiny_proj=7:16:16:4:32:2"]
+
+
+def test_bench_cli_quick_cpu(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", *TINY, "--seconds", "0.02",
+                   "--json", str(out_json), "--plot", str(out_png)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "| shape | dtype | impl | ms | vs eager | vs compile |" in printed
+    doc = json.loads(out_json.read_text())
+    assert {(v["shape"], v["dtype"], v["backend"]) for v in doc["validation"]} == {
+        (s, d, "reference") for s in ("tiny_id", "tiny_proj") for d in ("bfloat16", "float32")}
+    assert all(v["ok"] for v in doc["validation"])
+    impls = {(r["shape"], r["dtype"], r["impl"]) for r in doc["rows"] if r["median_s"] > 0}
+    assert len(impls) == 2 * 2 * 3  # shapes x dtypes x (reference, eager_nchw, eager_cl)
+    assert out_png.stat().st_size > 0
+    assert "tiny_proj | float32 | reference" in bench_report.render([doc])
+
+
+def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
+    from resnext_kernels import reference
+
+    good = reference.bottleneck_inference_reference
+
+    def wrong(*args):
+        return good(*args) * 1.01 + 0.01
+
+    monkeypatch.setattr(reference, "bottleneck_inference_reference", wrong)
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", TINY[0], "--dtypes", "float32",
+                   "--seconds", "0.02"])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL  tiny_id" in printed and "VALIDATION FAILED: tiny_id float32 reference" in printed
+    # the failed backend is not timed; the baselines are
+    assert "| tiny_id | float32 | reference |" not in printed
+    assert "| tiny_id | float32 | eager_cl |" in printed
