@@ -76,12 +76,12 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
       for (int wc = p.Wp; wc >= unit; wc -= unit) {
         if (p.Wp % wc != 0) continue;
         const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
-        const int pitch_acc = wc + 8, pitch_y = cs + 8;
+        const int pitch_y = cs + 8;
         const size_t xs_bytes = align(static_cast<size_t>(std::max(mp1 * pitch_xs, mo * pitch_t2)) * elem_bytes);
-        const size_t acc_bytes = align(static_cast<size_t>(mp1) * pitch_acc * 4);
         const size_t t1_bytes = align(static_cast<size_t>(mp1) * pitch_t1 * elem_bytes);
         const size_t y_bytes = align(static_cast<size_t>(mo) * pitch_y * 4);
-        const size_t total = xs_bytes + acc_bytes + t1_bytes + y_bytes;
+        const size_t scratch_bytes = static_cast<size_t>(kWarps) * 256 * 4;
+        const size_t total = xs_bytes + t1_bytes + y_bytes + scratch_bytes;
         if (total > smem_limit) continue;
         p.TH = th;
         p.HH = hh;
@@ -95,12 +95,11 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
         p.pitch_xs = pitch_xs;
         p.pitch_t2 = pitch_t2;
         p.pitch_t1 = pitch_t1;
-        p.pitch_acc = pitch_acc;
         p.pitch_y = pitch_y;
         p.off_xs = 0;
-        p.off_acc = static_cast<int>(xs_bytes);
-        p.off_t1 = static_cast<int>(xs_bytes + acc_bytes);
-        p.off_y = static_cast<int>(xs_bytes + acc_bytes + t1_bytes);
+        p.off_t1 = static_cast<int>(xs_bytes);
+        p.off_y = static_cast<int>(xs_bytes + t1_bytes);
+        p.off_scratch = static_cast<int>(xs_bytes + t1_bytes + y_bytes);
         return total;
       }
     }

@@ -12,6 +12,7 @@ namespace rk {
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileW = 16;     // output tile width: one 16-row MMA tile per output row
+constexpr int kMaxAcc = 8;     // conv1 register accumulators per warp and pass
 
 // Everything the kernel needs, computed on the host (fused_block_host.h).
 //
@@ -58,9 +59,10 @@ struct FusedBlockParams {
   int WC;        // width chunk (padded channels of t1/t2 kept at once)
   int CS;        // output-channel slice of one block
   // Shared memory (byte offsets from the dynamic base) and row pitches
-  // (elements). xs (x chunk) and t2s alias; t1acc and t2acc alias.
-  int off_xs, off_acc, off_t1, off_y;
-  int pitch_xs, pitch_t2, pitch_acc, pitch_t1, pitch_y;
+  // (elements). xs (x chunk) and t2s alias; scratch is kWarps 16x16 fp32
+  // tiles, one per warp.
+  int off_xs, off_t1, off_y, off_scratch;
+  int pitch_xs, pitch_t2, pitch_t1, pitch_y;
   // 16-byte vector access is possible: vec_x for x (Cin a multiple of the
   // vector width, x 16-byte aligned), vec_y for y and the identity shortcut.
   int vec_x, vec_y;
@@ -69,10 +71,12 @@ struct FusedBlockParams {
 // ---------------------------------------------------------------------------
 // Warp-level 16x16 tile products. Each policy provides:
 //   Elem          element type of A/B operands in memory
+//   kK            K depth of one MMA step (16, or 8 for tf32)
 //   Acc           a 16x16 fp32 accumulator held by the warp
+//   FragA, FragB  operand tiles: A [16 x kK], B [kK x 16], row-major in memory
 //   zero(acc), load_acc(acc, p, ld), store_acc(p, ld, acc)   row-major fp32
-//   mma(acc, A, lda, B, ldb, k16):  acc += A[16 x 16*k16] * B[16*k16 x 16],
-//                                   both row-major; all 32 lanes call it.
+//   load_a(a, p, ld), load_b(b, p, ld), mma(acc, a, b): acc += a * b
+// All 32 lanes of a warp call every one of them with the same arguments.
 // ---------------------------------------------------------------------------
 
 namespace wmma = nvcuda::wmma;
@@ -80,7 +84,10 @@ namespace wmma = nvcuda::wmma;
 template <class T>
 struct WmmaPolicy16 {  // fp16 / bf16 tensor cores, fp32 accumulation
   using Elem = T;
+  static constexpr int kK = 16;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
   static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
   static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
     wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
@@ -88,20 +95,19 @@ struct WmmaPolicy16 {  // fp16 / bf16 tensor cores, fp32 accumulation
   static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
     wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
   }
-  static __device__ __forceinline__ void mma(Acc& acc, const T* A, int lda, const T* B, int ldb, int k16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-    for (int k = 0; k < k16; ++k) {
-      wmma::load_matrix_sync(a, A + k * 16, lda);
-      wmma::load_matrix_sync(b, B + k * 16 * ldb, ldb);
-      wmma::mma_sync(acc, a, b, acc);
-    }
+  static __device__ __forceinline__ void load_a(FragA& a, const T* p, int ld) { wmma::load_matrix_sync(a, p, ld); }
+  static __device__ __forceinline__ void load_b(FragB& b, const T* p, int ld) { wmma::load_matrix_sync(b, p, ld); }
+  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
+    wmma::mma_sync(acc, a, b, acc);
   }
 };
 
 struct Tf32Policy {  // fp32 data on TF32 tensor cores (allow_tf32)
   using Elem = float;
+  static constexpr int kK = 8;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
   static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
     wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
@@ -109,26 +115,33 @@ struct Tf32Policy {  // fp32 data on TF32 tensor cores (allow_tf32)
   static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
     wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
   }
-  static __device__ __forceinline__ void mma(Acc& acc, const float* A, int lda, const float* B, int ldb, int k16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
-    for (int k = 0; k < 2 * k16; ++k) {
-      wmma::load_matrix_sync(a, A + k * 8, lda);
-      wmma::load_matrix_sync(b, B + k * 8 * ldb, ldb);
-      // The programming guide requires tf32 operands to be converted.
-      for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-      for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-      wmma::mma_sync(acc, a, b, acc);
-    }
+  // The programming guide requires tf32 operands to be converted after loading.
+  static __device__ __forceinline__ void load_a(FragA& a, const float* p, int ld) {
+    wmma::load_matrix_sync(a, p, ld);
+    for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+  }
+  static __device__ __forceinline__ void load_b(FragB& b, const float* p, int ld) {
+    wmma::load_matrix_sync(b, p, ld);
+    for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
+  }
+  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
+    wmma::mma_sync(acc, a, b, acc);
   }
 };
 
 struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
   using Elem = float;
-  // Lane l owns row l/2, columns (l%2)*8 .. +8 of the 16x16 tile.
+  static constexpr int kK = 16;
+  // Lane l owns row l/2, columns (l%2)*8 .. +8 of the 16x16 tile. Operand
+  // "fragments" only remember where the tile is; mma reads it from memory.
   struct Acc {
     float v[8];
   };
+  struct FragA {
+    const float* p;
+    int ld;
+  };
+  using FragB = FragA;
   static __device__ __forceinline__ int row() { return (threadIdx.x & 31) >> 1; }
   static __device__ __forceinline__ int col0() { return (threadIdx.x & 1) * 8; }
   static __device__ __forceinline__ void zero(Acc& a) {
@@ -140,15 +153,30 @@ struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
   static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
     for (int j = 0; j < 8; ++j) p[row() * ld + col0() + j] = a.v[j];
   }
-  static __device__ __forceinline__ void mma(Acc& acc, const float* A, int lda, const float* B, int ldb, int k16) {
-    const float* a_row = A + row() * lda;
-    const float* b_col = B + col0();
-    for (int k = 0; k < 16 * k16; ++k) {
-      const float a = a_row[k];
-      for (int j = 0; j < 8; ++j) acc.v[j] = fmaf(a, b_col[k * ldb + j], acc.v[j]);
+  static __device__ __forceinline__ void load_a(FragA& a, const float* p, int ld) { a = FragA{p, ld}; }
+  static __device__ __forceinline__ void load_b(FragB& b, const float* p, int ld) { b = FragB{p, ld}; }
+  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
+    const float* a_row = a.p + row() * a.ld;
+    const float* b_col = b.p + col0();
+    for (int k = 0; k < 16; ++k) {
+      const float av = a_row[k];
+      for (int j = 0; j < 8; ++j) acc.v[j] = fmaf(av, b_col[k * b.ld + j], acc.v[j]);
     }
   }
 };
+
+// acc += A[16 x K] * B[K x 16] (row-major, K a multiple of 16).
+template <class P>
+__device__ __forceinline__ void gemm_tile(typename P::Acc& acc, const typename P::Elem* A, int lda,
+                                          const typename P::Elem* B, int ldb, int K) {
+  typename P::FragA a;
+  typename P::FragB b;
+  for (int k = 0; k < K; k += P::kK) {
+    P::load_a(a, A + k, lda);
+    P::load_b(b, B + k * ldb, ldb);
+    P::mma(acc, a, b);
+  }
+}
 
 // Copies channels [k0, k0+kc) of `rows` pixels of x into dst (row pitch
 // `pitch` elements). row_src(r) is the element offset of pixel r's channel 0
@@ -182,12 +210,16 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
 // ---------------------------------------------------------------------------
 // The kernel. Grid: (tiles_y*tiles_x, ceil(Cout_p/CS), N); block: kThreads.
 // Per block, for each width chunk [w0, w0+WC):
-//   1. t1acc[halo px][WC] = x_halo @ w1p[:, chunk]   (x streamed in KC chunks)
-//   2. t1s = relu(t1acc + b1) for halo pixels inside the image, else 0
-//      (zero padding of the 3x3 conv applies to t1)
-//   3. t2acc[out px][WC] = grouped 3x3 over t1s (9 taps x KT K-tiles)
-//   4. t2s = relu(t2acc + b2)
-//   5. yacc[out px][CS] += t2s @ w3p[chunk, slice]
+//   1. conv1 over the halo, x streamed through xs in KC-channel chunks; the
+//      16x16 output tiles (halo px x chunk channels) are spread over the
+//      warps, at most kMaxAcc register accumulators per warp and pass (more
+//      tiles take more passes, each re-streaming x).
+//   2. t1s = relu(conv1 + b1) for halo pixels inside the image, else 0
+//      (the 3x3 conv's zero padding applies to t1), written by each warp
+//      from its accumulators through a per-warp 16x16 fp32 scratch tile.
+//   3. grouped 3x3 over t1s (9 taps x KT K tiles), 4. t2s = relu(. + b2) the
+//      same way; t2s aliases xs.
+//   5. yacc[out px][CS] (fp32, shared) += t2s @ w3p[chunk, slice].
 // then yacc += x_strided @ wdp (projection), and
 //   y = relu(yacc + b3p + (identity ? x : 0)), written once.
 // ---------------------------------------------------------------------------
@@ -198,12 +230,12 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
   unsigned char* smem = dynamic_smem();
   T* xs = reinterpret_cast<T*>(smem + p.off_xs);
   T* t2s = xs;
-  float* acc_s = reinterpret_cast<float*>(smem + p.off_acc);
   T* t1s = reinterpret_cast<T*>(smem + p.off_t1);
   float* ys = reinterpret_cast<float*>(smem + p.off_y);
 
   const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  const int warp = tid / 32, lane = tid % 32;
+  float* scratch = reinterpret_cast<float*>(smem + p.off_scratch) + warp * 256;  // this warp's 16x16 tile
   const int n = blockIdx.z;
   const int oy0 = (blockIdx.x / p.tiles_x) * p.TH;
   const int ox0 = (blockIdx.x % p.tiles_x) * kTileW;
@@ -220,49 +252,69 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
   const int cs16 = cs_len / 16;
   // Output rows of the tile that exist (the tile may overhang the image).
   const int th_valid = min(p.TH, p.Ho - oy0);
+  const int jobs1 = (p.Mp1 / 16) * wc16;  // conv1 output tiles per chunk
 
   for (int i = tid; i < p.Mo * cs_len; i += kThreads) ys[(i / cs_len) * p.pitch_y + i % cs_len] = 0.0f;
 
   for (int w0 = 0; w0 < p.Wp; w0 += p.WC) {
-    // ---- 1. conv1 over the halo, x streamed in KC-channel chunks ----
-    for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
-      const int kc = min(p.KC, p.Cin_p - k0);
-      __syncthreads();  // xs/t2s readers of the previous step are done
-      stage_x(xs, p.pitch_xs, p.Mp1, kc, k0, p.Cin, p.vec_x, x, [&](int px) -> long long {
-        const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
-        if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
-        return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
-      });
-      __syncthreads();
-      for (int job = warp; job < (p.Mp1 / 16) * wc16; job += kWarps) {
-        const int mt = job / wc16, nt = job % wc16;
-        float* a_out = acc_s + mt * 16 * p.pitch_acc + nt * 16;
-        Acc a;
-        if (k0 == 0) {
-          P::zero(a);
-        } else {
-          P::load_acc(a, a_out, p.pitch_acc);
+    // ---- 1 + 2. conv1 (+ b1, ReLU, zero outside the image) -> t1s ----
+    for (int pass0 = 0; pass0 < jobs1; pass0 += kWarps * kMaxAcc) {
+      Acc acc[kMaxAcc];
+      for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
+        const int kc = min(p.KC, p.Cin_p - k0);
+        __syncthreads();  // readers of xs / t2s from the previous step are done
+        stage_x(xs, p.pitch_xs, p.Mp1, kc, k0, p.Cin, p.vec_x, x, [&](int px) -> long long {
+          const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+          if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
+          return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
+        });
+        __syncthreads();
+        // k outer, tiles inner: a warp's tiles (warp + i*kWarps) share one
+        // column tile when wc16 divides kWarps, so B is loaded once per k.
+        for (int kk = 0; kk < kc; kk += P::kK) {
+          typename P::FragB b;
+          int b_nt = -1;
+#pragma unroll
+          for (int i = 0; i < kMaxAcc; ++i) {
+            const int job = pass0 + warp + i * kWarps;
+            if (job < jobs1) {
+              const int mt = job / wc16, nt = job % wc16;
+              if (k0 == 0 && kk == 0) P::zero(acc[i]);
+              if (nt != b_nt) {
+                P::load_b(b, w1p + static_cast<size_t>(k0 + kk) * p.Wp + w0 + nt * 16, p.Wp);
+                b_nt = nt;
+              }
+              typename P::FragA a;
+              P::load_a(a, xs + mt * 16 * p.pitch_xs + kk, p.pitch_xs);
+              P::mma(acc[i], a, b);
+            }
+          }
         }
-        P::mma(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs, w1p + static_cast<size_t>(k0) * p.Wp + w0 + nt * 16, p.Wp,
-               kc / 16);
-        P::store_acc(a_out, p.pitch_acc, a);
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxAcc; ++i) {
+        const int job = pass0 + warp + i * kWarps;
+        if (job < jobs1) {
+          const int mt = job / wc16, nt = job % wc16;
+          P::store_acc(scratch, 16, acc[i]);
+          __syncwarp();
+          for (int e = lane; e < 256; e += 32) {
+            const int px = mt * 16 + e / 16, c = nt * 16 + e % 16;
+            const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+            float v = 0.0f;
+            if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
+              v = fmaxf(scratch[e] + p.b1p[w0 + c], 0.0f);
+            }
+            t1s[px * p.pitch_t1 + c] = from_float<T>(v);
+          }
+          __syncwarp();  // scratch is rewritten by the next tile
+        }
       }
     }
     __syncthreads();
-    // ---- 2. t1 = relu(conv1 + b1) inside the image, 0 outside ----
-    for (int i = tid; i < p.Mp1 * p.WC; i += kThreads) {
-      const int px = i / p.WC, c = i % p.WC;
-      const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
-      float v = 0.0f;
-      if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
-        v = fmaxf(acc_s[px * p.pitch_acc + c] + p.b1p[w0 + c], 0.0f);
-      }
-      t1s[px * p.pitch_t1 + c] = from_float<T>(v);
-    }
-    __syncthreads();
-    // ---- 3. grouped 3x3: output row oy of the tile is one 16-row M tile;
-    // its tap (ky, kx) operand starts at halo pixel (oy*s + ky*dil, kx*dil)
-    // and steps s pixels per row ----
+    // ---- 3 + 4. grouped 3x3 (+ b2, ReLU) -> t2s. Output row oy of the tile
+    // is one 16-row M tile; its tap (ky, kx) operand starts at halo pixel
+    // (oy*s + ky*dil, kx*dil) and steps s pixels per row ----
     for (int job = warp; job < th_valid * wc16; job += kWarps) {
       const int oy = job / wc16, ot = job % wc16;  // ot: 16-channel tile inside the chunk
       // First input column (chunk-local) of the tile's K range.
@@ -274,16 +326,16 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
         const int hy = oy * s + (tap / 3) * dil, hx = (tap % 3) * dil;
         const T* a_in = t1s + (hy * p.HWp + hx) * p.pitch_t1 + in0;
         for (int kt = 0; kt < p.KT; ++kt) {
-          P::mma(a, a_in + kt * 16, s * p.pitch_t1, w2t + (tap * p.KT + kt) * 256, 16, 1);
+          gemm_tile<P>(a, a_in + kt * 16, s * p.pitch_t1, w2t + (tap * p.KT + kt) * 256, 16, 16);
         }
       }
-      P::store_acc(acc_s + oy * 16 * p.pitch_acc + ot * 16, p.pitch_acc, a);
-    }
-    __syncthreads();
-    // ---- 4. t2 = relu(gconv + b2) ----
-    for (int i = tid; i < th_valid * 16 * p.WC; i += kThreads) {
-      const int m = i / p.WC, c = i % p.WC;
-      t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(acc_s[m * p.pitch_acc + c] + p.b2p[w0 + c], 0.0f));
+      P::store_acc(scratch, 16, a);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int m = oy * 16 + e / 16, c = ot * 16 + e % 16;
+        t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(scratch[e] + p.b2p[w0 + c], 0.0f));
+      }
+      __syncwarp();
     }
     __syncthreads();
     // ---- 5. yacc += t2 @ w3p[chunk rows, slice cols] ----
@@ -292,8 +344,8 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
       float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
       Acc a;
       P::load_acc(a, y_out, p.pitch_y);
-      P::mma(a, t2s + mt * 16 * p.pitch_t2, p.pitch_t2, w3p + static_cast<size_t>(w0) * p.Cout_p + cs0 + nt * 16,
-             p.Cout_p, wc16);
+      gemm_tile<P>(a, t2s + mt * 16 * p.pitch_t2, p.pitch_t2,
+                   w3p + static_cast<size_t>(w0) * p.Cout_p + cs0 + nt * 16, p.Cout_p, p.WC);
       P::store_acc(y_out, p.pitch_y, a);
     }
   }
@@ -314,8 +366,8 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
         float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
         Acc a;
         P::load_acc(a, y_out, p.pitch_y);
-        P::mma(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs, wdp + static_cast<size_t>(k0) * p.Cout_p + cs0 + nt * 16,
-               p.Cout_p, kc / 16);
+        gemm_tile<P>(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs,
+                     wdp + static_cast<size_t>(k0) * p.Cout_p + cs0 + nt * 16, p.Cout_p, kc);
         P::store_acc(y_out, p.pitch_y, a);
       }
     }

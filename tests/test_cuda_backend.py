@@ -81,6 +81,8 @@ CASES = [
     Block(1, 32, 96, 48, 32, 9, 9, projection=True),              # d=3 -> 4
     Block(1, 17, 16, 17, 4, 9, 9),                                # odd Cin == Cout
     Block(1, 16, 32, 16, 8, 5, 37),                               # 3 column tiles
+    Block(1, 32, 48, 32, 6, 9, 9),                                # 3 width tiles (B reload per tile)
+    Block(1, 16, 256, 40, 32, 5, 5, projection=True),             # 16 width tiles, 2 conv1 passes
 ]
 
 # (dtype, allow_tf32) modes of the kernel.

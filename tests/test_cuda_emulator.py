@@ -74,12 +74,13 @@ def test_wmma_tf32_rounds_operands(emu):
     assert (d.double() - (a.double() @ b.double() + c.double())).abs().max() > 1e-5
 
 
-def test_wmma_store_then_read_needs_barrier(emu):
-    c = torch.randn(16, 16)
-    good = emu.wmma_readback(c, True)
-    torch.testing.assert_close(good, c.reshape(1, 256).expand(32, 256), rtol=0, atol=0)
+@pytest.mark.parametrize("sync", [1, 2], ids=["syncwarp", "syncthreads"])
+def test_wmma_store_then_read_needs_barrier(emu, sync):
+    c = torch.randn(3, 16, 16)  # one tile per warp
+    good = emu.wmma_readback(c, sync)
+    torch.testing.assert_close(good, c.reshape(3, 1, 256).expand(3, 32, 256).reshape(96, 256), rtol=0, atol=0)
     # Without a barrier a lane reads elements other lanes have not stored yet.
-    assert torch.isnan(emu.wmma_readback(c, False)).any()
+    assert torch.isnan(emu.wmma_readback(c, 0)).any()
 
 
 def test_wmma_misaligned_pointer_is_reported(emu):
@@ -97,3 +98,8 @@ def test_wmma_divergent_lanes_are_reported(emu):
 def test_divergent_barrier_is_reported(emu):
     with pytest.raises(RuntimeError, match="__syncthreads"):
         emu.divergent_barrier(64)
+
+
+def test_divergent_syncwarp_is_reported(emu):
+    with pytest.raises(RuntimeError, match="__syncwarp"):
+        emu.divergent_syncwarp()

@@ -10,8 +10,10 @@
 //    forward order in even barrier phases and reverse order in odd ones, so a
 //    read of shared memory written by another thread in the same phase (a
 //    missing barrier) sees poison or stale data in at least one ordering.
-//  * A barrier reached by only some threads (others returned) is reported as
-//    an error: on hardware it is undefined behaviour.
+//  * __syncwarp(): a barrier of the 32 lanes of a warp (full mask only).
+//  * A barrier reached by only some threads (others returned or wait at a
+//    different barrier) is reported as an error: on hardware it is undefined
+//    behaviour or a deadlock.
 //  * Dynamic shared memory: one buffer per block, filled with 0xFF bytes
 //    (NaN in fp32/fp16/bf16) before the block starts, so uninitialised reads
 //    show up as NaN.
@@ -19,9 +21,9 @@
 //    the CUDA C++ Programming Guide's semantics: load/store/mma are warp-wide
 //    collectives whose element-to-thread mapping is unspecified. Here every
 //    lane's fragment holds the whole tile after a load, but mma_sync computes
-//    and store_matrix_sync writes only the elements the lane "owns"
-//    (element index i with i % 32 == lane). So a lane that reads back a tile
-//    stored by its warp without a barrier in between, or a kernel that
+//    and store_matrix_sync writes only the elements the lane "owns" (row-major
+//    element index i with (i / 8) % 32 == lane). So a lane that reads back a
+//    tile stored by its warp without a barrier in between, or a kernel that
 //    assumes a particular fragment mapping, gets wrong numbers here.
 //    Checked: pointers 256-bit aligned, ldm a multiple of 16 bytes, and all
 //    lanes of a warp issuing the same sequence of wmma calls with the same
@@ -61,7 +63,7 @@ namespace rk_emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kFiberStack = 256 * 1024;
 
-enum class FiberState { kRunnable, kAtBarrier, kDone };
+enum class FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
 
 struct Fiber {
   ucontext_t ctx;
@@ -119,6 +121,17 @@ inline void syncthreads() {
   swapcontext(&f.ctx, &s.sched);
 }
 
+inline void syncwarp() {
+  State& s = cur();
+  Fiber& f = s.fibers[s.current];
+  f.state = FiberState::kAtWarpBarrier;
+  swapcontext(&f.ctx, &s.sched);
+}
+
+// Which lane of a warp holds accumulator element i (row-major index) after
+// mma_sync / writes it in store_matrix_sync.
+inline int owner_lane(int i) { return (i / 8) % kWarpSize; }
+
 inline void record_collective(uint64_t op, const void* ptr, uint64_t ldm, uint64_t extra) {
   State& s = cur();
   Fiber& f = s.fibers[s.current];
@@ -153,6 +166,25 @@ inline void run_block(State& s, int nthreads) {
       swapcontext(&s.sched, &f.ctx);
     }
     s.current = -1;
+    // Open the warp barriers every lane of the warp has reached.
+    bool released = false;
+    for (int w = 0; w * kWarpSize < nthreads; ++w) {
+      const int lo = w * kWarpSize, hi = std::min(nthreads, lo + kWarpSize);
+      int at = 0;
+      for (int t = lo; t < hi; ++t) at += s.fibers[t].state == FiberState::kAtWarpBarrier;
+      if (at == 0) continue;
+      if (at != hi - lo) {
+        fail("__syncwarp() reached by " + std::to_string(at) + " lanes of warp " + std::to_string(w) +
+             "; the others returned or wait at __syncthreads()");
+        return;
+      }
+      for (int t = lo; t < hi; ++t) s.fibers[t].state = FiberState::kRunnable;
+      released = true;
+    }
+    if (released) {
+      ++phase;
+      continue;
+    }
     int done = 0, waiting = 0;
     for (int t = 0; t < nthreads; ++t) {
       done += s.fibers[t].state == FiberState::kDone;
@@ -227,6 +259,7 @@ inline unsigned char* dynamic_smem() { return cur().smem; }
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __syncthreads() ::rk_emu::syncthreads()
+#define __syncwarp(...) ::rk_emu::syncwarp()
 
 namespace nvcuda {
 namespace wmma {
@@ -346,7 +379,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, flo
   detail::check_access<float>("store_matrix_sync", p, ldm);
   ::rk_emu::record_collective(3, p, ldm, layout);
   const int lane = ::rk_emu::lane_id();
-  for (int i = lane; i < M * N; i += ::rk_emu::kWarpSize) {
+  for (int i = 0; i < M * N; ++i) {
+    if (::rk_emu::owner_lane(i) != lane) continue;
     const int r = i / N, c = i % N;
     (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[i];
   }
@@ -363,7 +397,8 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
   constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
   ::rk_emu::record_collective(4, nullptr, 0, 0);
   const int lane = ::rk_emu::lane_id();
-  for (int i = lane; i < M * N; i += ::rk_emu::kWarpSize) {
+  for (int i = 0; i < M * N; ++i) {
+    if (::rk_emu::owner_lane(i) != lane) continue;
     const int r = i / N, col = i % N;
     float acc = c.x[i];
     for (int k = 0; k < K; ++k) {

@@ -65,15 +65,24 @@ __global__ void wmma_tf32_kernel(const float* a, const float* b, const float* c,
   wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
 }
 
-// A warp stores a tile to shared memory and every lane reads all of it back:
-// without a barrier between, lanes see elements other lanes have not stored.
-__global__ void wmma_readback_kernel(const float* c, float* out, bool barrier) {
-  float* s = reinterpret_cast<float*>(rk::dynamic_smem());
+// Each warp stores a tile to its shared-memory slot and every lane reads all
+// of it back. sync: 0 none (lanes see elements other lanes have not stored
+// yet), 1 __syncwarp(), 2 __syncthreads().
+__global__ void wmma_readback_kernel(const float* c, float* out, int sync) {
+  const int warp = threadIdx.x / 32;
+  float* s = reinterpret_cast<float*>(rk::dynamic_smem()) + warp * 256;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
+  wmma::load_matrix_sync(fc, c + warp * 256, 16, wmma::mem_row_major);
   wmma::store_matrix_sync(s, fc, 16, wmma::mem_row_major);
-  if (barrier) __syncthreads();
+  if (sync == 1) __syncwarp();
+  if (sync == 2) __syncthreads();
   for (int i = 0; i < 256; ++i) out[threadIdx.x * 256 + i] = s[i];
+}
+
+// Lane 0 skips a __syncwarp() the other lanes wait at.
+__global__ void divergent_syncwarp_kernel(float* out) {
+  if (threadIdx.x % 32 != 0) __syncwarp();
+  out[threadIdx.x] = 1.0f;
 }
 
 // A wmma load from a pointer 2 bytes past an aligned one.
@@ -163,11 +172,20 @@ at::Tensor wmma_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return d;
 }
 
-at::Tensor wmma_readback(const at::Tensor& c, bool barrier) {
-  at::Tensor out = at::empty({32, 256}, c.options());
+at::Tensor wmma_readback(const at::Tensor& c, int64_t sync) {
+  TORCH_CHECK(c.dim() == 3 && c.size(1) == 16 && c.size(2) == 16 && c.is_contiguous() && c.scalar_type() == at::kFloat);
+  const int warps = c.size(0);
+  at::Tensor out = at::empty({warps * 32, 256}, c.options());
   const float* pc = c.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  launch(dim3(1), dim3(32), 256 * 4, [=]() { wmma_readback_kernel(pc, o, barrier); });
+  launch(dim3(1), dim3(warps * 32), warps * 256 * 4, [=]() { wmma_readback_kernel(pc, o, static_cast<int>(sync)); });
+  return out;
+}
+
+at::Tensor divergent_syncwarp() {
+  at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  launch(dim3(1), dim3(64), 0, [=]() { divergent_syncwarp_kernel(o); });
   return out;
 }
 
@@ -200,7 +218,8 @@ TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
   m.def("smem_shift(Tensor x, int threads, bool barrier) -> Tensor", &smem_shift);
   m.def("block_reduce(Tensor x, int threads) -> Tensor", &block_reduce);
   m.def("wmma_mma(Tensor a, Tensor b, Tensor c, bool b_col_major) -> Tensor", &wmma_mma);
-  m.def("wmma_readback(Tensor c, bool barrier) -> Tensor", &wmma_readback);
+  m.def("wmma_readback(Tensor c, int sync) -> Tensor", &wmma_readback);
+  m.def("divergent_syncwarp() -> Tensor", &divergent_syncwarp);
   m.def("wmma_misaligned(Tensor a) -> Tensor", &wmma_misaligned);
   m.def("wmma_divergent(Tensor a) -> Tensor", &wmma_divergent);
   m.def("divergent_barrier(int threads) -> Tensor", &divergent_barrier);
