@@ -18,6 +18,8 @@ import re
 import subprocess
 import sys
 
+from .bench import IMPLS, MODEL_IMPLS
+
 FORMAT = "resnext_kernels.bench/1"
 EAGER_IMPLS = ("eager_nchw", "eager_cl")
 
@@ -61,6 +63,17 @@ def add_speedups(rows, key=("shape", "dtype"), eager_impls=EAGER_IMPLS, compile_
             r["vs_eager"] = min(eager) / t if eager and t else None
             r["vs_compile"] = comp[0] / t if comp and t else None
     return rows
+
+
+def sort_rows(rows, impl_order):
+    """Rows ordered by shape and dtype (in order of first appearance), then impl_order."""
+    first = {}
+    for r in rows:
+        first.setdefault(("shape", r.get("shape")), len(first))
+        first.setdefault(("dtype", r.get("dtype")), len(first))
+    rank = {impl: i for i, impl in enumerate(impl_order)}
+    return sorted(rows, key=lambda r: (first[("shape", r.get("shape"))], first[("dtype", r.get("dtype"))],
+                                       rank.get(r["impl"], len(rank))))
 
 
 def _fmt(value, spec, suffix=""):
@@ -136,8 +149,9 @@ def render_pytest(docs):
         devices = sorted({r.get("device", "?") for r in blocks})
         batches = sorted({r.get("batch") for r in blocks})
         out += ["", f"### Block (device {', '.join(devices)}; batch {', '.join(map(str, batches))}; "
-                    "time = median per call)", "", block_table(add_speedups(blocks))]
+                    "time = median per call)", "", block_table(add_speedups(sort_rows(blocks, IMPLS)))]
     if models:
+        models = sorted(models, key=lambda r: (r["batch"], MODEL_IMPLS.index(r["impl"])))
         add_speedups(models, key=("batch",), eager_impls=("eager",))
         out += ["", "### Whole model (bfloat16, channels_last)", "", model_table(models)]
     return "\n".join(out) + "\n"
