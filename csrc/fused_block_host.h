@@ -33,11 +33,15 @@ inline int padded_group_width(int d) {
 }
 
 // Chooses the tile height TH, the width chunk WC and the output-channel slice
-// CS, and lays out shared memory. Preference: the tallest tile (up to 4
-// rows), then the fewest Cout slices (each slice recomputes t1 and t2), then
-// the widest chunk (each chunk re-reads the x halo). Fills p's size, tiling
-// and layout fields and returns the dynamic shared-memory bytes, or 0 when no
-// plan fits in smem_limit.
+// CS, and lays out shared memory. Among the plans that fit in smem_limit it
+// takes the one with the lowest estimated work per output pixel (MACs plus a
+// charge for re-streaming x), where
+//   - conv1 is computed on the halo (Mp1 rows per Mo output rows) and, like
+//     the grouped conv, once per Cout slice (recompute);
+//   - x's halo is streamed once per width chunk, conv1 pass and slice;
+//   - rows of the last tile row past the image are wasted.
+// Ties go to the taller tile. Fills p's size, tiling and layout fields and
+// returns the dynamic shared-memory bytes, or 0 when no plan fits.
 inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,
                                int stride, int dil, int elem_bytes, size_t smem_limit) {
   const int d = width / groups;
@@ -60,19 +64,26 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
   // 256-bit aligned and shifts consecutive rows by 8 banks.
   const int pad = 32 / elem_bytes;
   const int unit = std::max(16, p.d_p);  // a chunk holds whole groups
+  const int kc = std::min(64, p.Cin_p);
+  // Charge per re-streamed x element, in MAC units: an L2 read costs about
+  // as much time as this many tensor-core MACs (rough, H100-class).
+  constexpr double kRestreamCost = 16.0;
   auto align = [](size_t v) { return (v + 127) / 128 * 128; };
-  for (int th = std::min(p.Ho, 4); th >= 1; --th) {
+  double best_cost = 0.0;
+  size_t best_total = 0;
+  for (int th = std::min(p.Ho, 8); th >= 1; --th) {
     const int hwp = (kTileW - 1) * stride + 2 * dil + 1;
     const int hh = (th - 1) * stride + 2 * dil + 1;
     const int p1 = hh * hwp;
     const int mp1 = round_up(p1, 16);
     const int mo = th * kTileW;
-    const int kc = std::min(64, p.Cin_p);
+    const double row_waste = static_cast<double>(ceil_div(p.Ho, th) * th) / p.Ho;
     int prev_cs = -1;
     for (int nsl = 1; nsl <= p.Cout_p / 16; ++nsl) {
       const int cs = round_up(ceil_div(p.Cout_p, nsl), 16);
       if (cs == prev_cs) continue;
       prev_cs = cs;
+      const int slices = ceil_div(p.Cout_p, cs);
       for (int wc = p.Wp; wc >= unit; wc -= unit) {
         if (p.Wp % wc != 0) continue;
         const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
@@ -83,6 +94,15 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
         const size_t scratch_bytes = static_cast<size_t>(kWarps) * 256 * 4;
         const size_t total = xs_bytes + t1_bytes + y_bytes + scratch_bytes;
         if (total > smem_limit) continue;
+        const int passes = ceil_div((mp1 / 16) * (wc / 16), kWarps * kMaxAcc);
+        const double halo = static_cast<double>(mp1) / mo;
+        const double macs = slices * (halo * p.Cin_p * p.Wp + 9.0 * 16 * p.KT * p.Wp) +
+                            static_cast<double>(p.Wp) * p.Cout_p;
+        const double restream = static_cast<double>(slices) * (p.Wp / wc) * passes * halo * p.Cin_p;
+        const double cost = row_waste * (macs + kRestreamCost * restream);
+        if (best_total != 0 && cost >= best_cost) continue;
+        best_cost = cost;
+        best_total = total;
         p.TH = th;
         p.HH = hh;
         p.HWp = hwp;
@@ -100,11 +120,10 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
         p.off_t1 = static_cast<int>(xs_bytes);
         p.off_y = static_cast<int>(xs_bytes + t1_bytes);
         p.off_scratch = static_cast<int>(xs_bytes + t1_bytes + y_bytes);
-        return total;
       }
     }
   }
-  return 0;
+  return best_total;
 }
 
 // Packed weights in the layouts FusedBlockParams documents.

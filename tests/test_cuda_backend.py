@@ -83,6 +83,8 @@ CASES = [
     Block(1, 16, 32, 16, 8, 5, 37),                               # 3 column tiles
     Block(1, 32, 48, 32, 6, 9, 9),                                # 3 width tiles (B reload per tile)
     Block(1, 16, 256, 40, 32, 5, 5, projection=True),             # 16 width tiles, 2 conv1 passes
+    Block(1, 80, 32, 80, 4, 7, 7),                                # 2 input-channel chunks (64 + 16)
+    Block(1, 144, 32, 48, 4, 5, 9, stride=2, projection=True),    # 3 input-channel chunks, odd Cout
 ]
 
 # (dtype, allow_tf32) modes of the kernel.
