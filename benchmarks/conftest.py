@@ -32,6 +32,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-seconds", type=float, default=None, help="timing budget per case (default: 0.3 s cuda, "
                 "0.2 s cpu)")
     g.addoption("--bench-seed", type=int, default=None, help="seed of weights and inputs (default: random)")
+    g.addoption("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 class Settings:
@@ -88,9 +89,12 @@ def bench_settings(request):
 
 
 @pytest.fixture(scope="session")
-def device_settings(bench_settings):
-    """TF32 off, cuDNN autotuning on (recorded in each case's extra_info)."""
-    return bench.configure_backends(bench_settings.device)
+def device_settings(request, bench_settings):
+    """TF32 off, cuDNN autotuning on, CPU threads (recorded in each case's extra_info)."""
+    threads = request.config.getoption("--bench-threads")
+    if threads:
+        torch.set_num_threads(threads)
+    return {**bench.configure_backends(bench_settings.device), "cpu_threads": torch.get_num_threads()}
 
 
 @pytest.fixture(scope="session")

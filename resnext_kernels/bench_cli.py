@@ -43,6 +43,8 @@ def add_arguments(parser):
                              "on CUDA thorough, none otherwise)")
     parser.add_argument("--seconds", type=float, default=None, help="timing budget per case")
     parser.add_argument("--seed", type=int, default=None, help="seed of weights and inputs (default: random)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for this run (default: torch's own choice)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write a chart of speedup vs eager")
 
@@ -173,6 +175,16 @@ def plot(rows, path):
 
 
 def run(args):
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args):
     s = _settings(args)
     device = s["device"]
     if device.type == "cuda" and not torch.cuda.is_available():

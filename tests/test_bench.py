@@ -145,12 +145,13 @@ def test_result_stem_sanitizes_card_name():
 # -- the CLI -------------------------------------------------------------------------
 
 TINY = ["tiny_id=6:32:16:4:32:1", "tiny_proj=7:16:16:4:32:2"]
+# One thread: on a loaded 2-core machine two OpenMP threads made these tiny blocks ~100x slower.
+FAST = ["--quick", "--device", "cpu", "--seconds", "0.02", "--threads", "1"]
 
 
 def test_bench_cli_quick_cpu(tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", *TINY, "--seconds", "0.02",
-                   "--json", str(out_json), "--plot", str(out_png)])
+    rc = cli.main(["bench", *FAST, "--shapes", *TINY, "--json", str(out_json), "--plot", str(out_png)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "| shape | dtype | impl | ms | vs eager | vs compile |" in printed
@@ -173,8 +174,7 @@ def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
         return good(*args) * 1.01 + 0.01
 
     monkeypatch.setattr(reference, "bottleneck_inference_reference", wrong)
-    rc = cli.main(["bench", "--quick", "--device", "cpu", "--shapes", TINY[0], "--dtypes", "float32",
-                   "--seconds", "0.02"])
+    rc = cli.main(["bench", *FAST, "--shapes", TINY[0], "--dtypes", "float32"])
     printed = capsys.readouterr().out
     assert rc == 1
     assert "FAIL  tiny_id" in printed and "VALIDATION FAILED: tiny_id float32 reference" in printed
