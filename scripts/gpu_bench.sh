@@ -29,6 +29,9 @@ COMPILE_S=${BENCH_COMPILE_S:-150}
 CLI_S=${BENCH_CLI_S:-80}
 DEVICE=${BENCH_DEVICE:-cuda}
 SEED=${BENCH_SEED:-$(( $(date +%s) % 2147483647 ))}
+# Triton autotuning results go to Triton's disk cache (triton >= 3.4), so the
+# three steps autotune each kernel and shape once, not three times.
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 read -r -a PYTEST_EXTRA <<< "${BENCH_PYTEST_ARGS:-}"
 read -r -a CLI_EXTRA <<< "${BENCH_CLI_ARGS:-}"
 
