@@ -19,6 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -27,7 +28,9 @@ import triton  # noqa: E402
 
 from resnext_kernels import FusedResNeXtBlock, backends, ops  # noqa: E402
 from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
-from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, packing  # noqa: E402
+from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, compile_check, packing  # noqa: E402
+from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1  # noqa: E402
+from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2  # noqa: E402
 from helpers import assert_close_to_reference, randomize_norms  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -304,43 +307,30 @@ def test_fused_module_triton_backend(allow_tf32):
     assert_close_to_reference(y.cpu(), expected, eager)
 
 
-# ResNeXt-50 32x4d stages (DESIGN.md sec. 5), plus d=64 (CIFAR ResNeXt-29 8x64d)
-# and d=128: (Cin, width, Cout, groups, H, stride, projection).
-CANONICAL = {
-    "s1_first": (64, 128, 256, 32, 56, 1, True),
-    "s1": (256, 128, 256, 32, 56, 1, False),
-    "s2_first": (256, 256, 512, 32, 56, 2, True),
-    "s2": (512, 256, 512, 32, 28, 1, False),
-    "s3": (1024, 512, 1024, 32, 14, 1, False),
-    "s4": (2048, 1024, 2048, 32, 7, 1, False),
-    "cifar29_s1": (256, 512, 256, 8, 32, 1, False),
-    "d128": (1024, 2048, 1024, 16, 14, 1, False),
-}
-
-
-@pytest.mark.parametrize("name", list(CANONICAL))
-def test_gpu_config_heuristics(name):
-    """The GPU autotune candidates for each canonical shape (batch 128, bf16):
-    the prune callbacks accept the real kernel arguments, leave >= 1 config,
-    keep K2 within the register estimate, and keep the t2 recompute factor
-    (cdiv(Cout, BLOCK_CO)) within 2x of the best available. Runs on meta
-    tensors: this checks the host logic only, not compiled register use."""
-    from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1
-    from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2
-
-    cin, width, cout, groups, h, stride, proj = CANONICAL[name]
-    n, ho = 128, (h - 1) // stride + 1
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16", "fp32-tf32", "fp32-ieee"])
+@pytest.mark.parametrize("name", list(compile_check.SHAPES))
+def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
+    """The GPU autotune candidates for each canonical shape (batch 128): the
+    prune callbacks accept the real kernel arguments, K1 stays within shared
+    memory, K2 keeps only the measured spill-free tiles of its operand class,
+    and the t2 recompute factor cdiv(Cout, BLOCK_CO) stays within 2x of the
+    best allowed tile. Meta tensors: host logic only (compilation is checked
+    by test_kernels_compile_for_sm90)."""
+    cin, width, cout, groups, h, stride, proj = compile_check.SHAPES[name]
+    ho = (h - 1) // stride + 1
+    allow_tf32(tf32)
 
     def meta(*shape):
-        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+        return torch.empty(*shape, device="meta", dtype=dtype)
 
     tiling, packed = packing.pack_weights(
         meta(width, cin, 1, 1), meta(width), meta(width, width // groups, 3, 3), meta(width),
         meta(cout, width, 1, 1), meta(cout), meta(cout, cin, 1, 1) if proj else None, meta(cout) if proj else None,
         groups)
-    x = meta(n, cin, h, h).contiguous(memory_format=torch.channels_last)
-    t1 = meta(n * h * h, tiling.width_p)
-    y = meta(n, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+    x = meta(128, cin, h, h).contiguous(memory_format=torch.channels_last)
+    t1 = meta(128 * h * h, tiling.width_p)
+    y = meta(128, cout, ho, ho).contiguous(memory_format=torch.channels_last)
 
     def pruned(mod, kernel, args, consts):
         assert set(mod.TUNE_KEY) | set(consts) <= set(kernel.arg_names)
@@ -348,13 +338,36 @@ def test_gpu_config_heuristics(name):
         assert kept
         return kept
 
-    pruned(k1, k1._conv1x1_bias_relu_kernel, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1))
-    kept = pruned(k2, k2._grouped_conv_conv3_kernel, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1))
-    recompute = [triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept]
-    best = triton.cdiv(cout, max(bco for _, bco, _, _ in k2._GPU_TILES))
-    assert max(recompute) <= 2 * best
-    for c in kept:
-        assert k2._reg_estimate(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], tiling.gt, c.num_warps) <= k2._REG_BUDGET
+    for c in pruned(k1, k1._conv1x1_bias_relu_kernel, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)):
+        k = c.kwargs
+        assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= compile_check.SM90_MAX_SHARED
+    args, consts = k2._kernel_args(t1, x, tiling, packed, y, stride, 1)
+    assert consts["PREC"] == ("ieee" if dtype == torch.float32 and not tf32 else "tf32")
+    kept = pruned(k2, k2._grouped_conv_conv3_kernel, args, consts)
+    allowed = k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
+    assert all(k2._tile(c) in allowed for c in kept)
+    best = triton.cdiv(cout, max(bco for _, bco, _, _ in allowed))
+    assert max(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept) <= 2 * best
+
+
+@pytest.mark.parametrize("dtype,shapes", [
+    ("bfloat16", ["s1_first", "s3", "s4", "cifar29_s1", "d128"]),
+    ("float32", ["s2_first", "s3", "s4", "d128"]),  # TF32 dots (allow_tf32 defaults to True)
+], ids=["bf16", "fp32-tf32"])
+def test_kernels_compile_for_sm90(dtype, shapes):
+    """Every config the autotuner would benchmark compiles for sm_90a (Triton
+    + the bundled ptxas, no GPU needed) with zero spill stores, shared memory
+    within 227 KB, and tensor-core MMAs. Run in a subprocess because the
+    kernels must not be interpreted there."""
+    cmd = [sys.executable, "-m", "resnext_kernels.triton_kernels.compile_check", "--json", "--dtype", dtype, *shapes]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(res.stdout)
+    assert {r["shape"] for r in results} == set(shapes) and {r["kernel"] for r in results} == {"K1", "K2"}
+    bad = [r for r in results
+           if r["spill_stores"] or r["shared"] > compile_check.SM90_MAX_SHARED or not r["tensor_cores"]]
+    assert not bad, bad
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error outside the interpreter; this machine has CUDA")

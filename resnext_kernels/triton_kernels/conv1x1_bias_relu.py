@@ -67,8 +67,10 @@ def _conv1x1_bias_relu_kernel(
     tl.store(out, acc.to(t1_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# Autotune key: the shape (and, implicitly, the dtypes of the tensor args).
-TUNE_KEY = ["M", "CIN", "NOUT"]
+# Autotune key: the shape, PREC (the tiles depend on it) and, implicitly, the
+# dtypes of the tensor args.
+TUNE_KEY = ["M", "CIN", "NOUT", "PREC"]
+
 
 def _gpu_configs():
     # Hopper-sized GEMM tiles; BLOCK_N = 128/256 covers a whole stage-1/2 width
@@ -86,14 +88,29 @@ def _gpu_configs():
     return cfgs
 
 
+# Largest dynamic shared memory per block on H100/H200 (227 KB); the
+# pipeliner keeps num_stages copies of the A and B tiles there.
+_MAX_SHARED = 232448
+
+
 def _prune(configs, nargs, **kwargs):
     args = {**nargs, **kwargs}
     nout, cin = args["NOUT"], args["CIN"]
+    itemsize = args["x_ptr"].dtype.itemsize
     bn_max = max(16, next_pow2(nout))
     bk_max = max(16, next_pow2(cin))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bn_max and c.kwargs["BLOCK_K"] <= bk_max]
+
+    def fits(c):
+        k = c.kwargs
+        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
+        # "ieee" fp32 dots run on FMA units with operands in registers: larger
+        # tiles spill (ptxas, sm_90a; see compile_check.py).
+        small_enough = args["PREC"] != "ieee" or itemsize != 4 or k["BLOCK_M"] <= 64
+        return k["BLOCK_N"] <= bn_max and k["BLOCK_K"] <= bk_max and shared <= _MAX_SHARED and small_enough
+
+    kept = [c for c in configs if fits(c)]
     if not kept:  # all tiles larger than the problem: keep the smallest
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
     return kept
 
 

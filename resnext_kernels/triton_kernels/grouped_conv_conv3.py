@@ -117,48 +117,58 @@ def _grouped_conv_conv3_kernel(
     tl.store(y_ptr + y_row[:, None] + offs_co[None, :] * syc, y, mask=p_mask[:, None] & co_mask[None, :])
 
 
-# (BLOCK_P, BLOCK_CO, num_warps, num_stages). Large pixel tiles for Hopper
+# (BLOCK_P, BLOCK_CO, num_warps, num_stages) per operand class and group
+# tile width: the tiles that ptxas compiles for sm_90a without a single spill
+# for every shape of compile_check.SHAPES and projection variants of them
+# (measured with compile_check.py, triton 3.8). Large pixel tiles feed Hopper
 # wgmma; BLOCK_CO up to 256 so Cout <= 256 needs no t2 recompute and stage 4
-# (Cout 2048) recomputes t2 8x, not 16x.
-_GPU_TILES = (
-    (128, 128, 8, 2),
-    (64, 256, 8, 2),
-    (128, 64, 4, 3),
-    (64, 128, 4, 3),
-    (64, 64, 4, 3),
-)
-# Rough fp32 registers per thread: acc [P, CO] + t2 [P, GT] + the t1 window
-# [P, GT] + w2 tile [GT, GT] + w3 tile [GT, CO] (16-bit operands count half),
-# spread over 32*num_warps threads; the rest of the 255 is addresses/masks.
-_REG_BUDGET = 160
+# (Cout 2048) recomputes t2 8x, not 16x. fp32 operands take twice the
+# registers of 16-bit ones, and "ieee" dots run on FMA units with their
+# operands in registers, hence the smaller tiles.
+_TILES = {
+    # class: (tiles for GT == 16, tiles for GT >= 32)
+    "16bit": (((128, 128, 8, 2), (64, 256, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2)),
+              ((128, 128, 8, 2), (64, 256, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2))),
+    "tf32": (((64, 128, 8, 2), (64, 64, 8, 2)),
+             ((64, 128, 8, 2), (64, 64, 8, 2))),
+    # No tile is spill-free for every GT >= 32 shape with "ieee" (a few dozen
+    # bytes at stage 4 or d=128); the full-fp32 mode is a precision fallback.
+    "ieee": (((64, 256, 8, 2), (64, 128, 8, 2)),
+             ((64, 128, 8, 2), (64, 64, 8, 2))),
+}
 
 
-def _reg_estimate(bp, bco, gt, warps):
-    return (bp * bco + bp * gt + (bp * gt + gt * gt + gt * bco) / 2) / (32 * warps)
+def _operand_class(ptr, prec):
+    if ptr.dtype.itemsize == 2:
+        return "16bit"
+    return "tf32" if prec == "tf32" else "ieee"
 
 
-# Autotune key: the shape (and, implicitly, the dtypes of the tensor args).
-TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION"]
+# Autotune key: the shape, PREC (the tiles depend on it) and, implicitly, the
+# dtypes of the tensor args.
+TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION", "PREC"]
 
 
 def _gpu_configs():
+    tiles = sorted({t for pair in _TILES.values() for group in pair for t in group})
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
-        for bp, bco, warps, stages in _GPU_TILES
+        for bp, bco, warps, stages in tiles
     ]
+
+
+def _tile(config):
+    k = config.kwargs
+    return (k["BLOCK_P"], k["BLOCK_CO"], config.num_warps, config.num_stages)
 
 
 def _prune(configs, nargs, **kwargs):
     args = {**nargs, **kwargs}
-    gt = args["GT"]
+    allowed = _TILES[_operand_class(args["t1_ptr"], args["PREC"])][args["GT"] > 16]
     co_max = max(16, next_pow2(args["COUT"]))
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_CO"] <= co_max
-        and _reg_estimate(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], gt, c.num_warps) <= _REG_BUDGET
-    ]
-    if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_CO"])]
+    kept = [c for c in configs if _tile(c) in allowed and c.kwargs["BLOCK_CO"] <= co_max]
+    if not kept:  # Cout tiny: the narrowest allowed tile
+        kept = [min((c for c in configs if _tile(c) in allowed), key=lambda c: c.kwargs["BLOCK_CO"])]
     # Every Cout tile recomputes the grouped conv (factor cdiv(Cout, BLOCK_CO)):
     # only configs within 2x of the fewest recomputes go to the benchmark,
     # which also keeps autotuning (one compile per config) short.

@@ -1,0 +1,163 @@
+"""Ahead-of-time compile check of the kernels for sm_90a, no GPU needed.
+
+For a block shape, dtype and TF32 setting this builds the kernel arguments
+exactly as the launchers do (on meta tensors), asks the autotune prune
+callbacks which configs a GPU would benchmark, compiles each of them with
+Triton for an sm_90 target and runs the bundled ptxas on the PTX to read
+registers and spill stores. Used by tests/test_triton_backend.py and by hand:
+
+    TRITON_INTERPRET=0 python -m resnext_kernels.triton_kernels.compile_check
+
+It must run with the Triton interpreter off (the kernels are then real
+JITFunctions). It relies on triton.compile / ASTSource / GPUTarget as found
+in triton 3.6..3.8.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import conv1x1_bias_relu as k1
+from . import grouped_conv_conv3 as k2
+from . import packing
+from ._common import interpreting
+
+# Largest dynamic shared memory per block on H100/H200 (227 KB).
+SM90_MAX_SHARED = 232448
+
+# (Cin, width, Cout, groups, H=W, stride, projection); batch 128.
+SHAPES = {
+    "s1_first": (64, 128, 256, 32, 56, 1, True),
+    "s1": (256, 128, 256, 32, 56, 1, False),
+    "s2_first": (256, 256, 512, 32, 56, 2, True),
+    "s2": (512, 256, 512, 32, 28, 1, False),
+    "s3": (1024, 512, 1024, 32, 14, 1, False),
+    "s4": (2048, 1024, 2048, 32, 7, 1, False),
+    "cifar29_s1": (256, 512, 256, 8, 32, 1, False),
+    "d128": (1024, 2048, 1024, 16, 14, 1, False),
+}
+
+_PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def _ptxas():
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return knobs.nvidia.ptxas.path
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _source(fn, args, consts):
+    """ASTSource with the runtime's specialisation: 16-byte aligned pointers,
+    ints equal to 1 folded as constants, multiples of 16 marked divisible."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, a) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(a, torch.Tensor):
+            signature[name] = _PTR_TYPES[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a == 1:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
+        else:
+            signature[name] = "i32" if abs(a) < 2**31 else "i64"
+            if a % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name, value in consts.items():
+        signature[name] = "constexpr"
+        constexprs[(fn.arg_names.index(name),)] = value
+    return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+
+
+def _compile(fn, args, consts, config):
+    src = _source(fn, args, {**consts, **config.kwargs})
+    start = time.time()
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    seconds = time.time() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    return {
+        "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "spill_stores": int(re.search(r"(\d+) bytes spill stores", log).group(1)),
+        "shared": compiled.metadata.shared,
+        "tensor_cores": "wgmma" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"],
+        "compile_s": round(seconds, 2),
+    }
+
+
+def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+    """Compile every config the prune callbacks keep for this shape; list of result dicts."""
+    if interpreting():
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
+    cin, width, cout, groups, h, stride, proj = SHAPES[name]
+    ho = (h - 1) // stride + 1
+
+    def meta(*shape, dt=dtype):
+        return torch.empty(*shape, device="meta", dtype=dt)
+
+    tiling, packed = packing.pack_weights(
+        meta(width, cin, 1, 1), meta(width), meta(width, width // groups, 3, 3), meta(width),
+        meta(cout, width, 1, 1), meta(cout), meta(cout, cin, 1, 1) if proj else None, meta(cout) if proj else None,
+        groups)
+    x = meta(batch, cin, h, h).contiguous(memory_format=torch.channels_last)
+    t1 = meta(batch * h * h, tiling.width_p)
+    y = meta(batch, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        launches = (
+            ("K1", k1._conv1x1_bias_relu_kernel, k1, k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)),
+            ("K2", k2._grouped_conv_conv3_kernel, k2, k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
+        )
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    results = []
+    for kname, fn, mod, (args, consts) in launches:
+        for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
+            res = _compile(fn, args, consts, config)
+            res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"])
+            results.append(res)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shapes", nargs="*", help=f"some of {list(SHAPES)} (default: all)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-tf32", action="store_true", help="fp32 with allow_tf32=False (ieee dots)")
+    parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    opts = parser.parse_args(argv)
+    unknown = set(opts.shapes) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
+    results = []
+    for name in opts.shapes or list(SHAPES):
+        found = check_shape(name, getattr(torch, opts.dtype), not opts.no_tf32)
+        results += found
+        if not opts.json:
+            for r in found:
+                print(f"{r['shape']:11s} {r['kernel']} {r['dtype']:8s} {r['prec']:4s} {r['config']} "
+                      f"regs {r['registers']:3d} spills {r['spill_stores']:4d} smem {r['shared']:6d} "
+                      f"tc {r['tensor_cores']} {r['compile_s']:.1f}s", flush=True)
+    if opts.json:
+        json.dump(results, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
