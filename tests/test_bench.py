@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import time
 
 import pytest
 import torch
@@ -80,6 +81,25 @@ def test_rotating_target_cycles_inputs():
     for _ in range(7):
         target()
     assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_rotating_target_synchronizes_once_per_cycle(monkeypatch):
+    synced = []
+    monkeypatch.setattr(bench, "synchronize", synced.append)
+    cuda = torch.device("cuda")  # only passed along; no GPU needed
+    target = bench.RotatingTarget(lambda x: x, [1, 2, 3], cuda)
+    for _ in range(7):
+        target()
+    assert synced == [cuda, cuda]
+
+
+def test_time_per_call_is_per_call():
+    def fn(_):
+        time.sleep(0.002)
+
+    times = bench.time_per_call(fn, [0, 1, 2], torch.device("cpu"), budget_seconds=0.05, warmup_rounds=1)
+    assert len(times) >= 5
+    assert 0.002 <= bench.median(times) < 0.02
 
 
 def test_rotation_count_and_plan_rounds():
