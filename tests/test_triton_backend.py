@@ -274,6 +274,17 @@ def test_packed_weights_are_cached_and_invalidated(monkeypatch, allow_tf32):
     assert_close_to_reference(y3.cpu(), expected, bottleneck_inference_reference(*inputs, *block.conv).cpu())
 
 
+def test_pack_cache_drops_entries_of_freed_weights():
+    packing.PACK_CACHE.clear()
+    block = Block(1, 16, 32, 16, 4, 3, 3)
+    for _ in range(3):  # fresh weights each time, as with BN folded per forward
+        inputs = block.make(torch.float32, DEVICE)
+        bottleneck_inference_triton(*inputs, *block.conv)
+        del inputs
+    assert len(packing.PACK_CACHE) == 1  # only the last entry, not yet purged
+    packing.PACK_CACHE.clear()
+
+
 def test_tf32_flag_read_at_call_time(allow_tf32):
     allow_tf32(True)
     assert _common.dot_precision(torch.float32) == "tf32"

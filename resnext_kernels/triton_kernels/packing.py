@@ -143,7 +143,8 @@ class PackCache:
     A freed tensor's address can be reused by a new tensor of the same shape
     with _version 0, so a key alone could return stale weights; each entry
     also keeps weak references to the tensors it was packed from and is used
-    only while those are the very tensors passed in. Inference tensors
+    only while those are the very tensors passed in; entries whose tensors
+    were freed are dropped at the next insertion. Inference tensors
     (torch.inference_mode) have no version counter, so they are packed on
     every call.
     """
@@ -166,6 +167,11 @@ class PackCache:
         value = pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
         refs = [weakref.ref(t) for t in tensors]
         with self._lock:
+            # Entries whose weights were freed can never hit again (e.g. BN
+            # folded afresh on every training-mode forward); drop them so they
+            # do not hold packed copies until LRU eviction.
+            for dead in [k for k, (rs, _) in self._entries.items() if any(r() is None for r in rs)]:
+                del self._entries[dead]
             self._entries[key] = (refs, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self._maxsize:
