@@ -124,7 +124,7 @@ def _grouped_conv_conv3_kernel(
 # wgmma; BLOCK_CO up to 256 so Cout <= 256 needs no t2 recompute and stage 4
 # (Cout 2048) recomputes t2 8x, not 16x. fp32 operands take twice the
 # registers of 16-bit ones, and "ieee" dots run on FMA units with their
-# operands in registers, hence the smaller tiles.
+# operands in registers, hence the smaller tiles (and see "ieee" below).
 _TILES = {
     # class: (tiles for GT == 16, tiles for GT >= 32)
     "16bit": (((128, 128, 8, 2), (64, 256, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2)),
