@@ -108,9 +108,18 @@ def block_table(rows):
     return _table(header, lines)
 
 
+def add_model_error_ratio(rows):
+    """row["err_vs_eager"] = max error of the logits / the eager model's, same batch (None without eager)."""
+    eager = {r["batch"]: r.get("max_abs_err") for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        e = eager.get(r["batch"])
+        r["err_vs_eager"] = r["max_abs_err"] / e if e and r.get("max_abs_err") is not None else None
+    return rows
+
+
 def model_table(rows):
     header = ["model", "batch", "res", "impl", "ms", "images/s", "vs eager", "vs compile", "peak MiB",
-              "max err"]
+              "max err", "err / eager err"]
     lines = []
     for r in rows:
         peak = r.get("peak_mem_bytes")
@@ -118,7 +127,7 @@ def model_table(rows):
             r["model"], str(r["batch"]), str(r["resolution"]), r["impl"], _fmt(r["median_s"] * 1e3, ".4g"),
             _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("vs_eager"), ".2f", "x"),
             _fmt(r.get("vs_compile"), ".2f", "x"), _fmt(peak / 2**20 if peak else None, ".0f"),
-            _fmt(r.get("max_abs_err"), ".2e"),
+            _fmt(r.get("max_abs_err"), ".2e"), _fmt(r.get("err_vs_eager"), ".2f"),
         ])
     return _table(header, lines)
 
@@ -152,7 +161,7 @@ def render_pytest(docs):
                     "time = median per call)", "", block_table(add_speedups(sort_rows(blocks, IMPLS)))]
     if models:
         models = sorted(models, key=lambda r: (r["batch"], MODEL_IMPLS.index(r["impl"])))
-        add_speedups(models, key=("batch",), eager_impls=("eager",))
+        add_model_error_ratio(add_speedups(models, key=("batch",), eager_impls=("eager",)))
         out += ["", "### Whole model (bfloat16, channels_last)", "", model_table(models)]
     return "\n".join(out) + "\n"
 

@@ -129,11 +129,14 @@ def _pytest_doc():
         return {"group": "s1-bfloat16", "name": f"test_block[s1-bfloat16-{impl}]", "extra_info": info,
                 "stats": {"median": ms / 1e3}}
 
-    model = {"group": "resnext50-b64", "name": "test_model[b64-eager]", "stats": {"median": 0.1},
-             "extra_info": {"model": "resnext50_32x4d", "batch": 64, "resolution": 224, "impl": "eager",
-                            "images_per_s": 640.0, "peak_mem_bytes": 3 * 2**30}}
+    def model(impl, ms, err):
+        return {"group": "resnext50-b64", "name": f"test_model[b64-{impl}]", "stats": {"median": ms / 1e3},
+                "extra_info": {"model": "resnext50_32x4d", "batch": 64, "resolution": 224, "impl": impl,
+                               "images_per_s": 64 / (ms / 1e3), "peak_mem_bytes": 3 * 2**30, "max_abs_err": err}}
+
     return {"benchmarks": [case("eager_nchw", 2.0), case("eager_cl", 1.0), case("compile", 0.8),
-                           case("triton", 0.5, within_tolerance=False), model],
+                           case("triton", 0.5, within_tolerance=False), model("fused_triton", 50.0, 0.03),
+                           model("eager", 100.0, 0.01)],
             "datetime": "2026-01-01T00:00:00", "version": "5.2.3", "commit_info": {"id": "abcdef1234567"}}
 
 
@@ -151,8 +154,11 @@ def test_markdown_report():
     triton = next(line for line in lines if "| triton |" in line)
     assert triton.split(" | ")[3:6] == ["0.5", "2.00x", "1.60x"]
     assert triton.rstrip(" |").endswith("NO")  # out of tolerance is visible
-    model = next(line for line in lines if line.startswith("| resnext50_32x4d"))
-    assert "640.0" in model and "| 3072 |" in model
+    models = [line for line in lines if line.startswith("| resnext50_32x4d")]
+    assert "| eager |" in models[0]  # eager first, whatever the input order
+    fused = models[1].split(" | ")
+    assert fused[3:8] == ["fused_triton", "50", "1280.0", "2.00x", "-"]
+    assert fused[8:] == ["3072", "3.00e-02", "3.00 |"]
     with pytest.raises(ValueError, match="neither"):
         bench_report.render([{"something": "else"}])
 
