@@ -436,14 +436,20 @@ def make_block(shape, seed):
         downsample = nn.Sequential(nn.Conv2d(shape.cin, shape.cout, 1, stride=shape.stride, bias=False),
                                    nn.BatchNorm2d(shape.cout))
     block = Bottleneck(shape.cin, shape.planes, shape.stride, downsample, shape.groups, shape.base_width)
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=gen) + 0.5
-            m.bias.data = torch.randn(c, generator=gen) * 0.1
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    randomize_batchnorm(block, gen)
     return block.eval()
+
+
+def randomize_batchnorm(module, gen):
+    """Random affine parameters and running statistics for every BatchNorm2d (default init folds to ~identity)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
 
 
 def impl_unavailable_reason(impl, device, dtype, compile_dtypes=None):
@@ -638,11 +644,13 @@ def model_impl_unavailable_reason(impl, device, dtype, compile_dtypes=None):
 
 
 def make_model(seed):
-    """torchvision resnext50_32x4d with random weights (seeded), CPU fp32, eval."""
+    """torchvision resnext50_32x4d with random weights and BN statistics (seeded), CPU fp32, eval."""
     import torchvision
 
     torch.manual_seed(seed)
-    return torchvision.models.resnext50_32x4d().eval()
+    model = torchvision.models.resnext50_32x4d()
+    randomize_batchnorm(model, torch.Generator().manual_seed(seed))
+    return model.eval()
 
 
 def build_model_impl(impl, model, device, dtype, example_input):
