@@ -38,7 +38,8 @@ inline int padded_group_width(int d) {
 // charge for re-streaming x), where
 //   - conv1 is computed on the halo (Mp1 rows per Mo output rows) and, like
 //     the grouped conv, once per Cout slice (recompute);
-//   - x's halo is streamed once per width chunk, conv1 pass and slice;
+//   - x's halo is streamed once per width chunk, conv1 pass and slice, at
+//     double the charge without the second x buffer (no prefetch);
 //   - rows of the last tile row past the image are wasted.
 // Ties go to the taller tile. Fills p's size, tiling and layout fields and
 // returns the dynamic shared-memory bytes, or 0 when no plan fits.
@@ -86,40 +87,46 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
       const int slices = ceil_div(p.Cout_p, cs);
       for (int wc = p.Wp; wc >= unit; wc -= unit) {
         if (p.Wp % wc != 0) continue;
-        const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
-        const int pitch_y = cs + 8;
-        const size_t xs_bytes = align(static_cast<size_t>(std::max(mp1 * pitch_xs, mo * pitch_t2)) * elem_bytes);
-        const size_t t1_bytes = align(static_cast<size_t>(mp1) * pitch_t1 * elem_bytes);
-        const size_t y_bytes = align(static_cast<size_t>(mo) * pitch_y * 4);
-        const size_t scratch_bytes = static_cast<size_t>(kWarps) * 256 * 4;
-        const size_t total = xs_bytes + t1_bytes + y_bytes + scratch_bytes;
-        if (total > smem_limit) continue;
-        const int passes = ceil_div((mp1 / 16) * (wc / 16), kWarps * kMaxAcc);
-        const double halo = static_cast<double>(mp1) / mo;
-        const double macs = slices * (halo * p.Cin_p * p.Wp + 9.0 * 16 * p.KT * p.Wp) +
-                            static_cast<double>(p.Wp) * p.Cout_p;
-        const double restream = static_cast<double>(slices) * (p.Wp / wc) * passes * halo * p.Cin_p;
-        const double cost = row_waste * (macs + kRestreamCost * restream);
-        if (best_total != 0 && cost >= best_cost) continue;
-        best_cost = cost;
-        best_total = total;
-        p.TH = th;
-        p.HH = hh;
-        p.HWp = hwp;
-        p.P1 = p1;
-        p.Mp1 = mp1;
-        p.Mo = mo;
-        p.KC = kc;
-        p.WC = wc;
-        p.CS = cs;
-        p.pitch_xs = pitch_xs;
-        p.pitch_t2 = pitch_t2;
-        p.pitch_t1 = pitch_t1;
-        p.pitch_y = pitch_y;
-        p.off_xs = 0;
-        p.off_t1 = static_cast<int>(xs_bytes);
-        p.off_y = static_cast<int>(xs_bytes + t1_bytes);
-        p.off_scratch = static_cast<int>(xs_bytes + t1_bytes + y_bytes);
+        for (int nbuf = 2; nbuf >= 1; --nbuf) {
+          const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
+          const int pitch_y = cs + 8;
+          const size_t xs_bytes =
+              align(static_cast<size_t>(std::max(nbuf * mp1 * pitch_xs, mo * pitch_t2)) * elem_bytes);
+          const size_t t1_bytes = align(static_cast<size_t>(mp1) * pitch_t1 * elem_bytes);
+          const size_t y_bytes = align(static_cast<size_t>(mo) * pitch_y * 4);
+          const size_t scratch_bytes = static_cast<size_t>(kWarps) * 256 * 4;
+          const size_t total = xs_bytes + t1_bytes + y_bytes + scratch_bytes;
+          if (total > smem_limit) continue;
+          const int passes = ceil_div((mp1 / 16) * (wc / 16), kWarps * kMaxAcc);
+          const double halo = static_cast<double>(mp1) / mo;
+          const double macs = slices * (halo * p.Cin_p * p.Wp + 9.0 * 16 * p.KT * p.Wp) +
+                              static_cast<double>(p.Wp) * p.Cout_p;
+          const double restream = static_cast<double>(slices) * (p.Wp / wc) * passes * halo * p.Cin_p;
+          // Loads not overlapped with MMAs (one buffer) are charged double.
+          const double cost = row_waste * (macs + kRestreamCost * (3 - nbuf) * restream);
+          if (best_total != 0 && cost >= best_cost) continue;
+          best_cost = cost;
+          best_total = total;
+          p.TH = th;
+          p.HH = hh;
+          p.HWp = hwp;
+          p.P1 = p1;
+          p.Mp1 = mp1;
+          p.Mo = mo;
+          p.KC = kc;
+          p.WC = wc;
+          p.CS = cs;
+          p.pitch_xs = pitch_xs;
+          p.pitch_t2 = pitch_t2;
+          p.pitch_t1 = pitch_t1;
+          p.pitch_y = pitch_y;
+          p.off_xs = 0;
+          p.off_t1 = static_cast<int>(xs_bytes);
+          p.off_y = static_cast<int>(xs_bytes + t1_bytes);
+          p.off_scratch = static_cast<int>(xs_bytes + t1_bytes + y_bytes);
+          p.nbuf = nbuf;
+          p.xs_buf = mp1 * pitch_xs;
+        }
       }
     }
   }

@@ -4,12 +4,14 @@
 // the CPU emulation build (backend "cuda_emulated"): csrc/emulation/cuda_emu.h,
 // which provides the same names. Everything here that the emulator cannot
 // model exactly is listed in cuda_emu.h's header comment; this file only
-// maps types and the dynamic shared-memory base pointer.
+// maps types, the dynamic shared-memory base pointer, 16-byte vector copies
+// and cp.async.
 #pragma once
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 namespace rk {
@@ -34,6 +36,15 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 }
 __device__ __forceinline__ void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
+
+// cp.async (sm_80+): a 16-byte global->shared copy that completes when the
+// thread waits for its commit group; other threads see it after a barrier.
+__device__ __forceinline__ void async_copy16(void* dst_shared, const void* src_global) {
+  __pipeline_memcpy_async(dst_shared, src_global, 16);
+}
+__device__ __forceinline__ void async_commit() { __pipeline_commit(); }
+// Waits until at most `n` of this thread's newest commit groups are pending.
+__device__ __forceinline__ void async_wait_prior(int n) { __pipeline_wait_prior(n); }
 
 // Base of the block's dynamic shared memory (128-byte aligned).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
@@ -75,6 +86,9 @@ inline void zero16(void* dst) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) ::rk_emu::fail("zero16: address not 16-byte aligned");
   std::memset(dst, 0, 16);
 }
+inline void async_copy16(void* dst_shared, const void* src_global) { ::rk_emu::async_copy16(dst_shared, src_global); }
+inline void async_commit() { ::rk_emu::async_commit(); }
+inline void async_wait_prior(int n) { ::rk_emu::async_wait_prior(n); }
 
 // CUDA's integer min() is a global device function; kernels call it
 // unqualified from namespace rk.

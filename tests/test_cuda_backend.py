@@ -138,10 +138,10 @@ def test_emulated_matches_reference(emu, block, mode):
 
 
 def _plan(emu, block, elem_bytes, limit):
-    th, wc, cs, kc, smem, gx, gy = emu.fused_block_plan(
+    th, wc, cs, kc, smem, gx, gy, nbuf = emu.fused_block_plan(
         block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups, block.stride,
         block.dilation, elem_bytes, limit)
-    return {"TH": th, "WC": wc, "CS": cs, "smem": smem, "slices": gy}
+    return {"TH": th, "WC": wc, "CS": cs, "KC": kc, "smem": smem, "slices": gy, "nbuf": nbuf}
 
 
 def _smallest_limit(emu, block, elem_bytes):
@@ -181,6 +181,22 @@ def test_emulated_split_plan(emu, block, mode):
     _check(_emulated(args, block, tf32, limit), args, block, dtype, tf32, "cpu")
     with pytest.raises(RuntimeError, match="no tile plan fits"):
         _emulated(args, block, tf32, limit - 1)
+
+
+@needs_emu
+@pytest.mark.parametrize("mode", [(torch.float16, True), (torch.float32, True)], ids=_mode_id)
+@pytest.mark.parametrize("tight", [False, True], ids=["prefetch", "single_buffer"])
+def test_emulated_x_chunk_buffering(emu, mode, tight):
+    """Several x chunks, streamed with cp.async prefetch into two buffers
+    (default limit) or through one buffer (tightest limit)."""
+    dtype, tf32 = mode
+    block = Block(1, 96, 64, 80, 4, 7, 9, projection=True)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    limit = _smallest_limit(emu, block, elem) if tight else 0
+    plan = _plan(emu, block, elem, limit)
+    assert plan["nbuf"] == (1 if tight else 2) and plan["KC"] < block.cin, plan
+    args = block.make(dtype)
+    _check(_emulated(args, block, tf32, limit), args, block, dtype, tf32, "cpu")
 
 
 @needs_emu

@@ -2,7 +2,8 @@
 
 Small kernels with known results (csrc/emulation/emu_selftest.cpp) run
 through the emulator: barrier semantics, a shared-memory tree reduction,
-WMMA load/mma/store against matmul, and the errors the emulator must report.
+WMMA load/mma/store against matmul, cp.async completion, and the errors the
+emulator must report.
 The first test in a fresh environment builds the emulation library (about a
 minute, cached afterwards).
 """
@@ -98,8 +99,23 @@ def test_wmma_divergent_lanes_are_reported(emu):
 def test_divergent_barrier_is_reported(emu):
     with pytest.raises(RuntimeError, match="__syncthreads"):
         emu.divergent_barrier(64)
+    # The abandoned block's fibers do not leak into the next launch.
+    x = torch.randn(128)
+    torch.testing.assert_close(emu.smem_shift(x, 64, True), x.view(2, 64).roll(-1, dims=1).reshape(-1))
 
 
 def test_divergent_syncwarp_is_reported(emu):
     with pytest.raises(RuntimeError, match="__syncwarp"):
         emu.divergent_syncwarp()
+
+
+def test_async_copy_lands_at_wait(emu):
+    x = torch.randn(64 * 4)
+    expected = x.view(64, 4).roll(-1, dims=0).reshape(-1)
+    torch.testing.assert_close(emu.async_copy(x, 0), expected, rtol=0, atol=0)
+    # Reading before waiting for the copy sees the shared-memory poison.
+    assert torch.isnan(emu.async_copy(x, 1)).any()
+    with pytest.raises(RuntimeError, match="never waited for"):
+        emu.async_copy(x, 2)
+    # A reported error leaves the emulator usable.
+    torch.testing.assert_close(emu.async_copy(x, 0), expected, rtol=0, atol=0)

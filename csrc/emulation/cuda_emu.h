@@ -14,6 +14,11 @@
 //  * A barrier reached by only some threads (others returned or wait at a
 //    different barrier) is reported as an error: on hardware it is undefined
 //    behaviour or a deadlock.
+//  * Asynchronous copies (cp.async via rk::async_copy16 / async_commit /
+//    async_wait_prior): a copy lands in shared memory only when the thread
+//    waits for its commit group, so reading before the wait (plus a barrier
+//    for other threads' copies) sees poison. Copies never waited for are
+//    reported.
 //  * Dynamic shared memory: one buffer per block, filled with 0xFF bytes
 //    (NaN in fp32/fp16/bf16) before the block starts, so uninitialised reads
 //    show up as NaN.
@@ -73,6 +78,10 @@ struct Fiber {
   // Running fingerprint of this lane's warp-collective calls (wmma).
   uint64_t coll_hash = 1469598103934665603ull;
   uint64_t coll_count = 0;
+  // Pending 16-byte async copies (dst, src): the open group and the
+  // committed groups, oldest first.
+  std::vector<std::pair<void*, const void*>> async_open;
+  std::vector<std::vector<std::pair<void*, const void*>>> async_groups;
 };
 
 // Per-OS-thread emulator state: the launch in progress.
@@ -128,6 +137,31 @@ inline void syncwarp() {
   swapcontext(&f.ctx, &s.sched);
 }
 
+inline void async_copy16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    fail("async_copy16: address not 16-byte aligned");
+  }
+  State& s = cur();
+  s.fibers[s.current].async_open.emplace_back(dst, src);
+}
+
+inline void async_commit() {
+  State& s = cur();
+  Fiber& f = s.fibers[s.current];
+  f.async_groups.push_back(std::move(f.async_open));
+  f.async_open.clear();
+}
+
+// Completes this thread's committed groups except the newest `n`.
+inline void async_wait_prior(int n) {
+  State& s = cur();
+  Fiber& f = s.fibers[s.current];
+  while (static_cast<int>(f.async_groups.size()) > n) {
+    for (const auto& c : f.async_groups.front()) std::memcpy(c.first, c.second, 16);
+    f.async_groups.erase(f.async_groups.begin());
+  }
+}
+
 // Which lane of a warp holds accumulator element i (row-major index) after
 // mma_sync / writes it in store_matrix_sync.
 inline int owner_lane(int i) { return (i / 8) % kWarpSize; }
@@ -148,6 +182,8 @@ inline void run_block(State& s, int nthreads) {
     f.state = FiberState::kRunnable;
     f.coll_hash = 1469598103934665603ull;
     f.coll_count = 0;
+    f.async_open.clear();
+    f.async_groups.clear();
     f.tid = dim3(t % s.block_dim.x, (t / s.block_dim.x) % s.block_dim.y, t / (s.block_dim.x * s.block_dim.y));
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -200,6 +236,16 @@ inline void run_block(State& s, int nthreads) {
     for (int t = 0; t < nthreads; ++t) s.fibers[t].state = FiberState::kRunnable;
     ++s.barriers;
     ++phase;
+  }
+  for (int t = 0; t < nthreads; ++t) {
+    size_t pending = s.fibers[t].async_open.size();
+    for (const auto& g : s.fibers[t].async_groups) pending += g.size();
+    if (pending != 0) {
+      s.current = t;  // names the thread in the message
+      fail(std::to_string(pending) + " async copies were never waited for");
+      s.current = -1;
+      return;
+    }
   }
   for (int w = 0; w * kWarpSize < nthreads; ++w) {
     const Fiber& lane0 = s.fibers[w * kWarpSize];

@@ -1,6 +1,7 @@
 // Small kernels whose results are known, run through the CUDA emulator
 // (cuda_emu.h) by tests/test_cuda_emulator.py: barrier semantics, a
-// shared-memory tree reduction, wmma load/mma/store against matmul, and the
+// shared-memory tree reduction, wmma load/mma/store against matmul, cp.async
+// completion, and the
 // emulator's error reports (misalignment, divergent barriers, divergent
 // warp collectives). Ops live in namespace resnext_kernels_emu.
 #include <ATen/ATen.h>
@@ -77,6 +78,21 @@ __global__ void wmma_readback_kernel(const float* c, float* out, int sync) {
   if (sync == 1) __syncwarp();
   if (sync == 2) __syncthreads();
   for (int i = 0; i < 256; ++i) out[threadIdx.x * 256 + i] = s[i];
+}
+
+// Each thread copies 16 bytes of `in` to shared memory with cp.async, then
+// reads its neighbour's 16 bytes after a barrier. mode 0: wait for the copy
+// before the barrier (correct); 1: wait only after reading (a bug: the read
+// sees poison); 2: never wait (reported).
+__global__ void async_copy_kernel(const float* in, float* out, int mode) {
+  float* s = reinterpret_cast<float*>(rk::dynamic_smem());
+  const int t = threadIdx.x, n = blockDim.x;
+  rk::async_copy16(s + 4 * t, in + 4 * t);
+  rk::async_commit();
+  if (mode == 0) rk::async_wait_prior(0);
+  __syncthreads();
+  for (int j = 0; j < 4; ++j) out[4 * t + j] = s[4 * ((t + 1) % n) + j];
+  if (mode == 1) rk::async_wait_prior(0);
 }
 
 // Lane 0 skips a __syncwarp() the other lanes wait at.
@@ -182,6 +198,16 @@ at::Tensor wmma_readback(const at::Tensor& c, int64_t sync) {
   return out;
 }
 
+at::Tensor async_copy(const at::Tensor& x, int64_t mode) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() % 4 == 0);
+  at::Tensor out = at::empty_like(x);
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int threads = x.numel() / 4;
+  launch(dim3(1), dim3(threads), x.numel() * 4, [=]() { async_copy_kernel(in, o, static_cast<int>(mode)); });
+  return out;
+}
+
 at::Tensor divergent_syncwarp() {
   at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -220,6 +246,7 @@ TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
   m.def("wmma_mma(Tensor a, Tensor b, Tensor c, bool b_col_major) -> Tensor", &wmma_mma);
   m.def("wmma_readback(Tensor c, int sync) -> Tensor", &wmma_readback);
   m.def("divergent_syncwarp() -> Tensor", &divergent_syncwarp);
+  m.def("async_copy(Tensor x, int mode) -> Tensor", &async_copy);
   m.def("wmma_misaligned(Tensor a) -> Tensor", &wmma_misaligned);
   m.def("wmma_divergent(Tensor a) -> Tensor", &wmma_divergent);
   m.def("divergent_barrier(int threads) -> Tensor", &divergent_barrier);

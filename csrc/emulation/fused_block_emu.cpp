@@ -56,7 +56,8 @@ at::Tensor fused_block_cuda_emulated(const at::Tensor& x, const at::Tensor& w1, 
       });
 }
 
-// The plan the kernel would use, for tests and docs: [TH, WC, CS, KC, smem bytes, grid.x, grid.y].
+// The plan the kernel would use, for tests and docs:
+// [TH, WC, CS, KC, smem bytes, grid.x, grid.y, x buffers].
 std::vector<int64_t> fused_block_plan(int64_t N, int64_t H, int64_t W, int64_t Cin, int64_t width, int64_t Cout,
                                       int64_t groups, int64_t stride, int64_t dilation, int64_t elem_bytes,
                                       int64_t smem_limit) {
@@ -65,7 +66,7 @@ std::vector<int64_t> fused_block_plan(int64_t N, int64_t H, int64_t W, int64_t C
                                            smem_limit > 0 ? smem_limit : kDefaultSmemLimit);
   TORCH_CHECK(smem > 0, "fused_block_plan: nothing fits in the shared-memory limit");
   return {p.TH, p.WC, p.CS, p.KC, static_cast<int64_t>(smem), rk::ceil_div(p.Ho, p.TH) * p.tiles_x,
-          rk::ceil_div(p.Cout_p, p.CS)};
+          rk::ceil_div(p.Cout_p, p.CS), p.nbuf};
 }
 
 }  // namespace
