@@ -226,6 +226,35 @@ def test_emulated_unaligned_x(emu, dtype):
 
 
 @needs_emu
+def test_emulated_whole_model(emu, monkeypatch):
+    """A small torchvision ResNeXt converted to the emulated backend (eval,
+    fp32 without TF32) gives the fp64 model's logits and features."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from helpers import randomize_norms
+    import resnext_kernels as rk
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    calls = []
+    real = cuda_backend.bottleneck_inference_cuda_emulated
+    monkeypatch.setattr(cuda_backend, "bottleneck_inference_cuda_emulated",
+                        lambda *a: calls.append(1) or real(*a))
+    tv = randomize_norms(ResNet(Bottleneck, [1, 2, 1, 1], groups=4, width_per_group=4, num_classes=10)).eval()
+    fused = rk.convert(ResNet(Bottleneck, [1, 2, 1, 1], groups=4, width_per_group=4, num_classes=10),
+                       backend="cuda_emulated").eval()
+    fused.load_state_dict(tv.state_dict(), strict=True)
+    assert sum(isinstance(m, rk.FusedResNeXtBlock) for m in fused.modules()) == 5
+    x = torch.randn(2, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = tv.double()(x.double())
+        got = fused(x)
+    assert len(calls) == 5  # every block ran the emulated kernel
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@needs_emu
 def test_emulated_tf32_flag_is_honoured(emu, monkeypatch):
     block = Block(1, 32, 32, 32, 4, 7, 7)
     args = block.make(torch.float32)
