@@ -8,6 +8,8 @@ so --benchmark-group-by=group (the default) puts every implementation of one
 shape side by side. See docs/benchmarks.md.
 """
 
+import traceback
+
 import pytest
 import torch
 
@@ -124,3 +126,22 @@ class _CaseCache:
 @pytest.fixture(scope="session")
 def case_cache(bench_settings, device_settings):
     return _CaseCache(bench_settings)
+
+
+def _call_or_fail(fn, *args):
+    """fn(*args), or pytest.fail with the traceback as text.
+
+    A failing test's traceback keeps its frames' locals alive until the session
+    ends; on a GPU those are benchmark inputs and modules (gigabytes per case).
+    Failing outside the except block, with the traceback as a string, frees them.
+    """
+    try:
+        return fn(*args)
+    except Exception:
+        failure = traceback.format_exc()
+    pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture
+def call_or_fail():
+    return _call_or_fail

@@ -21,11 +21,11 @@ class _ModelCase:
     """Model, rotating inputs and float64 reference logits for one batch size (most recent only)."""
 
     def __init__(self):
-        self.key = None
+        self.key = self.inputs = None
 
     def get(self, s, batch):
         if self.key != batch:
-            self.key = None
+            self.key = self.inputs = None  # free the previous batch's inputs first
             res = bench.model_defaults(s.device)["resolution"]
             self.model = bench.make_model(s.seed)
             gen = torch.Generator(device=s.device).manual_seed(s.seed)
@@ -47,13 +47,13 @@ def model_cache():
     return _ModelCase()
 
 
-def test_model(benchmark, bench_settings, device_settings, model_cache, model_batch, model_impl):
+def test_model(benchmark, bench_settings, device_settings, model_cache, call_or_fail, model_batch, model_impl):
     s = bench_settings
     reason = bench.model_impl_unavailable_reason(model_impl, s.device, DTYPE, s.compile_dtypes)
     if reason is not None:
         pytest.skip(reason)
-    case = model_cache.get(s, model_batch)
-    fn, info = bench.build_model_impl(model_impl, case.model, s.device, DTYPE, case.inputs[0])
+    case = call_or_fail(model_cache.get, s, model_batch)
+    fn, info = call_or_fail(bench.build_model_impl, model_impl, case.model, s.device, DTYPE, case.inputs[0])
     k = bench.ERROR_BATCH
     benchmark.group = f"resnext50-b{model_batch}"
     benchmark.extra_info.update(
@@ -61,9 +61,10 @@ def test_model(benchmark, bench_settings, device_settings, model_cache, model_ba
         impl=model_impl, seed=s.seed, n_inputs=len(case.inputs), device=bench.device_name(s.device),
         max_abs_err=bench.max_abs_error(fn(case.inputs[0])[:k], case.y_ref),
         ref_max_abs=case.y_ref.abs().max().item(), **device_settings, **info)
-    calib = bench.round_seconds(fn, case.inputs, s.device, 1)[0] * len(case.inputs)
-    benchmark.pedantic(bench.RotatingTarget(fn, case.inputs, s.device), iterations=len(case.inputs),
-                       warmup_rounds=1, rounds=bench.plan_rounds(calib, s.seconds * 3))
+    calib = call_or_fail(bench.round_seconds, fn, case.inputs, s.device, 1)[0] * len(case.inputs)
+    call_or_fail(lambda: benchmark.pedantic(bench.RotatingTarget(fn, case.inputs, s.device),
+                                            iterations=len(case.inputs), warmup_rounds=1,
+                                            rounds=bench.plan_rounds(calib, s.seconds * 3)))
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = model_batch / benchmark.stats.stats.median
     if s.device.type == "cuda":
