@@ -504,9 +504,12 @@ def compile_frozen(module, device, example_input, mode):
 
     Compiles by running example_input once; returns (fn, seconds the compile took).
     Every call runs with freezing on, so a recompile would also be frozen.
+    Dynamo is reset first: every benchmarked block shares Bottleneck.forward, and
+    past the recompile limit (8) Dynamo would silently run the 9th shape eagerly.
     """
     import torch._inductor.config as inductor_config
 
+    torch._dynamo.reset()
     compiled = torch.compile(module, mode=mode, dynamic=False)
 
     def fn(x):

@@ -118,6 +118,20 @@ def test_tolerance_is_twice_eager_error_plus_one_ulp():
     assert bench.tolerance(0.0, y_ref, torch.float32) == pytest.approx(4 * 2**-23)
 
 
+def test_compile_frozen_compiles_every_block_past_the_recompile_limit():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cpu = torch.device("cpu")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (8, 12):  # two shapes of the same Bottleneck.forward; the limit allows one
+            shape = bench.BlockShape(f"w{width}", 4, 16, width, 4, 16, 1)
+            x = torch.randn(1, 16, 4, 4)
+            fn, seconds = bench.compile_frozen(bench.make_block(shape, 0), cpu, x, mode="default")
+            assert fn(x).shape == (1, 16, 4, 4) and seconds > 0
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 # -- report generator ---------------------------------------------------------------
 
 
