@@ -4,7 +4,7 @@
 #   scripts/gpu_bench.sh OUTDIR
 #
 # Writes into OUTDIR, with STEM = <YYYY-MM-DD>_<card>_<shortcommit>:
-#   STEM.json          raw pytest-benchmark JSON of `pytest benchmarks/` (all cases except torch.compile)
+#   STEM.json          raw pytest-benchmark JSON of the benchmarks/ suite (all cases except torch.compile)
 #   STEM_compile.json  raw pytest-benchmark JSON of the torch.compile baseline cases (bfloat16)
 #   STEM_cli.json      JSON of `python -m resnext_kernels bench --quick`
 #   STEM.md            markdown tables generated from the three JSON files by
@@ -25,8 +25,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 SUITE_S=${BENCH_SUITE_S:-170}
-COMPILE_S=${BENCH_COMPILE_S:-150}
-CLI_S=${BENCH_CLI_S:-80}
+COMPILE_S=${BENCH_COMPILE_S:-130}
+CLI_S=${BENCH_CLI_S:-70}
 DEVICE=${BENCH_DEVICE:-cuda}
 SEED=${BENCH_SEED:-$(( $(date +%s) % 2147483647 ))}
 # Triton autotuning results go to Triton's disk cache (triton >= 3.4), so the
@@ -43,7 +43,7 @@ step() {  # name limit_s command...
   local name="$1" limit="$2" rc start
   shift 2
   start=$(date +%s)
-  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/${STEM}_$name.log" 2>&1
+  timeout --signal=INT --kill-after=5 "$limit" "$@" > "$OUT/${STEM}_$name.log" 2>&1
   rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)"
   tail -n 3 "$OUT/${STEM}_$name.log"
@@ -51,10 +51,16 @@ step() {  # name limit_s command...
   return 0
 }
 
-PYTEST=("$PY" -m pytest benchmarks/ --benchmark-only -q -rs -p no:cacheprovider --bench-device "$DEVICE"
+# Suite step: the model cases first, then the block cases dtype-major (conftest.py),
+# so a time limit cuts float32 block cases, not the model or whole shapes.
+# Compile step: blocks first; the whole-model max-autotune compile is the slowest part.
+PYTEST=("$PY" -m pytest --benchmark-only -q -rs -p no:cacheprovider --bench-device "$DEVICE"
         --bench-seed "$SEED" "${PYTEST_EXTRA[@]}")
-step suite "$SUITE_S" "${PYTEST[@]}" -k "not compile" --bench-compile none --benchmark-json "$OUT/$STEM.json"
-step compile "$COMPILE_S" "${PYTEST[@]}" -k "compile" --bench-compile bfloat16 \
+MODEL=benchmarks/test_model_bench.py
+BLOCK=benchmarks/test_block_bench.py
+step suite "$SUITE_S" "${PYTEST[@]}" "$MODEL" "$BLOCK" -k "not compile" --bench-compile none \
+  --benchmark-json "$OUT/$STEM.json"
+step compile "$COMPILE_S" "${PYTEST[@]}" "$BLOCK" "$MODEL" -k "compile" --bench-compile bfloat16 \
   --benchmark-json "$OUT/${STEM}_compile.json"
 step cli "$CLI_S" "$PY" -m resnext_kernels bench --quick --device "$DEVICE" --seed "$SEED" "${CLI_EXTRA[@]}" \
   --json "$OUT/${STEM}_cli.json" --plot "$OUT/${STEM}_cli.png"
