@@ -160,6 +160,9 @@ struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
   static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
     const float* a_row = a.p + row() * a.ld;
     const float* b_col = b.p + col0();
+    // Partial unroll: full unrolling lets the compiler hoist all 128 B values
+    // of a strip's shared B tile into registers and spill.
+#pragma unroll 4
     for (int k = 0; k < 16; ++k) {
       const float av = a_row[k];
       for (int j = 0; j < 8; ++j) acc.v[j] = fmaf(av, b_col[k * b.ld + j], acc.v[j]);
@@ -167,16 +170,62 @@ struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
   }
 };
 
-// acc += A[16 x K] * B[K x 16] (row-major, K a multiple of 16).
-template <class P>
-__device__ __forceinline__ void gemm_tile(typename P::Acc& acc, const typename P::Elem* A, int lda,
-                                          const typename P::Elem* B, int ldb, int K) {
-  typename P::FragA a;
-  typename P::FragB b;
+// Column strips: the MMA phases after conv1 give each warp jobs of one
+// 16-column tile `nt` x a group of up to kMaxAcc consecutive 16-row tiles,
+// so a B fragment (weights, read from global memory) is loaded once per k
+// step and reused across the rows. Rows are split into groups only as far as
+// needed to give every warp a job.
+struct StripJobs {
+  int cols, groups, rows_per_group;
+  __device__ __forceinline__ StripJobs(int cols_, int rows) : cols(cols_) {
+    groups = min(rows, (kWarps + cols - 1) / cols);
+    rows_per_group = (rows + groups - 1) / groups;  // <= rows <= TH <= kMaxAcc
+  }
+  __device__ __forceinline__ int count() const { return cols * groups; }
+};
+
+// acc[r] += A(r) @ B over K (a multiple of 16) for the strip's rows
+// r < nrows: a_at(r, k) / b_at(k) give the row-major [16 x kK] / [kK x 16]
+// operand tiles at K offset k.
+template <class P, class AAt, class BAt>
+__device__ __forceinline__ void strip_mma(typename P::Acc (&acc)[kMaxAcc], int nrows, int K, int lda, int ldb,
+                                          AAt a_at, BAt b_at) {
   for (int k = 0; k < K; k += P::kK) {
-    P::load_a(a, A + k, lda);
-    P::load_b(b, B + k * ldb, ldb);
-    P::mma(acc, a, b);
+    typename P::FragB b;
+    P::load_b(b, b_at(k), ldb);
+#pragma unroll
+    for (int r = 0; r < kMaxAcc; ++r) {
+      if (r < nrows) {
+        typename P::FragA a;
+        P::load_a(a, a_at(r, k), lda);
+        P::mma(acc[r], a, b);
+      }
+    }
+  }
+}
+
+// yacc[rows*16][cols*16] (fp32 shared, pitch ldy) += A @ B over K, in
+// column strips: a_at(r, k) is the A tile of 16-row tile r, b_at(nt, k) the
+// B tile of column tile nt.
+template <class P, class AAt, class BAt>
+__device__ __forceinline__ void accumulate_y(float* ys, int ldy, int rows, int cols, int warp, int K, int lda,
+                                             int ldb, AAt a_at, BAt b_at) {
+  const StripJobs sj(cols, rows);
+  for (int job = warp; job < sj.count(); job += kWarps) {
+    const int nt = job % sj.cols;
+    const int r0 = (job / sj.cols) * sj.rows_per_group;
+    const int nrows = min(sj.rows_per_group, rows - r0);
+    typename P::Acc acc[kMaxAcc];
+#pragma unroll
+    for (int r = 0; r < kMaxAcc; ++r) {
+      if (r < nrows) P::load_acc(acc[r], ys + (r0 + r) * 16 * ldy + nt * 16, ldy);
+    }
+    strip_mma<P>(
+        acc, nrows, K, lda, ldb, [&](int r, int k) { return a_at(r0 + r, k); }, [&](int k) { return b_at(nt, k); });
+#pragma unroll
+    for (int r = 0; r < kMaxAcc; ++r) {
+      if (r < nrows) P::store_acc(ys + (r0 + r) * 16 * ldy + nt * 16, ldy, acc[r]);
+    }
   }
 }
 
@@ -341,40 +390,47 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
     __syncthreads();
     // ---- 3 + 4. grouped 3x3 (+ b2, ReLU) -> t2s. Output row oy of the tile
     // is one 16-row M tile; its tap (ky, kx) operand starts at halo pixel
-    // (oy*s + ky*dil, kx*dil) and steps s pixels per row ----
-    for (int job = warp; job < th_valid * wc16; job += kWarps) {
-      const int oy = job / wc16, ot = job % wc16;  // ot: 16-channel tile inside the chunk
-      // First input column (chunk-local) of the tile's K range.
-      const int in0 = p.d_p <= 16 ? ot * 16 : (ot * 16 / p.d_p) * p.d_p;
-      const T* w2t = w2p + static_cast<size_t>(w0 / 16 + ot) * 9 * p.KT * 256;
-      Acc a;
-      P::zero(a);
-      for (int tap = 0; tap < 9; ++tap) {
-        const int hy = oy * s + (tap / 3) * dil, hx = (tap % 3) * dil;
-        const T* a_in = t1s + (hy * p.HWp + hx) * p.pitch_t1 + in0;
-        for (int kt = 0; kt < p.KT; ++kt) {
-          gemm_tile<P>(a, a_in + kt * 16, s * p.pitch_t1, w2t + (tap * p.KT + kt) * 256, 16, 16);
+    // (oy*s + ky*dil, kx*dil) and steps s pixels per row. The K range of
+    // output tile ot is 9 taps x KT K tiles ----
+    {
+      const StripJobs sj(wc16, th_valid);
+      for (int job = warp; job < sj.count(); job += kWarps) {
+        const int ot = job % sj.cols;  // 16-channel output tile inside the chunk
+        const int r0 = (job / sj.cols) * sj.rows_per_group;
+        const int nrows = min(sj.rows_per_group, th_valid - r0);
+        // First input column (chunk-local) of the tile's K range.
+        const int in0 = p.d_p <= 16 ? ot * 16 : (ot * 16 / p.d_p) * p.d_p;
+        const T* w2t = w2p + static_cast<size_t>(w0 / 16 + ot) * 9 * p.KT * 256;
+        Acc acc[kMaxAcc];
+#pragma unroll
+        for (int r = 0; r < kMaxAcc; ++r) P::zero(acc[r]);
+        strip_mma<P>(
+            acc, nrows, 9 * p.KT * 16, s * p.pitch_t1, 16,
+            [&](int r, int k) {
+              const int t = k / 16, tap = t / p.KT, kt = t % p.KT;
+              const int hy = (r0 + r) * s + (tap / 3) * dil, hx = (tap % 3) * dil;
+              return t1s + (hy * p.HWp + hx) * p.pitch_t1 + in0 + kt * 16 + k % 16;
+            },
+            [&](int k) { return w2t + (k / 16) * 256 + (k % 16) * 16; });
+#pragma unroll
+        for (int r = 0; r < kMaxAcc; ++r) {
+          if (r < nrows) {
+            P::store_acc(scratch, 16, acc[r]);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+              const int m = (r0 + r) * 16 + e / 16, c = ot * 16 + e % 16;
+              t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(scratch[e] + p.b2p[w0 + c], 0.0f));
+            }
+            __syncwarp();  // scratch is rewritten by the next tile
+          }
         }
       }
-      P::store_acc(scratch, 16, a);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int m = oy * 16 + e / 16, c = ot * 16 + e % 16;
-        t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(scratch[e] + p.b2p[w0 + c], 0.0f));
-      }
-      __syncwarp();
     }
     __syncthreads();
     // ---- 5. yacc += t2 @ w3p[chunk rows, slice cols] ----
-    for (int job = warp; job < th_valid * cs16; job += kWarps) {
-      const int mt = job / cs16, nt = job % cs16;
-      float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
-      Acc a;
-      P::load_acc(a, y_out, p.pitch_y);
-      gemm_tile<P>(a, t2s + mt * 16 * p.pitch_t2, p.pitch_t2,
-                   w3p + static_cast<size_t>(w0) * p.Cout_p + cs0 + nt * 16, p.Cout_p, p.WC);
-      P::store_acc(y_out, p.pitch_y, a);
-    }
+    accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, p.WC, p.pitch_t2, p.Cout_p,
+                    [&](int r, int k) { return t2s + r * 16 * p.pitch_t2 + k; },
+                    [&](int nt, int k) { return w3p + static_cast<size_t>(w0 + k) * p.Cout_p + cs0 + nt * 16; });
   }
 
   if (wdp != nullptr) {
@@ -388,15 +444,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
         return (static_cast<long long>(gy * s) * p.W + gx * s) * p.Cin;
       });
       __syncthreads();
-      for (int job = warp; job < th_valid * cs16; job += kWarps) {
-        const int mt = job / cs16, nt = job % cs16;
-        float* y_out = ys + mt * 16 * p.pitch_y + nt * 16;
-        Acc a;
-        P::load_acc(a, y_out, p.pitch_y);
-        gemm_tile<P>(a, xs + mt * 16 * p.pitch_xs, p.pitch_xs,
-                     wdp + static_cast<size_t>(k0) * p.Cout_p + cs0 + nt * 16, p.Cout_p, kc);
-        P::store_acc(y_out, p.pitch_y, a);
-      }
+      accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, kc, p.pitch_xs, p.Cout_p,
+                      [&](int r, int k) { return xs + r * 16 * p.pitch_xs + k; },
+                      [&](int nt, int k) { return wdp + static_cast<size_t>(k0 + k) * p.Cout_p + cs0 + nt * 16; });
     }
   }
   __syncthreads();
