@@ -60,8 +60,15 @@ class Settings:
 
 def settings(config):
     if _SETTINGS not in config.stash:
-        config.stash[_SETTINGS] = Settings(config)
+        try:
+            config.stash[_SETTINGS] = Settings(config)
+        except ValueError as exc:  # a bad --bench-* value
+            raise pytest.UsageError(str(exc)) from None
     return config.stash[_SETTINGS]
+
+
+def pytest_configure(config):
+    settings(config)  # report a bad --bench-* value as a usage error, before collection
 
 
 def pytest_report_header(config):

@@ -185,7 +185,11 @@ def run(args):
 
 
 def _run(args):
-    s = _settings(args)
+    try:
+        s = _settings(args)
+    except ValueError as exc:  # a bad --shapes / --dtypes / --compile value
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     device = s["device"]
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -221,3 +221,8 @@ def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
     # the failed backend is not timed; the baselines are
     assert "| tiny_id | float32 | reference |" not in printed
     assert "| tiny_id | float32 | eager_cl |" in printed
+
+
+def test_bench_cli_rejects_unknown_shape(capsys):
+    assert cli.main(["bench", *FAST, "--shapes", "s9"]) == 2
+    assert "unknown shape 's9'" in capsys.readouterr().err
