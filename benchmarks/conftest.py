@@ -101,11 +101,14 @@ def bench_settings(request):
 
 @pytest.fixture(scope="session")
 def device_settings(request, bench_settings):
-    """TF32 off, cuDNN autotuning on, CPU threads (recorded in each case's extra_info)."""
+    """TF32 off, cuDNN autotuning on, CPU threads (recorded in each case's extra_info); restored at the end."""
+    saved_threads = torch.get_num_threads()
     threads = request.config.getoption("--bench-threads")
     if threads:
         torch.set_num_threads(threads)
-    return {**bench.configure_backends(bench_settings.device), "cpu_threads": torch.get_num_threads()}
+    with bench.backend_settings(bench_settings.device) as flags:
+        yield {**flags, "cpu_threads": torch.get_num_threads()}
+    torch.set_num_threads(saved_threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ Conventions:
     max-autotune of the eval block under no_grad with Inductor's freezing,
     channels_last input; mode BLOCK_COMPILE_MODE).
   * fp32 means real fp32: the bench turns TF32 off for cuDNN and cuBLAS
-    (``configure_backends``), so eager fp32 is not silently TF32.
+    (``backend_settings``), so eager fp32 is not silently TF32.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -190,20 +191,28 @@ def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def configure_backends(device):
-    """Settings every bench run uses: real fp32 (no TF32), cuDNN autotuning for eager.
+@contextlib.contextmanager
+def backend_settings(device):
+    """Settings every bench run uses: real fp32 (no TF32), cuDNN autotuning for eager on CUDA.
 
-    Returns the settings as a dict (recorded with the results).
+    Yields the settings as a dict (recorded with the results); restores the
+    previous global flags on exit.
     """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return {
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-    }
+    try:
+        yield {
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        }
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
 
 
 def defaults(device, quick=False):
@@ -355,7 +364,7 @@ def measure_copy_bandwidth(device, nbytes=None, budget_seconds=0.5):
 
 
 def measure_matmul_rate(device, dtype, n=None, budget_seconds=0.5):
-    """FLOP/s of an n x n x n matmul in dtype (TF32 off for fp32, see configure_backends)."""
+    """FLOP/s of an n x n x n matmul in dtype (TF32 off for fp32, see backend_settings)."""
     if n is None:
         if device.type == "cuda":
             n = 8192

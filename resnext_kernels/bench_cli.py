@@ -194,8 +194,13 @@ def _run(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    with bench.backend_settings(device) as flags:
+        return _validate_and_time(args, s, flags)
+
+
+def _validate_and_time(args, s, backend_settings):
+    device = s["device"]
     t0 = time.perf_counter()
-    backend_settings = bench.configure_backends(device)
     print(f"resnext_kernels bench on {bench.device_name(device)} ({'quick' if s['quick'] else 'thorough'}): "
           f"batch {s['batch']}, dtypes {[bench.dtype_name(d) for d in s['dtypes']]}, "
           f"compile {[bench.dtype_name(d) for d in s['compile_dtypes']] or 'none'}, seed {s['seed']}")

@@ -191,14 +191,19 @@ FAST = ["--quick", "--device", "cpu", "--seconds", "0.02", "--threads", "1"]
 
 def test_bench_cli_quick_cpu(tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads())
     rc = cli.main(["bench", *FAST, "--shapes", *TINY, "--json", str(out_json), "--plot", str(out_png)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
+    # global settings are restored for whatever runs next in this process
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_num_threads()) == flags
     assert "| shape | dtype | impl | ms | vs eager | vs compile |" in printed
     doc = json.loads(out_json.read_text())
     assert {(v["shape"], v["dtype"], v["backend"]) for v in doc["validation"]} == {
         (s, d, "reference") for s in ("tiny_id", "tiny_proj") for d in ("bfloat16", "float32")}
     assert all(v["ok"] for v in doc["validation"])
+    assert doc["settings"]["cudnn_allow_tf32"] is False  # the run itself used real fp32
     impls = {(r["shape"], r["dtype"], r["impl"]) for r in doc["rows"] if r["median_s"] > 0}
     assert len(impls) == 2 * 2 * 3  # shapes x dtypes x (reference, eager_nchw, eager_cl)
     assert out_png.stat().st_size > 0
