@@ -49,13 +49,30 @@ def add_arguments(parser):
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="write a chart of speedup vs eager")
 
 
+class _LineProgress:
+    """Stand-in for tqdm where it is not installed (the GPU machine has no network): one line per case."""
+
+    def __init__(self, total):
+        self.total, self.done, self.desc = total, 0, ""
+
+    def set_description(self, desc):
+        self.desc = desc
+
+    def update(self, n):
+        self.done += n
+        print(f"[{self.done}/{self.total}] {self.desc}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
 def _progress(total):
+    """A progress bar on stderr: tqdm if installed, else one line per case."""
     try:
         from tqdm import tqdm
-
-        return tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
     except ImportError:
-        return None
+        return _LineProgress(total)
+    return tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True)
 
 
 def _settings(args):
@@ -118,8 +135,7 @@ def time_all(s, ceilings, failed):
     for shape, dtype, impls in plan:
         case = bench.Case(shape, s["batch"], dtype, s["device"], s["seed"])
         for impl in impls:
-            if bar is not None:
-                bar.set_description(f"{shape.name} {bench.dtype_name(dtype)} {impl}")
+            bar.set_description(f"{shape.name} {bench.dtype_name(dtype)} {impl}")
             row = {"shape": shape.name, "spec": shape.spec(), "dtype": bench.dtype_name(dtype), "impl": impl,
                    "batch": s["batch"], "n_inputs": case.n_inputs}
             try:
@@ -132,13 +148,11 @@ def time_all(s, ceilings, failed):
             except Exception as exc:
                 row.update(median_s=None, error=f"{type(exc).__name__}: {exc}")
             rows.append(row)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         del case
         if s["device"].type == "cuda":
             torch.cuda.empty_cache()
-    if bar is not None:
-        bar.close()
+    bar.close()
     return rows
 
 
@@ -190,6 +204,12 @@ def _run(args):
     except ValueError as exc:  # a bad --shapes / --dtypes / --compile value
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before a long run, used at its end)
+        except ImportError:
+            print("error: --plot needs matplotlib, which is not installed", file=sys.stderr)
+            return 2
     device = s["device"]
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)

@@ -231,3 +231,19 @@ def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
 def test_bench_cli_rejects_unknown_shape(capsys):
     assert cli.main(["bench", *FAST, "--shapes", "s9"]) == 2
     assert "unknown shape 's9'" in capsys.readouterr().err
+
+
+def test_bench_cli_progress_without_tqdm(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name == "tqdm":
+            raise ImportError("no tqdm here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    assert cli.main(["bench", *FAST, "--shapes", TINY[0], "--dtypes", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/3] tiny_id float32 reference" in err and "[3/3] tiny_id float32 eager_cl" in err
