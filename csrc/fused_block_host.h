@@ -41,8 +41,9 @@ inline int padded_group_width(int d) {
 //   - x's halo is streamed once per width chunk, conv1 pass and slice, at
 //     double the charge without the second x buffer (no prefetch);
 //   - rows of the last tile row past the image are wasted.
-// Ties go to the taller tile. Fills p's size, tiling and layout fields and
-// returns the dynamic shared-memory bytes, or 0 when no plan fits.
+// TH is at most kMaxAcc (8). Ties go to the taller tile. Fills p's size,
+// tiling and layout fields and returns the dynamic shared-memory bytes, or 0
+// when no plan fits.
 inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,
                                int stride, int dil, int elem_bytes, size_t smem_limit) {
   const int d = width / groups;
@@ -72,7 +73,8 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
   auto align = [](size_t v) { return (v + 127) / 128 * 128; };
   double best_cost = 0.0;
   size_t best_total = 0;
-  for (int th = std::min(p.Ho, 8); th >= 1; --th) {
+  // A column strip holds at most kMaxAcc row tiles (one per output row).
+  for (int th = std::min(p.Ho, kMaxAcc); th >= 1; --th) {
     const int hwp = (kTileW - 1) * stride + 2 * dil + 1;
     const int hh = (th - 1) * stride + 2 * dil + 1;
     const int p1 = hh * hwp;

@@ -12,7 +12,7 @@ namespace rk {
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileW = 16;     // output tile width: one 16-row MMA tile per output row
-constexpr int kMaxAcc = 8;     // conv1 register accumulators per warp and pass
+constexpr int kMaxAcc = 8;     // register accumulators per warp (conv1 pass, strip rows); TH <= kMaxAcc
 
 // Everything the kernel needs, computed on the host (fused_block_host.h).
 //
@@ -277,6 +277,7 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
 //   3. grouped 3x3 over t1s (9 taps x KT K tiles), 4. t2s = relu(. + b2) the
 //      same way; t2s aliases xs.
 //   5. yacc[out px][CS] (fp32, shared) += t2s @ w3p[chunk, slice].
+//   Phases 3 and 5 and the projection run in column strips (StripJobs).
 // then yacc += x_strided @ wdp (projection), and
 //   y = relu(yacc + b3p + (identity ? x : 0)), written once.
 // ---------------------------------------------------------------------------
