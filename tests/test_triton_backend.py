@@ -324,8 +324,8 @@ def test_fused_module_triton_backend(allow_tf32):
 def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     """The GPU autotune candidates for each canonical shape (batch 128): the
     prune callbacks accept the real kernel arguments, K1 stays within shared
-    memory, K2 keeps only the measured spill-free tiles of its operand class,
-    and the t2 recompute factor cdiv(Cout, BLOCK_CO) stays within 2x of the
+    memory, K2 keeps only the measured spill-free tiles of its operand class
+    (the narrowest tile for unaligned channel counts), and the t2 recompute factor cdiv(Cout, BLOCK_CO) stays within 2x of the
     best allowed tile. Meta tensors: host logic only (compilation is checked
     by test_kernels_compile_for_sm90)."""
     cin, width, cout, groups, h, stride, proj = compile_check.SHAPES[name]
@@ -355,14 +355,16 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     args, consts = k2._kernel_args(t1, x, tiling, packed, y, stride, 1)
     assert consts["PREC"] == ("ieee" if dtype == torch.float32 and not tf32 else "tf32")
     kept = pruned(k2, k2._grouped_conv_conv3_kernel, args, consts)
-    allowed = k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
+    allowed = k2._allowed_tiles({**dict(zip(k2._grouped_conv_conv3_kernel.arg_names, args)), **consts})
+    if cin % 16 == 0 and cout % 16 == 0:
+        assert allowed == k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
     assert all(k2._tile(c) in allowed for c in kept)
     best = triton.cdiv(cout, max(bco for _, bco, _, _ in allowed))
     assert max(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept) <= 2 * best
 
 
 @pytest.mark.parametrize("dtype,shapes", [
-    ("bfloat16", ["s1_first", "s3", "s4", "cifar29_s1", "d128"]),
+    ("bfloat16", ["s1_first", "s3", "s4", "cifar29_s1", "d128", "odd_d14"]),
     ("float32", ["s2_first", "s3", "s4", "d128"]),  # TF32 dots (allow_tf32 defaults to True)
 ], ids=["bf16", "fp32-tf32"])
 def test_kernels_compile_for_sm90(dtype, shapes):

@@ -35,7 +35,9 @@ from ._common import interpreting
 # Largest dynamic shared memory per block on H100/H200 (227 KB).
 SM90_MAX_SHARED = 232448
 
-# (Cin, width, Cout, groups, H=W, stride, projection); batch 128.
+# (Cin, width, Cout, groups, H=W, stride, projection); batch 128. The
+# ResNeXt-50 32x4d stages of DESIGN.md sec. 5, CIFAR ResNeXt-29 8x64d (d=64),
+# a d=128 block (a group spans two 64-channel tiles) and an unaligned one.
 SHAPES = {
     "s1_first": (64, 128, 256, 32, 56, 1, True),
     "s1": (256, 128, 256, 32, 56, 1, False),
@@ -45,6 +47,8 @@ SHAPES = {
     "s4": (2048, 1024, 2048, 32, 7, 1, False),
     "cifar29_s1": (256, 512, 256, 8, 32, 1, False),
     "d128": (1024, 2048, 1024, 16, 14, 1, False),
+    # Channel counts that are not multiples of 16 (unaligned rows), d = 14.
+    "odd_d14": (200, 280, 328, 20, 15, 2, True),
 }
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}

@@ -100,12 +100,18 @@ def _prune(configs, nargs, **kwargs):
     bn_max = max(16, next_pow2(nout))
     bk_max = max(16, next_pow2(cin))
 
+    ieee = args["PREC"] == "ieee" and itemsize == 4
+    # Accumulator elements per thread that still compile without spills
+    # (ptxas, sm_90a; see compile_check.py): Cin not a multiple of 16 leaves
+    # the x rows unaligned (no vector loads, per-element addresses) and
+    # "ieee" fp32 dots run on FMA units with their operands in registers.
+    acc_limit = (32 if ieee else 64) if cin % 16 else None
+
     def fits(c):
         k = c.kwargs
         shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
-        # "ieee" fp32 dots run on FMA units with operands in registers: larger
-        # tiles spill (ptxas, sm_90a; see compile_check.py).
-        small_enough = args["PREC"] != "ieee" or itemsize != 4 or k["BLOCK_M"] <= 64
+        acc_per_thread = k["BLOCK_M"] * k["BLOCK_N"] // (32 * c.num_warps)
+        small_enough = (not ieee or k["BLOCK_M"] <= 64) and (acc_limit is None or acc_per_thread <= acc_limit)
         return k["BLOCK_N"] <= bn_max and k["BLOCK_K"] <= bk_max and shared <= _MAX_SHARED and small_enough
 
     kept = [c for c in configs if fits(c)]

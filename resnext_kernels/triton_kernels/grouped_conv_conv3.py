@@ -138,6 +138,9 @@ _TILES = {
 }
 
 
+_UNALIGNED_TILES = ((64, 64, 8, 2),)
+
+
 def _operand_class(ptr, prec):
     if ptr.dtype.itemsize == 2:
         return "16bit"
@@ -150,7 +153,7 @@ TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PR
 
 
 def _gpu_configs():
-    tiles = sorted({t for pair in _TILES.values() for group in pair for t in group})
+    tiles = sorted({t for pair in _TILES.values() for group in pair for t in group} | set(_UNALIGNED_TILES))
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
         for bp, bco, warps, stages in tiles
@@ -162,9 +165,20 @@ def _tile(config):
     return (k["BLOCK_P"], k["BLOCK_CO"], config.num_warps, config.num_stages)
 
 
+def _allowed_tiles(args):
+    """The (BLOCK_P, BLOCK_CO, warps, stages) tiles allowed for these kernel args."""
+    if args["CIN"] % 16 or args["COUT"] % 16:
+        # Channel counts that are not multiples of 16 make the x/y/weight row
+        # strides unaligned: no vector loads, per-element 64-bit addresses,
+        # and the wider tiles spill kilobytes (ptxas). Such blocks are rare
+        # (every ResNeXt stage is aligned); they get the narrowest tile.
+        return _UNALIGNED_TILES
+    return _TILES[_operand_class(args["t1_ptr"], args["PREC"])][args["GT"] > 16]
+
+
 def _prune(configs, nargs, **kwargs):
     args = {**nargs, **kwargs}
-    allowed = _TILES[_operand_class(args["t1_ptr"], args["PREC"])][args["GT"] > 16]
+    allowed = _allowed_tiles(args)
     co_max = max(16, next_pow2(args["COUT"]))
     kept = [c for c in configs if _tile(c) in allowed and c.kwargs["BLOCK_CO"] <= co_max]
     if not kept:  # Cout tiny: the narrowest allowed tile
