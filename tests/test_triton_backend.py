@@ -34,6 +34,7 @@ from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2  # noqa: E40
 from helpers import assert_close_to_reference, randomize_norms  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # subprocesses import the package from here
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 cuda_only = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)"))
 
@@ -374,7 +375,7 @@ def test_kernels_compile_for_sm90(dtype, shapes):
     kernels must not be interpreted there."""
     cmd = [sys.executable, "-m", "resnext_kernels.triton_kernels.compile_check", "--json", "--dtype", dtype, *shapes]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads(res.stdout)
     assert {r["shape"] for r in results} == set(shapes) and {r["kernel"] for r in results} == {"K1", "K2"}
@@ -395,7 +396,8 @@ def test_cpu_tensors_rejected_without_interpreter():
         "    print('RAISED', e)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert "RAISED" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
