@@ -137,6 +137,20 @@ def test_emulated_matches_reference(emu, block, mode):
     _check(_emulated(args, block, tf32), args, block, dtype, tf32, "cpu")
 
 
+EMU_STAGES = [  # ResNeXt-50 32x4d stage shapes at batch 1 (s2_first on a smaller image), H100 plans
+    Block(1, 256, 256, 512, 32, 15, 15, stride=2, projection=True),
+    Block(1, 1024, 512, 1024, 32, 14, 14),
+    Block(1, 2048, 1024, 2048, 32, 7, 7),  # stage 4: two width chunks, d=32 sweeps 2 K tiles
+]
+
+
+@needs_emu
+@pytest.mark.parametrize("block", EMU_STAGES, ids=repr)
+def test_emulated_stage_shapes(emu, block):
+    args = block.make(torch.bfloat16)
+    _check(_emulated(args, block, True), args, block, torch.bfloat16, True, "cpu")
+
+
 def _plan(emu, block, elem_bytes, limit):
     th, wc, cs, kc, smem, gx, gy, nbuf = emu.fused_block_plan(
         block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups, block.stride,
