@@ -326,9 +326,10 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     """The GPU autotune candidates for each canonical shape (batch 128): the
     prune callbacks accept the real kernel arguments, K1 stays within shared
     memory, K2 keeps only the measured spill-free tiles of its operand class
-    (the narrowest tile for unaligned channel counts), and the t2 recompute factor cdiv(Cout, BLOCK_CO) stays within 2x of the
-    best allowed tile. Meta tensors: host logic only (compilation is checked
-    by test_kernels_compile_for_sm90)."""
+    (the narrowest tile for unaligned channel counts), and the t2 recompute
+    factor cdiv(Cout, BLOCK_CO) stays within 2x of the best allowed tile.
+    Meta tensors: host logic only (compilation is checked by
+    test_kernels_compile_for_sm90)."""
     cin, width, cout, groups, h, stride, proj = compile_check.SHAPES[name]
     ho = (h - 1) // stride + 1
     allow_tf32(tf32)
@@ -352,7 +353,8 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
 
     for c in pruned(k1, k1._conv1x1_bias_relu_kernel, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)):
         k = c.kwargs
-        assert c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize <= compile_check.SM90_MAX_SHARED
+        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize
+        assert shared <= compile_check.SM90_MAX_SHARED
     args, consts = k2._kernel_args(t1, x, tiling, packed, y, stride, 1)
     assert consts["PREC"] == ("ieee" if dtype == torch.float32 and not tf32 else "tf32")
     kept = pruned(k2, k2._grouped_conv_conv3_kernel, args, consts)
