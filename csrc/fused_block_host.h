@@ -66,7 +66,7 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
   // 256-bit aligned and shifts consecutive rows by 8 banks.
   const int pad = 32 / elem_bytes;
   const int unit = std::max(16, p.d_p);  // a chunk holds whole groups
-  const int kc = std::min(64, p.Cin_p);
+  const int kc = std::min(kMaxKC, p.Cin_p);
   // Charge per re-streamed x element, in MAC units: an L2 read costs about
   // as much time as this many tensor-core MACs (rough, H100-class).
   constexpr double kRestreamCost = 16.0;

@@ -12,6 +12,7 @@ namespace rk {
 constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileW = 16;     // output tile width: one 16-row MMA tile per output row
+constexpr int kMaxKC = 64;     // largest input-channel chunk (the planner's KC)
 constexpr int kMaxAcc = 8;     // register accumulators per warp (conv1 pass, strip rows); TH <= kMaxAcc
 
 // Everything the kernel needs, computed on the host (fused_block_host.h).
@@ -238,10 +239,13 @@ template <bool kAsync, class T, class RowSrc>
 __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int k0, int cin, bool vec,
                                         const T* __restrict__ x, RowSrc row_src) {
   if (vec) {
+    // Rows are walked in steps of kMaxKC channels (a compile-time count of
+    // vectors, so no division by a runtime value); vectors past kc skip.
     constexpr int kVec = 16 / sizeof(T);
-    const int kcv = kc / kVec;
-    for (int i = threadIdx.x; i < rows * kcv; i += kThreads) {
-      const int r = i / kcv, c = (i - r * kcv) * kVec;
+    constexpr int kRowVec = kMaxKC / kVec;
+    for (int i = threadIdx.x; i < rows * kRowVec; i += kThreads) {
+      const int r = i / kRowVec, c = (i % kRowVec) * kVec;
+      if (c >= kc) continue;
       const long long src = row_src(r);
       T* d = dst + r * pitch + c;
       if (src >= 0 && k0 + c < cin) {  // cin is a multiple of kVec here
@@ -375,14 +379,23 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
           const int mt = job / wc16, nt = job % wc16;
           P::store_acc(scratch, 16, acc[i]);
           __syncwarp();
+          // The lane's elements e = lane + 32j are halo pixels px = px0 + 2j
+          // of one channel c; (hy, hx) follows px without a division per step.
+          const int c = nt * 16 + lane % 16;
+          const float bias = p.b1p[w0 + c];
+          int px = mt * 16 + lane / 16;
+          int hy = px / p.HWp, hx = px % p.HWp;
           for (int e = lane; e < 256; e += 32) {
-            const int px = mt * 16 + e / 16, c = nt * 16 + e % 16;
-            const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+            const int iy = iy0 + hy, ix = ix0 + hx;
             float v = 0.0f;
-            if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
-              v = fmaxf(scratch[e] + p.b1p[w0 + c], 0.0f);
-            }
+            if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) v = fmaxf(scratch[e] + bias, 0.0f);
             t1s[px * p.pitch_t1 + c] = from_float<T>(v);
+            px += 2;
+            hx += 2;  // HWp >= 18 > 2: at most one wrap
+            if (hx >= p.HWp) {
+              hx -= p.HWp;
+              ++hy;
+            }
           }
           __syncwarp();  // scratch is rewritten by the next tile
         }
