@@ -110,7 +110,6 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
           best_cost = cost;
           best_total = total;
           p.TH = th;
-          p.HH = hh;
           p.HWp = hwp;
           p.P1 = p1;
           p.Mp1 = mp1;

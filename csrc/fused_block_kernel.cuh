@@ -48,13 +48,13 @@ struct FusedBlockParams {
   const void* w3p;
   const float* b3p;
   const void* wdp;
-  int N, H, W, Cin, Cout, Ho, Wo;
+  int N, H, W, Cin, Cout, Ho, Wo;  // N: the batch (grid.z), used by the host
   int Cin_p, Wp, Cout_p, d_p, KT, stride, dil;
   // Tiling: a block owns output rows [ty*TH, ty*TH+TH) x cols [tx*16, tx*16+16)
   // of image blockIdx.z and output channels [blockIdx.y*CS, +CS).
   int TH, tiles_x;
-  int HH, HWp;   // halo tile height and width (input pixels)
-  int P1, Mp1;   // halo pixels, rounded up to 16
+  int HWp;       // halo tile width (input pixels): 15*stride + 2*dil + 1
+  int P1, Mp1;   // halo pixels ((TH-1)*stride + 2*dil + 1 rows x HWp), rounded up to 16
   int Mo;        // output pixels per tile = TH*16
   int KC;        // input-channel chunk streamed through shared memory
   int WC;        // width chunk (padded channels of t1/t2 kept at once)

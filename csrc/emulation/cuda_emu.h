@@ -94,7 +94,6 @@ struct State {
   std::vector<unsigned char> smem_storage;
   unsigned char* smem = nullptr;
   std::string error;
-  long barriers = 0;
 };
 
 inline State& cur() {
@@ -234,7 +233,6 @@ inline void run_block(State& s, int nthreads) {
       return;
     }
     for (int t = 0; t < nthreads; ++t) s.fibers[t].state = FiberState::kRunnable;
-    ++s.barriers;
     ++phase;
   }
   for (int t = 0; t < nthreads; ++t) {
@@ -271,7 +269,6 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   s.block_dim = block;
   s.body = &body;
   s.error.clear();
-  s.barriers = 0;
   if (static_cast<int>(s.fibers.size()) < nthreads) s.fibers.resize(nthreads);
   for (int t = 0; t < nthreads; ++t) {
     if (s.fibers[t].stack.size() != kFiberStack) s.fibers[t].stack.assign(kFiberStack, 0);
