@@ -41,7 +41,7 @@ inline int padded_group_width(int d) {
 //   - x's halo is streamed once per width chunk, conv1 pass and slice, at
 //     double the charge without the second x buffer (no prefetch);
 //   - rows of the last tile row past the image are wasted.
-// TH is at most kMaxAcc (8). Ties go to the taller tile. Fills p's size,
+// TH is at most kMaxAcc (7). Ties go to the taller tile. Fills p's size,
 // tiling and layout fields and returns the dynamic shared-memory bytes, or 0
 // when no plan fits.
 inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,

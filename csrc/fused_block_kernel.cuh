@@ -13,7 +13,7 @@ constexpr int kThreads = 256;  // 8 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileW = 16;     // output tile width: one 16-row MMA tile per output row
 constexpr int kMaxKC = 64;     // largest input-channel chunk (the planner's KC)
-constexpr int kMaxAcc = 8;     // register accumulators per warp (conv1 pass, strip rows); TH <= kMaxAcc
+constexpr int kMaxAcc = 7;     // register accumulators per warp (conv1 pass, strip rows); TH <= kMaxAcc
 
 // Everything the kernel needs, computed on the host (fused_block_host.h).
 //
@@ -191,6 +191,9 @@ struct StripJobs {
 template <class P, class AAt, class BAt>
 __device__ __forceinline__ void strip_mma(typename P::Acc (&acc)[kMaxAcc], int nrows, int K, int lda, int ldb,
                                           AAt a_at, BAt b_at) {
+  // Not unrolled across k: the rows already give the MMAs independent work,
+  // and unrolling k as well ran the kernel out of registers (spills).
+#pragma unroll 1
   for (int k = 0; k < K; k += P::kK) {
     typename P::FragB b;
     P::load_b(b, b_at(k), ldb);
