@@ -7,8 +7,8 @@ kernel of csrc/fused_block_kernel.cuh compiled into ``resnext_kernels._C``.
 host C++ compiler against csrc/emulation/cuda_emu.h, which runs thread blocks
 one after another and a block's threads as fibers. It is a separate library,
 built on first use with ``torch.utils.cpp_extension.load`` (a message is
-printed; about a minute) into a directory keyed by a hash of the sources and
-the torch version, under ``RESNEXT_KERNELS_EMU_BUILD_DIR``, else
+printed; ~20 s on an idle 2-core machine) into a directory keyed by a hash
+of the sources and the torch version, under ``RESNEXT_KERNELS_EMU_BUILD_DIR``, else
 ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/resnext_kernels``. Its op is
 ``torch.ops.resnext_kernels.fused_block_cuda_emulated`` (CPU tensors); test
 helpers live in ``torch.ops.resnext_kernels_emu``.
@@ -131,7 +131,7 @@ def load_emulation():
         if not os.path.exists(os.path.join(build_dir, f"{_EMU_NAME}.so")):
             print(
                 f"[resnext_kernels] building the CPU emulation of the CUDA kernels in {build_dir} "
-                "(first use only, about a minute)",
+                "(first use only, under a minute)",
                 file=sys.stderr,
                 flush=True,
             )

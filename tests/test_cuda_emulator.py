@@ -4,7 +4,7 @@ Small kernels with known results (csrc/emulation/emu_selftest.cpp) run
 through the emulator: barrier semantics, a shared-memory tree reduction,
 WMMA load/mma/store against matmul, cp.async completion, and the errors the
 emulator must report.
-The first test in a fresh environment builds the emulation library (about a
+The first test in a fresh environment builds the emulation library (under a
 minute, cached afterwards).
 """
 
