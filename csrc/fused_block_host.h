@@ -110,6 +110,7 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
           best_cost = cost;
           best_total = total;
           p.TH = th;
+          p.tiles_y = ceil_div(p.Ho, th);
           p.HWp = hwp;
           p.P1 = p1;
           p.Mp1 = mp1;
@@ -237,7 +238,8 @@ inline void check_args(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   }
   // The kernel indexes with 32-bit ints inside one image.
   TORCH_CHECK(x.size(2) * x.size(3) * std::max(cin, cout) < (int64_t(1) << 31), op, ": image too large");
-  TORCH_CHECK(x.size(0) <= 65535, op, ": batch must be <= 65535 (grid z), got ", x.size(0));
+  // Grid x is N * tiles per image (at most 2^31 - 1 blocks).
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) < (int64_t(1) << 31), op, ": N*H*W too large, got ", x.sizes());
 }
 
 inline Math math_for(at::ScalarType t, bool allow_tf32) {
@@ -284,8 +286,7 @@ at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1, con
     // wmma reads weight tiles straight from global memory.
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 32 == 0, op, ": packed weights are not 32-byte aligned");
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.Ho, p.TH) * p.tiles_x),
-                  static_cast<unsigned>(ceil_div(p.Cout_p, p.CS)), static_cast<unsigned>(N));
+  const dim3 grid(static_cast<unsigned>(N * p.tiles_y * p.tiles_x), static_cast<unsigned>(ceil_div(p.Cout_p, p.CS)));
   launch(math_for(x.scalar_type(), allow_tf32), p, grid, smem);
   return y;
 }

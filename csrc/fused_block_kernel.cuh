@@ -50,9 +50,10 @@ struct FusedBlockParams {
   const void* wdp;
   int N, H, W, Cin, Cout, Ho, Wo;  // N: the batch (grid.z), used by the host
   int Cin_p, Wp, Cout_p, d_p, KT, stride, dil;
-  // Tiling: a block owns output rows [ty*TH, ty*TH+TH) x cols [tx*16, tx*16+16)
-  // of image blockIdx.z and output channels [blockIdx.y*CS, +CS).
-  int TH, tiles_x;
+  // Tiling: blockIdx.x = (n * tiles_y + ty) * tiles_x + tx owns output rows
+  // [ty*TH, ty*TH+TH) x cols [tx*16, tx*16+16) of image n; blockIdx.y owns
+  // output channels [blockIdx.y*CS, +CS).
+  int TH, tiles_x, tiles_y;
   int HWp;       // halo tile width (input pixels): 15*stride + 2*dil + 1
   int P1, Mp1;   // halo pixels ((TH-1)*stride + 2*dil + 1 rows x HWp), rounded up to 16
   int Mo;        // output pixels per tile = TH*16
@@ -271,7 +272,7 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
 }
 
 // ---------------------------------------------------------------------------
-// The kernel. Grid: (tiles_y*tiles_x, ceil(Cout_p/CS), N); block: kThreads.
+// The kernel. Grid: (N*tiles_y*tiles_x, ceil(Cout_p/CS)); block: kThreads.
 // Per block, for each width chunk [w0, w0+WC):
 //   1. conv1 over the halo, x streamed through xs in KC-channel chunks
 //      (double-buffered with cp.async when shared memory allows); the
@@ -301,8 +302,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   float* scratch = reinterpret_cast<float*>(smem + p.off_scratch) + warp * 256;  // this warp's 16x16 tile
-  const int n = blockIdx.z;
-  const int oy0 = (blockIdx.x / p.tiles_x) * p.TH;
+  const int tiles = p.tiles_y * p.tiles_x;
+  const int n = blockIdx.x / tiles;
+  const int oy0 = (blockIdx.x % tiles / p.tiles_x) * p.TH;
   const int ox0 = (blockIdx.x % p.tiles_x) * kTileW;
   const int cs0 = blockIdx.y * p.CS;
   const int cs_len = min(p.CS, p.Cout_p - cs0);

@@ -65,7 +65,7 @@ std::vector<int64_t> fused_block_plan(int64_t N, int64_t H, int64_t W, int64_t C
   const size_t smem = rk::plan_fused_block(p, N, H, W, Cin, width, Cout, groups, stride, dilation, elem_bytes,
                                            smem_limit > 0 ? smem_limit : kDefaultSmemLimit);
   TORCH_CHECK(smem > 0, "fused_block_plan: nothing fits in the shared-memory limit");
-  return {p.TH, p.WC, p.CS, p.KC, static_cast<int64_t>(smem), rk::ceil_div(p.Ho, p.TH) * p.tiles_x,
+  return {p.TH, p.WC, p.CS, p.KC, static_cast<int64_t>(smem), static_cast<int64_t>(N) * p.tiles_y * p.tiles_x,
           rk::ceil_div(p.Cout_p, p.CS), p.nbuf};
 }
 
