@@ -21,7 +21,6 @@ from resnext_kernels import backends, cuda_backend, ops
 from resnext_kernels.reference import bottleneck_inference_reference
 from helpers import assert_close_to_reference
 
-HAS_CUDA = torch.cuda.is_available()
 _emu_reason = cuda_backend.emulated_unavailable_reason()
 needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
 _cuda_reason = backends.unavailable_reason("cuda", "cuda")
