@@ -192,9 +192,6 @@ struct StripJobs {
 template <class P, class AAt, class BAt>
 __device__ __forceinline__ void strip_mma(typename P::Acc (&acc)[kMaxAcc], int nrows, int K, int lda, int ldb,
                                           AAt a_at, BAt b_at) {
-  // Not unrolled across k: the rows already give the MMAs independent work,
-  // and unrolling k as well ran the kernel out of registers (spills).
-#pragma unroll 1
   for (int k = 0; k < K; k += P::kK) {
     typename P::FragB b;
     P::load_b(b, b_at(k), ldb);
