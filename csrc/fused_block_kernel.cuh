@@ -235,8 +235,8 @@ __device__ __forceinline__ void accumulate_y(float* ys, int ldy, int rows, int c
 // `pitch` elements). row_src(r) is the element offset of pixel r's channel 0
 // in x, or -1 for a zero row (outside the image or the tile); channels at or
 // past cin are zero.
-// kAsync: vector copies go through cp.async (the caller commits and waits).
-template <bool kAsync, class T, class RowSrc>
+// Vector copies go through cp.async: the caller commits and waits.
+template <class T, class RowSrc>
 __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int k0, int cin, bool vec,
                                         const T* __restrict__ x, RowSrc row_src) {
   if (vec) {
@@ -250,11 +250,7 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
       const long long src = row_src(r);
       T* d = dst + r * pitch + c;
       if (src >= 0 && k0 + c < cin) {  // cin is a multiple of kVec here
-        if (kAsync) {
-          async_copy16(d, x + src + k0 + c);
-        } else {
-          copy16(d, x + src + k0 + c);
-        }
+        async_copy16(d, x + src + k0 + c);
       } else {
         zero16(d);
       }
@@ -268,11 +264,44 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
   }
 }
 
+// Streams channels of `rows` pixels of x through the x chunk buffers in KC
+// chunks: chunk kci goes to buffer kci % nbuf, and with two buffers chunk
+// kci+1 is in flight (cp.async) while body(kci, k0, kc, chunk) multiplies
+// chunk kci. row_src as for stage_x. Every thread calls it (it holds
+// barriers); the first barrier also orders it after earlier readers of the
+// buffers (t2s aliases them).
+template <class T, class RowSrc, class Body>
+__device__ __forceinline__ void stream_x(T* xs, const FusedBlockParams& p, int rows, const T* __restrict__ x,
+                                         RowSrc row_src, Body body) {
+  const int nk = (p.Cin_p + p.KC - 1) / p.KC;
+  auto stage = [&](int kci) {
+    const int k0 = kci * p.KC;
+    stage_x(xs + (kci % p.nbuf) * p.xs_buf, p.pitch_xs, rows, min(p.KC, p.Cin_p - k0), k0, p.Cin, p.vec_x,
+                  x, row_src);
+  };
+  __syncthreads();
+  stage(0);
+  async_commit();
+  for (int kci = 0; kci < nk; ++kci) {
+    const int k0 = kci * p.KC;
+    if (p.nbuf == 2 && kci + 1 < nk) stage(kci + 1);
+    async_commit();  // possibly empty: keeps "all but the newest group" = chunk kci
+    async_wait_prior(1);
+    __syncthreads();  // every thread's part of chunk kci has landed
+    body(kci, k0, min(p.KC, p.Cin_p - k0), static_cast<const T*>(xs + (kci % p.nbuf) * p.xs_buf));
+    __syncthreads();  // this buffer is refilled next (one buffer) or after next (two)
+    if (p.nbuf == 1 && kci + 1 < nk) {
+      stage(kci + 1);
+      async_commit();
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The kernel. Grid: (N*tiles_y*tiles_x, ceil(Cout_p/CS)); block: kThreads.
 // Per block, for each width chunk [w0, w0+WC):
 //   1. conv1 over the halo, x streamed through xs in KC-channel chunks
-//      (double-buffered with cp.async when shared memory allows); the
+//      (stream_x: double-buffered with cp.async when shared memory allows); the
 //      16x16 output tiles (halo px x chunk channels) are spread over the
 //      warps, at most kMaxAcc register accumulators per warp and pass (more
 //      tiles take more passes, each re-streaming x).
@@ -317,7 +346,6 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
   // Output rows of the tile that exist (the tile may overhang the image).
   const int th_valid = min(p.TH, p.Ho - oy0);
   const int jobs1 = (p.Mp1 / 16) * wc16;  // conv1 output tiles per chunk
-  const int nk = (p.Cin_p + p.KC - 1) / p.KC;  // x chunks
 
   for (int i = tid; i < p.Mo * cs_len; i += kThreads) ys[(i / cs_len) * p.pitch_y + i % cs_len] = 0.0f;
 
@@ -325,55 +353,36 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
     // ---- 1 + 2. conv1 (+ b1, ReLU, zero outside the image) -> t1s ----
     for (int pass0 = 0; pass0 < jobs1; pass0 += kWarps * kMaxAcc) {
       Acc acc[kMaxAcc];
-      // x chunk kci -> xs buffer kci % nbuf. With two buffers chunk kci+1 is
-      // prefetched (cp.async) while chunk kci is multiplied.
-      auto stage_chunk = [&](int kci) {
-        const int k0 = kci * p.KC;
-        stage_x<true>(xs + (kci % p.nbuf) * p.xs_buf, p.pitch_xs, p.Mp1, min(p.KC, p.Cin_p - k0), k0, p.Cin,
-                      p.vec_x, x, [&](int px) -> long long {
-                        const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
-                        if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
-                        return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
-                      });
-      };
-      __syncthreads();  // readers of xs / t2s from the previous step are done
-      stage_chunk(0);
-      async_commit();
-      for (int kci = 0; kci < nk; ++kci) {
-        const int k0 = kci * p.KC;
-        const int kc = min(p.KC, p.Cin_p - k0);
-        const T* xcur = xs + (kci % p.nbuf) * p.xs_buf;
-        if (p.nbuf == 2 && kci + 1 < nk) stage_chunk(kci + 1);
-        async_commit();  // possibly empty: keeps "all but the newest group" = chunk kci
-        async_wait_prior(1);
-        __syncthreads();  // every thread's part of chunk kci has landed
-        // k outer, tiles inner: a warp's tiles (warp + i*kWarps) share one
-        // column tile when wc16 divides kWarps, so B is loaded once per k.
-        for (int kk = 0; kk < kc; kk += P::kK) {
-          typename P::FragB b;
-          int b_nt = -1;
+      stream_x(
+          xs, p, p.Mp1, x,
+          [&](int px) -> long long {
+            const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
+            if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
+            return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
+          },
+          [&](int kci, int k0, int kc, const T* xcur) {
+            // k outer, tiles inner: a warp's tiles (warp + i*kWarps) share one
+            // column tile when wc16 divides kWarps, so B is loaded once per k.
+            for (int kk = 0; kk < kc; kk += P::kK) {
+              typename P::FragB b;
+              int b_nt = -1;
 #pragma unroll
-          for (int i = 0; i < kMaxAcc; ++i) {
-            const int job = pass0 + warp + i * kWarps;
-            if (job < jobs1) {
-              const int mt = job / wc16, nt = job % wc16;
-              if (kci == 0 && kk == 0) P::zero(acc[i]);
-              if (nt != b_nt) {
-                P::load_b(b, w1p + static_cast<size_t>(k0 + kk) * p.Wp + w0 + nt * 16, p.Wp);
-                b_nt = nt;
+              for (int i = 0; i < kMaxAcc; ++i) {
+                const int job = pass0 + warp + i * kWarps;
+                if (job < jobs1) {
+                  const int mt = job / wc16, nt = job % wc16;
+                  if (kci == 0 && kk == 0) P::zero(acc[i]);
+                  if (nt != b_nt) {
+                    P::load_b(b, w1p + static_cast<size_t>(k0 + kk) * p.Wp + w0 + nt * 16, p.Wp);
+                    b_nt = nt;
+                  }
+                  typename P::FragA a;
+                  P::load_a(a, xcur + mt * 16 * p.pitch_xs + kk, p.pitch_xs);
+                  P::mma(acc[i], a, b);
+                }
               }
-              typename P::FragA a;
-              P::load_a(a, xcur + mt * 16 * p.pitch_xs + kk, p.pitch_xs);
-              P::mma(acc[i], a, b);
             }
-          }
-        }
-        __syncthreads();  // this buffer is refilled next (one buffer) or after next (two)
-        if (p.nbuf == 1 && kci + 1 < nk) {
-          stage_chunk(kci + 1);
-          async_commit();
-        }
-      }
+          });
 #pragma unroll
       for (int i = 0; i < kMaxAcc; ++i) {
         const int job = pass0 + warp + i * kWarps;
@@ -451,19 +460,18 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
 
   if (wdp != nullptr) {
     // ---- projection shortcut: yacc += x[oy*s, ox*s] @ wdp ----
-    for (int k0 = 0; k0 < p.Cin_p; k0 += p.KC) {
-      const int kc = min(p.KC, p.Cin_p - k0);
-      __syncthreads();
-      stage_x<false>(xs, p.pitch_xs, th_valid * 16, kc, k0, p.Cin, p.vec_x, x, [&](int m) -> long long {
-        const int gy = oy0 + m / 16, gx = ox0 + m % 16;
-        if (gx >= p.Wo) return -1;
-        return (static_cast<long long>(gy * s) * p.W + gx * s) * p.Cin;
-      });
-      __syncthreads();
-      accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, kc, p.pitch_xs, p.Cout_p,
-                      [&](int r, int k) { return xs + r * 16 * p.pitch_xs + k; },
-                      [&](int nt, int k) { return wdp + static_cast<size_t>(k0 + k) * p.Cout_p + cs0 + nt * 16; });
-    }
+    stream_x(
+        xs, p, th_valid * 16, x,
+        [&](int m) -> long long {
+          const int gy = oy0 + m / 16, gx = ox0 + m % 16;
+          if (gx >= p.Wo) return -1;
+          return (static_cast<long long>(gy * s) * p.W + gx * s) * p.Cin;
+        },
+        [&](int, int k0, int kc, const T* xcur) {
+          accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, kc, p.pitch_xs, p.Cout_p,
+                          [&](int r, int k) { return xcur + r * 16 * p.pitch_xs + k; },
+                          [&](int nt, int k) { return wdp + static_cast<size_t>(k0 + k) * p.Cout_p + cs0 + nt * 16; });
+        });
   }
   __syncthreads();
 
