@@ -138,6 +138,42 @@ def test_emulated_matches_reference(emu, block, mode):
     _check(_emulated(args, block, tf32), args, block, dtype, tf32, "cpu")
 
 
+@needs_emu
+def test_emulated_random_blocks(emu):
+    """Random block shapes (H or W may be 1, d up to 40, dilation up to 3,
+    any channel counts), modes and shared-memory limits, drawn from the
+    per-test seed (tests/conftest.py prints it; RESNEXT_KERNELS_TEST_SEED
+    replays a failure)."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), ()))]
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi + 1, ()))
+
+    checked = 0
+    while checked < 12:
+        groups, d = pick([1, 2, 3, 4, 8, 16]), pick([1, 2, 3, 4, 5, 8, 12, 16, 17, 24, 32, 40])
+        projection = bool(torch.rand(()) < 0.5)
+        cin = rint(1, 70)
+        block = Block(pick([1, 2]), cin, groups * d, rint(1, 70) if projection else cin, groups, rint(1, 12),
+                      rint(1, 20), stride=pick([1, 2]) if projection else 1, dilation=pick([1, 2, 3]),
+                      projection=projection)
+        dtype, tf32 = pick(MODES)
+        limit = pick([0, 60000, 90000])
+        args = block.make(dtype)
+        try:
+            y = _emulated(args, block, tf32, limit)
+        except RuntimeError as exc:  # a tight limit may fit no plan for big halos
+            assert limit and "no tile plan fits" in str(exc), (block, exc)
+            continue
+        try:
+            _check(y, args, block, dtype, tf32, "cpu")
+        except AssertionError as exc:
+            raise AssertionError(f"{block} {_mode_id((dtype, tf32))} smem_limit={limit}: {exc}") from exc
+        checked += 1
+
+
 EMU_STAGES = [  # ResNeXt-50 32x4d stage shapes at batch 1 (s2_first on a smaller image), H100 plans
     Block(1, 256, 256, 512, 32, 15, 15, stride=2, projection=True),
     Block(1, 1024, 512, 1024, 32, 14, 14),
