@@ -80,6 +80,9 @@ def _cuda_reason(device_type):
         return f"needs CUDA tensors, got device type {device_type!r}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the CUDA kernel needs compute capability 8.0 or newer (bf16 WMMA, cp.async), device has {major}.{minor}"
     return None
 
 
