@@ -39,3 +39,42 @@ def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=2.0,
     bound = factor * eager_err + floor
     assert err <= bound, f"max rel error {err:.3e} > {factor} x eager error {eager_err:.3e} + {floor:.0e}"
     return err, eager_err
+
+
+class Block:
+    """One folded-block test case: (N, Cin, width, Cout, groups, H, W, stride, dilation, projection).
+
+    `make` returns the op's tensor arguments [x, w1, b1, w2, b2, w3, b3, wd, bd].
+    """
+
+    def __init__(self, n, cin, width, cout, groups, h, w, stride=1, dilation=1, projection=False):
+        self.n, self.cin, self.width, self.cout, self.groups = n, cin, width, cout, groups
+        self.h, self.w, self.stride, self.dilation, self.projection = h, w, stride, dilation, projection
+
+    def __repr__(self):
+        kind = "proj" if self.projection else "id"
+        return (f"N{self.n}_Cin{self.cin}_w{self.width}_Cout{self.cout}_g{self.groups}_d{self.width // self.groups}"
+                f"_{self.h}x{self.w}_s{self.stride}_dil{self.dilation}_{kind}")
+
+    def make(self, dtype=torch.float32, device="cpu", channels_last=True):
+        """Fresh random fp64 inputs (scaled so activations stay O(1)), then cast."""
+        def rnd(*shape, scale=1.0):
+            return torch.randn(*shape, dtype=torch.float64) * scale
+
+        d = self.width // self.groups
+        x = rnd(self.n, self.cin, self.h, self.w)
+        w1 = rnd(self.width, self.cin, 1, 1, scale=self.cin ** -0.5)
+        w2 = rnd(self.width, d, 3, 3, scale=(9 * d) ** -0.5)
+        w3 = rnd(self.cout, self.width, 1, 1, scale=self.width ** -0.5)
+        b1, b2, b3 = rnd(self.width, scale=0.3), rnd(self.width, scale=0.3), rnd(self.cout, scale=0.3)
+        wd = rnd(self.cout, self.cin, 1, 1, scale=self.cin ** -0.5) if self.projection else None
+        bd = rnd(self.cout, scale=0.3) if self.projection else None
+        tensors = [x, w1, b1, w2, b2, w3, b3, wd, bd]
+        out = [None if t is None else t.to(dtype=dtype, device=device) for t in tensors]
+        if channels_last:
+            out[0] = out[0].contiguous(memory_format=torch.channels_last)
+        return out
+
+    @property
+    def conv(self):
+        return self.stride, self.dilation, self.groups

@@ -21,52 +21,12 @@ import torch
 
 from resnext_kernels import backends, cuda_backend, ops
 from resnext_kernels.reference import bottleneck_inference_reference
-from helpers import assert_close_to_reference
+from helpers import Block, assert_close_to_reference
 
 _emu_reason = cuda_backend.emulated_unavailable_reason()
 needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
 _cuda_reason = backends.unavailable_reason("cuda", "cuda")
 needs_cuda = pytest.mark.skipif(_cuda_reason is not None, reason=f"cuda backend unusable: {_cuda_reason}")
-
-
-class Block:
-    """(N, Cin, width, Cout, groups, H, W, stride, dilation, projection)."""
-
-    def __init__(self, n, cin, width, cout, groups, h, w, stride=1, dilation=1, projection=False):
-        self.n, self.cin, self.width, self.cout, self.groups = n, cin, width, cout, groups
-        self.h, self.w, self.stride, self.dilation, self.projection = h, w, stride, dilation, projection
-
-    def __repr__(self):
-        kind = "proj" if self.projection else "id"
-        return (f"N{self.n}_Cin{self.cin}_w{self.width}_Cout{self.cout}_g{self.groups}_d{self.width // self.groups}"
-                f"_{self.h}x{self.w}_s{self.stride}_dil{self.dilation}_{kind}")
-
-    def make(self, dtype, device="cpu", channels_last=True):
-        """Fresh random inputs, scaled so activations stay O(1), in `dtype`."""
-        d = self.width // self.groups
-        f = torch.float64
-        x = torch.randn(self.n, self.cin, self.h, self.w, dtype=f)
-        args = [
-            x,
-            torch.randn(self.width, self.cin, 1, 1, dtype=f) / self.cin ** 0.5,
-            torch.randn(self.width, dtype=f) * 0.3,
-            torch.randn(self.width, d, 3, 3, dtype=f) / (9 * d) ** 0.5,
-            torch.randn(self.width, dtype=f) * 0.3,
-            torch.randn(self.cout, self.width, 1, 1, dtype=f) / self.width ** 0.5,
-            torch.randn(self.cout, dtype=f) * 0.3,
-        ]
-        if self.projection:
-            args += [torch.randn(self.cout, self.cin, 1, 1, dtype=f) / self.cin ** 0.5, torch.randn(self.cout, dtype=f)]
-        else:
-            args += [None, None]
-        args = [a if a is None else a.to(device=device, dtype=dtype) for a in args]
-        if channels_last:
-            args[0] = args[0].contiguous(memory_format=torch.channels_last)
-        return args
-
-    @property
-    def conv(self):
-        return self.stride, self.dilation, self.groups
 
 
 # Odd sizes, channel counts off multiples of 16, stride 2 on odd inputs,
