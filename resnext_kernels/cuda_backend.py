@@ -1,7 +1,9 @@
 """Python glue of the `cuda` and `cuda_emulated` backends.
 
-``cuda``: ``torch.ops.resnext_kernels.fused_block_cuda``, the fused block
-kernel of csrc/fused_block_kernel.cuh compiled into ``resnext_kernels._C``.
+``cuda``: the fused block kernel of csrc/fused_block_kernel.cuh compiled into
+``resnext_kernels._C``, as two ops: ``fused_block_pack_cuda`` packs the
+folded weights into the kernel's padded layouts and
+``fused_block_packed_cuda`` runs the block on them (one launch).
 
 ``cuda_emulated`` (testing only): the same kernel source compiled with the
 host C++ compiler against csrc/emulation/cuda_emu.h, which runs thread blocks
@@ -9,12 +11,16 @@ one after another and a block's threads as fibers. It is a separate library,
 built on first use with ``torch.utils.cpp_extension.load`` (a message is
 printed; ~20 s on an idle 2-core machine) into a directory keyed by a hash
 of the sources and the torch version, under ``RESNEXT_KERNELS_EMU_BUILD_DIR``, else
-``TORCH_EXTENSIONS_DIR``, else ``~/.cache/resnext_kernels``. Its op is
-``torch.ops.resnext_kernels.fused_block_cuda_emulated`` (CPU tensors); test
-helpers live in ``torch.ops.resnext_kernels_emu``.
+``TORCH_EXTENSIONS_DIR``, else ``~/.cache/resnext_kernels``. Its ops are
+``fused_block_pack_cuda_emulated`` and ``fused_block_packed_cuda_emulated``
+in ``torch.ops.resnext_kernels`` (CPU tensors); test helpers live in
+``torch.ops.resnext_kernels_emu``.
 
-Both ops take the block's arguments plus ``allow_tf32`` (fp32 inputs on TF32
-tensor cores when True, fp32 FMA when False; the backends pass
+Both backends pack the weights once and keep the result in PACK_CACHE
+(weight_cache.WeightCache: a weight modified in place or freed is repacked;
+weights made under torch.inference_mode are packed on every call). The block ops take x, the packed tensors,
+the real width and Cout, stride, dilation, groups, ``allow_tf32`` (fp32 inputs
+on TF32 tensor cores when True, fp32 FMA when False; the backends pass
 ``torch.backends.cudnn.allow_tf32`` like cuDNN convolutions do) and
 ``smem_limit`` (bytes the tile plan may use; 0 = the device's opt-in
 maximum, H100's 232448 for the emulation).
@@ -29,6 +35,7 @@ import threading
 import torch
 
 from . import _extension
+from .weight_cache import WeightCache
 
 _NS = "resnext_kernels"
 _EMU_NAME = "resnext_kernels_emu"
@@ -39,9 +46,40 @@ _emu_loaded = False
 _emu_error = None
 
 
-def _fake_fused_block(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, allow_tf32, smem_limit=0):
+PACK_CACHE = WeightCache()
+
+
+def _round_up(a, b):
+    return -(-a // b) * b
+
+
+def _fake_pack(w1, b1, w2, b2, w3, b3, wd, bd, groups):
+    # Mirrors set_padded_dims in csrc/fused_block_host.h (opcheck compares).
+    width, cin = w1.shape[0], w1.shape[1]
+    cout = w3.shape[0]
+    d = width // groups
+    d_p = _round_up(d, 16) if d > 16 else 1 << (d - 1).bit_length()
+    kt = max(1, d_p // 16)
+    wp = _round_up(groups * d_p, 16)
+    cin_p, cout_p = _round_up(cin, 16), _round_up(cout, 16)
+    f32 = torch.float32
+    packed = [
+        w1.new_empty(cin_p, wp),
+        w1.new_empty(wp, dtype=f32),
+        w1.new_empty(wp // 16, 9, kt, 16, 16),
+        w1.new_empty(wp, dtype=f32),
+        w1.new_empty(wp, cout_p),
+        w1.new_empty(cout_p, dtype=f32),
+    ]
+    if wd is not None:
+        packed.append(w1.new_empty(cin_p, cout_p))
+    return packed
+
+
+def _fake_packed(x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, allow_tf32,
+                 smem_limit=0):
     n, _, h, w = x.shape
-    shape = (n, w3.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+    shape = (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
@@ -49,19 +87,34 @@ def _op_exists(name):
     return hasattr(getattr(torch.ops, _NS), name)
 
 
-def _register_fake(name):
-    torch.library.register_fake(f"{_NS}::{name}")(_fake_fused_block)
+def _register_fakes(suffix):
+    torch.library.register_fake(f"{_NS}::fused_block_pack_{suffix}")(_fake_pack)
+    torch.library.register_fake(f"{_NS}::fused_block_packed_{suffix}")(_fake_packed)
 
 
-if _extension.extension() is not None and _op_exists("fused_block_cuda"):
-    _register_fake("fused_block_cuda")
+if _extension.extension() is not None and _op_exists("fused_block_packed_cuda"):
+    _register_fakes("cuda")
+
+
+def _run(pack_op, block_op, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
+    packed = PACK_CACHE.get(
+        lambda: pack_op(w1, b1, w2, b2, w3, b3, wd, bd, groups),
+        (w1, b1, w2, b2, w3, b3, wd, bd),
+        # Nothing else goes into the packing: not x, not the tile plan (the
+        # tensors' device tells the CUDA and emulated packings apart).
+        groups,
+    )
+    wdp = packed[6] if wd is not None else None
+    return block_op(x, *packed[:6], wdp, w1.shape[0], w3.shape[0], stride, dilation, groups,
+                    torch.backends.cudnn.allow_tf32, 0)
 
 
 def bottleneck_inference_cuda(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
-    """The `cuda` backend: one fused kernel launch on x's current stream."""
-    return torch.ops.resnext_kernels.fused_block_cuda(
-        x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, torch.backends.cudnn.allow_tf32, 0
-    )
+    """The `cuda` backend: one fused kernel launch on x's current stream
+    (plus the packing when the weights are not in PACK_CACHE)."""
+    lib = torch.ops.resnext_kernels
+    return _run(lib.fused_block_pack_cuda, lib.fused_block_packed_cuda, x, w1, b1, w2, b2, w3, b3, wd, bd, stride,
+                dilation, groups)
 
 
 def csrc_dir():
@@ -148,13 +201,13 @@ def load_emulation():
         except Exception as exc:
             _emu_error = f"building the CUDA emulation failed: {type(exc).__name__}: {exc}"
             raise RuntimeError(_emu_error) from exc
-        _register_fake("fused_block_cuda_emulated")
+        _register_fakes("cuda_emulated")
         _emu_loaded = True
 
 
 def bottleneck_inference_cuda_emulated(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
     """The `cuda_emulated` backend: the CUDA kernel run by the CPU emulator."""
     load_emulation()
-    return torch.ops.resnext_kernels.fused_block_cuda_emulated(
-        x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, torch.backends.cudnn.allow_tf32, 0
-    )
+    lib = torch.ops.resnext_kernels
+    return _run(lib.fused_block_pack_cuda_emulated, lib.fused_block_packed_cuda_emulated, x, w1, b1, w2, b2, w3,
+                b3, wd, bd, stride, dilation, groups)

@@ -40,8 +40,11 @@ for shape in shapes:
         # where a plan fits in them at all.
         for limit in (0, 64000, 40000):
             a = block(*shape, dtype)
+            p = torch.ops.resnext_kernels.fused_block_pack_cuda(*a[1:], shape[4])
             try:
-                y = torch.ops.resnext_kernels.fused_block_cuda(*a, shape[7], shape[8], shape[4], tf32, limit)
+                y = torch.ops.resnext_kernels.fused_block_packed_cuda(
+                    a[0], *p[:6], p[6] if shape[9] else None, shape[2], shape[3], shape[7], shape[8], shape[4],
+                    tf32, limit)
             except RuntimeError as exc:
                 if limit and "no tile plan fits" in str(exc):
                     continue

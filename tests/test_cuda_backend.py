@@ -79,8 +79,17 @@ def _check(y, args, block, dtype, tf32, device):
     assert_close_to_reference(y.cpu(), ref, eager.cpu(), factor=2.0, floor=1e-6)
 
 
+def _packed_args(pack_op, args, block):
+    """x, the packed weights (wdp None for identity) and the real width and Cout."""
+    packed = pack_op(*args[1:], block.groups)
+    assert len(packed) == (7 if block.projection else 6)
+    return [args[0], *packed[:6], packed[6] if block.projection else None, block.width, block.cout]
+
+
 def _emulated(args, block, tf32, smem_limit=0):
-    return torch.ops.resnext_kernels.fused_block_cuda_emulated(*args, *block.conv, tf32, smem_limit)
+    lib = torch.ops.resnext_kernels
+    return lib.fused_block_packed_cuda_emulated(*_packed_args(lib.fused_block_pack_cuda_emulated, args, block),
+                                                *block.conv, tf32, smem_limit)
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +288,104 @@ def test_emulated_tf32_flag_is_honoured(emu, monkeypatch):
     assert err[False] < 1e-4 * ref.abs().max().item() < err[True], err
 
 
+@pytest.fixture
+def pack_calls(emu, monkeypatch):
+    """Counts the emulated pack op's calls (the backend looks the op up on
+    every call); starts and ends with an empty cache."""
+    cuda_backend.PACK_CACHE.clear()
+    lib = torch.ops.resnext_kernels
+    real = lib.fused_block_pack_cuda_emulated
+    calls = []
+    monkeypatch.setattr(lib, "fused_block_pack_cuda_emulated", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    yield calls
+    cuda_backend.PACK_CACHE.clear()
+
+
+def _backend(args, block):
+    y = cuda_backend.bottleneck_inference_cuda_emulated(*args, *block.conv)
+    _check(y, args, block, torch.float32, False, "cpu")
+    return y
+
+
+@needs_emu
+def test_emulated_pack_cache_hit_and_in_place_update(pack_calls):
+    block = Block(1, 16, 32, 24, 4, 5, 6, stride=2, projection=True)
+    args = block.make(torch.float32)
+    y1 = _backend(args, block)
+    y2 = _backend(args, block)
+    assert len(pack_calls) == 1, "the second call with the same weights must not repack"
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    args[0] = block.make(torch.float32)[0]
+    _backend(args, block)
+    assert len(pack_calls) == 1, "the packing does not depend on x"
+    args[3].mul_(-1.5)  # in-place update bumps w2's _version: must repack
+    _backend(args, block)
+    assert len(pack_calls) == 2
+    args[8].add_(1.0)  # bd, folded into b3p
+    _backend(args, block)
+    assert len(pack_calls) == 3
+
+
+@needs_emu
+def test_emulated_pack_cache_freed_weight_at_same_address(pack_calls):
+    """A new weight at a freed one's address, with the same shape, strides
+    and _version, has the very same key: it must still be repacked."""
+    block = Block(1, 16, 32, 16, 4, 5, 5)
+    args = block.make(torch.float32)
+    storage = torch.empty_like(args[3]).untyped_storage()
+
+    def weight_in_storage(values):
+        t = torch.empty(0, dtype=values.dtype).set_(storage, 0, values.shape, values.stride())
+        t.copy_(values)  # the same steps every time, hence the same _version
+        return t
+
+    args[3] = weight_in_storage(args[3])
+    _backend(args, block)
+    first_key = (args[3].data_ptr(), args[3]._version)
+    args[3] = None  # frees the weight; its cache entry stays until the next insertion
+    args[3] = weight_in_storage(block.make(torch.float32)[3])
+    assert (args[3].data_ptr(), args[3]._version) == first_key
+    _backend(args, block)
+    assert len(pack_calls) == 2
+
+
+@needs_emu
+def test_emulated_pack_cache_drops_entries_of_freed_weights(pack_calls):
+    # Fresh weights each time, as with BN folded per forward; the widths
+    # differ so the keys do (an equal key would replace the entry anyway).
+    for width in (16, 32, 48):
+        block = Block(1, 16, width, 16, 4, 3, 3)
+        args = block.make(torch.float32)
+        _backend(args, block)
+        del args
+    assert len(pack_calls) == 3
+    assert len(cuda_backend.PACK_CACHE) == 1  # only the last entry: its weights are not yet known freed
+
+
+@needs_emu
+def test_emulated_pack_cache_inference_mode(pack_calls):
+    """Inference tensors have no version counter, so an in-place update
+    cannot be seen: they are packed on every call."""
+    block = Block(1, 16, 32, 16, 4, 5, 5)
+    with torch.inference_mode():
+        args = block.make(torch.float32)
+        _backend(args, block)
+        args[3].mul_(-1.5)
+        _backend(args, block)
+    assert len(pack_calls) == 2
+
+
 @needs_emu
 def test_emulated_opcheck(emu):
-    for block in (Block(1, 16, 32, 24, 2, 5, 6, stride=2, projection=True), Block(1, 16, 16, 16, 4, 5, 5)):
+    lib = torch.ops.resnext_kernels
+    # d = 16, 4 and 24: both padding rules of the fake's packed shapes.
+    for block in (Block(1, 16, 32, 24, 2, 5, 6, stride=2, projection=True), Block(1, 16, 16, 16, 4, 5, 5),
+                  Block(1, 8, 48, 20, 2, 3, 4, projection=True)):
         args = block.make(torch.float32)
-        torch.library.opcheck(torch.ops.resnext_kernels.fused_block_cuda_emulated.default,
-                              (*args, *block.conv, False, 0))
+        torch.library.opcheck(lib.fused_block_pack_cuda_emulated.default, (*args[1:], block.groups))
+        torch.library.opcheck(lib.fused_block_packed_cuda_emulated.default,
+                              (*_packed_args(lib.fused_block_pack_cuda_emulated, args, block), *block.conv, False, 0))
 
 
 @needs_emu
@@ -296,11 +397,47 @@ def test_emulated_rejects_bad_arguments(emu):
     with pytest.raises(RuntimeError, match="w2 must be"):
         _emulated(bad_w2, block, False)
     mixed = list(args)
-    mixed[1] = mixed[1].double()
-    with pytest.raises(RuntimeError, match="dtype"):
+    mixed[2] = mixed[2].double()  # b1 (w1 sets the weights' dtype)
+    with pytest.raises(RuntimeError, match="must have w1's dtype"):
         _emulated(mixed, block, False)
+    packed = _packed_args(torch.ops.resnext_kernels.fused_block_pack_cuda_emulated, args, block)
     with pytest.raises(RuntimeError, match="identity shortcut"):
-        torch.ops.resnext_kernels.fused_block_cuda_emulated(*args, 2, 1, 4, False, 0)
+        torch.ops.resnext_kernels.fused_block_packed_cuda_emulated(*packed, 2, 1, 4, False, 0)
+
+
+@needs_emu
+def test_emulated_rejects_bad_packed_weights(emu):
+    """Packed tensors that do not fit the call fail the checks, not the kernel."""
+    lib = torch.ops.resnext_kernels
+    block = Block(1, 16, 32, 16, 4, 5, 5)  # d=8
+    args = block.make(torch.float32)
+    good = _packed_args(lib.fused_block_pack_cuda_emulated, args, block)
+
+    def run(packed, **conv):
+        stride, dilation, groups = conv.get("stride", 1), conv.get("dilation", 1), conv.get("groups", 4)
+        return lib.fused_block_packed_cuda_emulated(*packed, stride, dilation, groups, False, 0)
+
+    run(good)  # the baseline passes the checks
+    with pytest.raises(RuntimeError, match="packed w2p must be"):
+        run(good, groups=1)  # d=32: packed for another group width
+    for i, name, bad in [
+        (2, "b1p", good[2].double()),
+        (3, "w2p", good[3].transpose(-1, -2)),
+        (5, "w3p", good[5][:, :8]),
+        (1, "w1p", good[1].half()),
+    ]:
+        packed = list(good)
+        packed[i] = bad
+        with pytest.raises(RuntimeError, match=f"packed {name} must be"):
+            run(packed)
+    proj = Block(1, 16, 32, 24, 4, 5, 5, projection=True)
+    pargs = _packed_args(lib.fused_block_pack_cuda_emulated, proj.make(torch.float32), proj)
+    run(pargs)
+    with pytest.raises(RuntimeError, match="packed w1p must be"):  # x with more channels than w1 was packed for
+        run([torch.randn(1, 40, 5, 5), *pargs[1:]])
+    pargs[7] = pargs[7][:, :16]
+    with pytest.raises(RuntimeError, match="packed wdp must be"):
+        run(pargs)
 
 
 # ---------------------------------------------------------------------------
@@ -315,9 +452,11 @@ def _poison_next_allocation(shape, dtype):
 
 
 def _cuda_run(args, block, tf32, smem_limit=0):
+    lib = torch.ops.resnext_kernels
+    packed = _packed_args(lib.fused_block_pack_cuda, args, block)  # before the poisoning: it allocates
     n, _, h, w = args[0].shape
     _poison_next_allocation((n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1), args[0].dtype)
-    y = torch.ops.resnext_kernels.fused_block_cuda(*args, *block.conv, tf32, smem_limit)
+    y = lib.fused_block_packed_cuda(*packed, *block.conv, tf32, smem_limit)
     torch.cuda.synchronize()
     return y
 
@@ -364,4 +503,29 @@ def test_cuda_split_plan_and_backend():
     _check(_cuda_run(args, block, True, smem_limit=40000), args, block, torch.bfloat16, True, "cuda")
     y = ops.bottleneck_inference(*args, stride=2, groups=2, backend="cuda")
     _check(y, args, block, torch.bfloat16, True, "cuda")
-    torch.library.opcheck(torch.ops.resnext_kernels.fused_block_cuda.default, (*args, *block.conv, True, 0))
+    lib = torch.ops.resnext_kernels
+    torch.library.opcheck(lib.fused_block_pack_cuda.default, (*args[1:], block.groups))
+    torch.library.opcheck(lib.fused_block_packed_cuda.default,
+                          (*_packed_args(lib.fused_block_pack_cuda, args, block), *block.conv, True, 0))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_pack_cache(monkeypatch):
+    """The `cuda` backend packs once per weight version (the cache itself is
+    tested on the emulated backend)."""
+    cuda_backend.PACK_CACHE.clear()
+    lib = torch.ops.resnext_kernels
+    real = lib.fused_block_pack_cuda
+    calls = []
+    monkeypatch.setattr(lib, "fused_block_pack_cuda", lambda *a: calls.append(1) or real(*a))
+    block = Block(2, 64, 128, 64, 8, 9, 9)
+    args = block.make(torch.float16, device="cuda")
+    for _ in range(2):
+        cuda_backend.bottleneck_inference_cuda(*args, *block.conv)
+    assert len(calls) == 1
+    args[3].mul_(-1.5)
+    y = cuda_backend.bottleneck_inference_cuda(*args, *block.conv)
+    assert len(calls) == 2
+    _check(y, args, block, torch.float16, True, "cuda")
+    cuda_backend.PACK_CACHE.clear()

@@ -1,6 +1,8 @@
-// CPU emulation build of the fused block kernel: op
-// resnext_kernels::fused_block_cuda_emulated (CPU tensors), the same kernel
-// source as the CUDA op, run by csrc/emulation/cuda_emu.h. Built on first use
+// CPU emulation build of the fused block kernel: ops
+// resnext_kernels::fused_block_pack_cuda_emulated and
+// fused_block_packed_cuda_emulated (CPU tensors; the same packing and kernel
+// source as the CUDA ops of fused_block_ops.cpp, the kernel run by
+// csrc/emulation/cuda_emu.h). Built on first use
 // by resnext_kernels/cuda_backend.py (torch.utils.cpp_extension.load); not
 // part of resnext_kernels._C.
 #include <ATen/ATen.h>
@@ -22,15 +24,25 @@ void run(const rk::FusedBlockParams& p, dim3 grid, size_t smem) {
   rk_emu::launch(grid, dim3(rk::kThreads), smem, [&p]() { rk::fused_block_kernel<P>(p); });
 }
 
-at::Tensor fused_block_cuda_emulated(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                     const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
-                                     const at::Tensor& b3, const std::optional<at::Tensor>& wd,
-                                     const std::optional<at::Tensor>& bd, int64_t stride, int64_t dilation,
-                                     int64_t groups, bool allow_tf32, int64_t smem_limit) {
-  TORCH_CHECK(x.device().is_cpu(), "fused_block_cuda_emulated: needs CPU tensors, got ", x.device());
+std::vector<at::Tensor> fused_block_pack_cuda_emulated(const at::Tensor& w1, const at::Tensor& b1,
+                                                       const at::Tensor& w2, const at::Tensor& b2,
+                                                       const at::Tensor& w3, const at::Tensor& b3,
+                                                       const std::optional<at::Tensor>& wd,
+                                                       const std::optional<at::Tensor>& bd, int64_t groups) {
+  TORCH_CHECK(w1.device().is_cpu(), "fused_block_pack_cuda_emulated: needs CPU tensors, got ", w1.device());
+  return rk::pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups, "fused_block_pack_cuda_emulated");
+}
+
+at::Tensor fused_block_packed_cuda_emulated(const at::Tensor& x, const at::Tensor& w1p, const at::Tensor& b1p,
+                                            const at::Tensor& w2p, const at::Tensor& b2p, const at::Tensor& w3p,
+                                            const at::Tensor& b3p, const std::optional<at::Tensor>& wdp,
+                                            int64_t width, int64_t cout, int64_t stride, int64_t dilation,
+                                            int64_t groups, bool allow_tf32, int64_t smem_limit) {
+  TORCH_CHECK(x.device().is_cpu(), "fused_block_packed_cuda_emulated: needs CPU tensors, got ", x.device());
   const size_t limit = smem_limit > 0 ? static_cast<size_t>(smem_limit) : kDefaultSmemLimit;
   return rk::fused_block_forward(
-      x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, allow_tf32, limit, "fused_block_cuda_emulated",
+      x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, allow_tf32, limit,
+      "fused_block_packed_cuda_emulated",
       [](rk::Math math, const rk::FusedBlockParams& p, dim3 grid, size_t smem) {
         // Poison the output (NaN in every dtype) so unwritten elements fail.
         const int elem = math == rk::Math::kHalf || math == rk::Math::kBf16 ? 2 : 4;
@@ -51,7 +63,7 @@ at::Tensor fused_block_cuda_emulated(const at::Tensor& x, const at::Tensor& w1, 
               break;
           }
         } catch (const std::runtime_error& e) {
-          TORCH_CHECK(false, "fused_block_cuda_emulated: ", e.what());
+          TORCH_CHECK(false, "fused_block_packed_cuda_emulated: ", e.what());
         }
       });
 }
@@ -71,13 +83,21 @@ std::vector<int64_t> fused_block_plan(int64_t N, int64_t H, int64_t W, int64_t C
 
 }  // namespace
 
+// Same schemas as the CUDA ops (fused_block_ops.cpp).
 TORCH_LIBRARY_FRAGMENT(resnext_kernels, m) {
   m.def(
-      "fused_block_cuda_emulated(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
-      "Tensor? wd, Tensor? bd, int stride, int dilation, int groups, bool allow_tf32, int smem_limit=0) -> Tensor");
+      "fused_block_pack_cuda_emulated(Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor? wd, "
+      "Tensor? bd, int groups) -> Tensor[]");
+  m.def(
+      "fused_block_packed_cuda_emulated(Tensor x, Tensor w1p, Tensor b1p, Tensor w2p, Tensor b2p, Tensor w3p, "
+      "Tensor b3p, Tensor? wdp, int width, int cout, int stride, int dilation, int groups, bool allow_tf32, "
+      "int smem_limit=0) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(resnext_kernels, CPU, m) { m.impl("fused_block_cuda_emulated", &fused_block_cuda_emulated); }
+TORCH_LIBRARY_IMPL(resnext_kernels, CPU, m) {
+  m.impl("fused_block_pack_cuda_emulated", &fused_block_pack_cuda_emulated);
+  m.impl("fused_block_packed_cuda_emulated", &fused_block_packed_cuda_emulated);
+}
 
 TORCH_LIBRARY(resnext_kernels_emu, m) {
   m.def(
