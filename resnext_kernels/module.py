@@ -183,18 +183,26 @@ class FusedResNeXtBlock(nn.Module):
             key = self._state_key(dtype)
             if self._fold_cache is not None and self._fold_cache[0] == key:
                 return self._fold_cache[1]
+        if cacheable:
+            # Fold outside inference mode: inference tensors have no version
+            # counter, so the backends' packed-weight caches (keyed on it)
+            # would repack them on every call.
+            with torch.inference_mode(False), torch.no_grad():
+                folded = self._fold(dtype)
+            self._fold_cache = (key, folded)
+        else:
+            folded = self._fold(dtype)
+            self._fold_cache = None
+        return folded
+
+    def _fold(self, dtype):
         w1, b1 = folding.fold_conv_bn(self.conv1.weight, self.bn1, dtype)
         w2, b2 = folding.fold_conv_bn(self.conv2.weight, self.bn2, dtype)
         w3, b3 = folding.fold_conv_bn(self.conv3.weight, self.bn3, dtype)
         wd = bd = None
         if self.downsample is not None:
             wd, bd = folding.fold_conv_bn(self.downsample[0].weight, self.downsample[1], dtype)
-        folded = (w1, b1, w2, b2, w3, b3, wd, bd)
-        if cacheable:
-            self._fold_cache = (key, folded)
-        else:
-            self._fold_cache = None
-        return folded
+        return (w1, b1, w2, b2, w3, b3, wd, bd)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() replace parameters; drop the cache eagerly so it

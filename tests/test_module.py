@@ -170,6 +170,20 @@ def test_fold_cache_invalidated_on_parameter_change():
     assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
 
 
+def test_fold_cache_under_inference_mode():
+    """Folded weights made under inference_mode are normal tensors, cached and reused."""
+    _, fused = _pair(16, 4, 1, 4, 16)
+    fused.eval()
+    x = torch.randn(2, 16, 5, 5, dtype=F64)
+    with torch.inference_mode():
+        y1 = fused(x)
+        first = fused._fold_cache[1]
+        y2 = fused(x)
+    assert fused._fold_cache[1] is first
+    assert not any(t.is_inference() for t in first if t is not None)  # backends can key caches on _version
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+
+
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="backend"):
         FusedResNeXtBlock(16, 4, backend="tpu")
