@@ -1,8 +1,8 @@
 """A cache of packed weights, keyed on the identity and version of the
 weight tensors they were packed from.
 
-Used by the `cuda` and `cuda_emulated` backends (cuda_backend.py). The
-Triton backend's packing.PackCache follows the same rules.
+Used by the `triton` backend (triton_kernels/packing.py) and the `cuda` and
+`cuda_emulated` backends (cuda_backend.py).
 """
 
 import collections

@@ -17,7 +17,7 @@ from .. import backends
 # Modules, not their launchers, so the submodule names stay importable.
 from . import conv1x1_bias_relu as _k1
 from . import grouped_conv_conv3 as _k2
-from .packing import PACK_CACHE
+from .packing import cached_pack_weights
 
 
 def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, *, out=None):
@@ -53,7 +53,7 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
         )
     # Triton launches on the current CUDA device; make it x's device.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        tiling, packed = PACK_CACHE.get(w1, b1, w2, b2, w3, b3, wd, bd, groups)
+        tiling, packed = cached_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
         t1 = torch.empty((n * h * w, tiling.width_p), dtype=x.dtype, device=x.device)
         _k1.conv1x1_bias_relu(x, packed["w1p"], packed["b1p"], t1)
         _k2.grouped_conv_conv3(t1, x, tiling, packed, out, stride, dilation)

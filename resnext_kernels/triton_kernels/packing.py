@@ -33,19 +33,15 @@ Packed tensors (all contiguous, activation dtype unless noted):
 width_p = n_tiles * GT (>= groups * d_p; the tail tile may hold padding groups).
 """
 
-import collections
-import threading
-import weakref
-
 import torch
+
+from ..weight_cache import WeightCache
 
 # Largest tile of the grouped conv for d > 16. 64 keeps one tap's weight tile
 # (64 x 64) and the t2 accumulator [BLOCK_P, 64] inside the register budget
 # (docs/triton_backend.md, "Config heuristics").
 MAX_GT = 64
 MIN_GT = 16  # tl.dot (and the tensor-core MMAs) need K, N >= 16
-
-_CACHE_SIZE = 32
 
 
 def next_pow2(n):
@@ -131,59 +127,12 @@ def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
     return t, packed
 
 
-def _tensor_key(t):
-    # _version changes on every in-place update, so a modified weight misses.
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+# Packed weights are cached under the same rules as the cuda backend's
+# (identity + _version of every weight; see weight_cache.WeightCache).
+PACK_CACHE = WeightCache()
 
 
-class PackCache:
-    """LRU cache of packed weights keyed on (data_ptr, _version, shape, dtype)
-    of every weight tensor.
-
-    A freed tensor's address can be reused by a new tensor of the same shape
-    with _version 0, so a key alone could return stale weights; each entry
-    also keeps weak references to the tensors it was packed from and is used
-    only while those are the very tensors passed in; entries whose tensors
-    were freed are dropped at the next insertion. Inference tensors
-    (torch.inference_mode) have no version counter, so they are packed on
-    every call.
-    """
-
-    def __init__(self, maxsize=_CACHE_SIZE):
-        self._entries = collections.OrderedDict()
-        self._maxsize = maxsize
-        self._lock = threading.Lock()
-
-    def get(self, w1, b1, w2, b2, w3, b3, wd, bd, groups):
-        tensors = [t for t in (w1, b1, w2, b2, w3, b3, wd, bd) if t is not None]
-        if any(t.is_inference() for t in tensors):
-            return pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
-        key = (groups, wd is None) + tuple(_tensor_key(t) for t in tensors)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-                self._entries.move_to_end(key)
-                return entry[1]
-        value = pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
-        refs = [weakref.ref(t) for t in tensors]
-        with self._lock:
-            # Entries whose weights were freed can never hit again (e.g. BN
-            # folded afresh on every training-mode forward); drop them so they
-            # do not hold packed copies until LRU eviction.
-            for dead in [k for k, (rs, _) in self._entries.items() if any(r() is None for r in rs)]:
-                del self._entries[dead]
-            self._entries[key] = (refs, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._maxsize:
-                self._entries.popitem(last=False)
-        return value
-
-    def clear(self):
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self):
-        return len(self._entries)
-
-
-PACK_CACHE = PackCache()
+def cached_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
+    """pack_weights(...), computed once per set of weight tensors (PACK_CACHE)."""
+    return PACK_CACHE.get(lambda: pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups),
+                          (w1, b1, w2, b2, w3, b3, wd, bd), groups)
