@@ -53,6 +53,25 @@ def triton_interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+AUTOTUNE_ENV = "RESNEXT_KERNELS_AUTOTUNE"
+
+
+def autotune_enabled():
+    """Whether the GPU backends tune their tile configuration by timing it.
+
+    Read at every call from the environment variable RESNEXT_KERNELS_AUTOTUNE:
+    "1" (the default) lets the first call of each shape time a few candidate
+    configurations on the GPU and keep the fastest (triton: its autotuner;
+    cuda: the top-ranked tile plans); "0" takes the heuristic's first choice
+    with no timing (deterministic, no first-call cost; the GPU check's tests
+    use it). The interpreter and the emulation never tune.
+    """
+    value = os.environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 def _triton_reason(device_type):
     try:
         importlib.import_module("triton")

@@ -241,3 +241,13 @@ def test_stale_extension_is_reported(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import resnext_kernels as rk; print(rk.extension_error())"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
     assert "failed to load: ImportError" in out
+
+
+def test_autotune_switch_reads_the_environment(monkeypatch):
+    monkeypatch.delenv(backends.AUTOTUNE_ENV, raising=False)
+    assert backends.autotune_enabled()
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    assert not backends.autotune_enabled()
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "yes")
+    with pytest.raises(ValueError, match="RESNEXT_KERNELS_AUTOTUNE must be '0' or '1', got 'yes'"):
+        backends.autotune_enabled()
