@@ -1,73 +1,201 @@
 #!/usr/bin/env bash
-# GPU check: run on a machine with an NVIDIA GPU, its own torch, and no network.
+# GPU check: build, test, sanitize, benchmark and profile resnext_kernels on a
+# machine with an NVIDIA GPU, its own torch and no network.
 #
-#   scripts/gpu_check.sh OUTDIR [STAGE ...]
+#   scripts/gpu_check.sh OUTDIR [STAGE|SET ...]
 #
-# Stages (default: all, in this order):
-#   build      compile resnext_kernels._C in place against this machine's torch
+# Stages, run in the order given:
+#   build      setup.py build_ext --inplace against this machine's torch, for the
+#              visible GPU, with the ptxas -v report in the log (incremental: a
+#              second call on the same machine rebuilds nothing)
 #   info       python -m resnext_kernels info
-#   tests      the whole test suite with CUDA enabled (GPU tests run, not skip)
-#   sanitizer  compute-sanitizer memcheck + racecheck on the CUDA kernel (scripts/gpu_check_cuda.sh)
-#   bench      benchmark suite + `bench --json` (scripts/gpu_bench.sh)
-# Each stage writes OUTDIR/<stage>.log and has its own time limit; OUTDIR/summary.md
-# lists every stage with its exit code and duration. The script exits non-zero if
-# any stage failed. Build + tests are sized to finish within 8 minutes on an H100.
+#   tests      pytest tests/ with CUDA (the GPU tests run), RESNEXT_KERNELS_AUTOTUNE=0
+#              (no tuning runs; the tests that tune set it themselves), in parallel
+#              with pytest-xdist and with a per-test timeout where those are installed
+#   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on the CUDA kernel
+#              (scripts/gpu_check_cuda.sh)
+#   bench      the block benchmark suite without the torch.compile baseline: every
+#              shape, bfloat16 first (then float16, float32, as time allows)
+#   compile    the torch.compile(max-autotune) baselines: bfloat16 blocks, then the model
+#   model      the whole-model benchmark (eager and fused backends)
+#   cli        python -m resnext_kernels bench --quick (validation table, chart)
+#   plans      python -m resnext_kernels.cuda_plans: the cuda kernel's candidate tile
+#              plans timed, vs the cost model's choice
+#   ncu        Nsight Compute on one forward of the cuda and triton backends at s1, s4
+# Sets: "first" = build info tests sanitizer bench (the default);
+#       "second" = build compile plans ncu model cli.
+# The device tool allows 600 s per call and 15 min per session, so a session runs
+#   call 1: scripts/gpu_check.sh $OUT            (timeout_s 600)
+#   call 2: scripts/gpu_check.sh $OUT second     (timeout_s 600, at once: machine warm)
+#
+# Time: the whole script ends within GPU_CHECK_DEADLINE_S seconds (default 540) of
+# its start: each stage runs under min(its own limit, the time left); a stage with
+# under 20 s left is skipped and reported. Benchmark stages are stopped with SIGINT
+# so pytest-benchmark still writes the cases that finished.
+#
+# Output: work files and logs go to GPU_CHECK_WORK (default .gpu_check/ in the
+# repository, git-ignored; it survives between calls while the machine stays warm,
+# so the second call's report includes the first call's results). After every
+# stage OUTDIR receives at most 8 files (the device tool returns no more), named
+# STEM_* with STEM = <YYYY-MM-DD>_<card>_<shortcommit>:
+#   STEM_summary.md   stages with exit codes and seconds, test outcome, plan table
+#   STEM_logs.tar.gz  every log (build with ptxas -v, tests + junit, sanitizer, bench
+#                     steps, ncu report and its text, the CLI chart)
+#   STEM.json  STEM_compile.json  STEM_model.json  STEM_cli.json  STEM_plans.json
+#                     raw JSON (pytest-benchmark / bench CLI / cuda_plans)
+#   STEM.md           markdown tables from the JSON files (python -m resnext_kernels.bench_report)
+# Exit status: non-zero if any stage failed, timed out or was skipped.
 set -uo pipefail
-OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}"
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE|SET ...]}"
 shift
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build info tests sanitizer bench)
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
+REPO="$(pwd)"
 
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-export PATH="$CUDA_HOME/bin:$PATH"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-unset TRITON_INTERPRET
-
-failed=0
-{
-  echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo
-  echo '```'
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
-  echo '```'
-  echo
-  echo "| stage | exit | seconds |"
-  echo "|---|---|---|"
-} > "$OUT/summary.md"
-
-run_stage() {  # name time_limit_s command...
-  local name="$1" limit="$2"
-  shift 2
-  local start rc
-  start=$(date +%s)
-  echo "== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  rc=$?
-  echo "| $name | $rc | $(( $(date +%s) - start )) |" >> "$OUT/summary.md"
-  tail -n 5 "$OUT/$name.log"
-  [ "$rc" -ne 0 ] && failed=1
-  return 0
-}
-
-for stage in "${STAGES[@]}"; do
-  case "$stage" in
-    build) run_stage build 300 python setup.py build_ext --inplace ;;
-    info) run_stage info 60 python -m resnext_kernels info ;;
-    tests) run_stage tests 300 python -m pytest tests/ -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" ;;
-    sanitizer)
-      if [ -f scripts/gpu_check_cuda.sh ]; then run_stage sanitizer 240 bash scripts/gpu_check_cuda.sh "$OUT"
-      else echo "| sanitizer | missing scripts/gpu_check_cuda.sh | 0 |" >> "$OUT/summary.md"; failed=1; fi ;;
-    bench)
-      if [ -f scripts/gpu_bench.sh ]; then run_stage bench 420 bash scripts/gpu_bench.sh "$OUT"
-      else echo "| bench | missing scripts/gpu_bench.sh | 0 |" >> "$OUT/summary.md"; failed=1; fi ;;
-    *) echo "unknown stage $stage" >&2; exit 2 ;;
+STAGES=()
+for arg in "${@:-first}"; do
+  case "$arg" in
+    first) STAGES+=(build info tests sanitizer bench) ;;
+    second) STAGES+=(build compile plans ncu model cli) ;;
+    build|info|tests|sanitizer|bench|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
+    *) echo "unknown stage or set: $arg" >&2; exit 2 ;;
   esac
 done
 
-grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 20 >> "$OUT/summary.md"
-cat "$OUT/summary.md"
+START=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE_S:-540}
+RESERVE=20  # seconds kept for packing OUTDIR after the last stage
+WORK="${GPU_CHECK_WORK:-$REPO/.gpu_check}"
+LOGS="$WORK/logs"
+RES="$WORK/results"
+mkdir -p "$LOGS" "$RES"
+PY=${PYTHON:-python}
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+# Triton keeps autotuning results in its disk cache (triton >= 3.4): the bench,
+# compile, cli and ncu processes tune each kernel and shape once between them.
+export TRITON_CACHE_AUTOTUNING=1
+unset TRITON_INTERPRET
+SEED=${BENCH_SEED:-$(( START % 2147483647 ))}
+
+STEM=$($PY -m resnext_kernels.bench_report --stem 2>/dev/null) || STEM="$(date -u +%F)_unknown-card_$(git rev-parse --short HEAD 2>/dev/null || echo nocommit)"
+SUMMARY="$WORK/summary.md"
+failed=0
+{
+  echo
+  echo "## GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), stages: ${STAGES[*]}"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+  nvcc --version 2>&1 | tail -n 1
+  echo "seed $SEED, deadline ${DEADLINE}s, MAX_JOBS $MAX_JOBS"
+  echo '```'
+  echo
+  echo "| stage | exit | seconds | limit |"
+  echo "|---|---|---|---|"
+} >> "$SUMMARY"
+
+publish() {  # copy the results into OUTDIR (at most 8 files, all named STEM_*)
+  cp "$SUMMARY" "$OUT/${STEM}_summary.md"
+  local jsons=()
+  for name in "$STEM.json" "${STEM}_compile.json" "${STEM}_model.json" "${STEM}_cli.json"; do
+    [ -s "$RES/$name" ] && jsons+=("$RES/$name")
+  done
+  if [ ${#jsons[@]} -gt 0 ]; then
+    $PY -m resnext_kernels.bench_report "${jsons[@]}" > "$RES/$STEM.md" 2> "$LOGS/bench_report.log" || true
+  fi
+  for name in "$STEM.json" "${STEM}_compile.json" "${STEM}_model.json" "${STEM}_cli.json" "${STEM}_plans.json" \
+              "$STEM.md"; do
+    [ -s "$RES/$name" ] && cp "$RES/$name" "$OUT/$name"
+  done
+  tar -czf "$OUT/${STEM}_logs.tar.gz" -C "$WORK" logs 2>/dev/null
+}
+
+run_stage() {  # name limit_s signal command...
+  local name="$1" limit="$2" signal="$3" left rc start
+  shift 3
+  left=$(( DEADLINE - RESERVE - ($(date +%s) - START) ))
+  (( left < limit )) && limit=$left
+  echo "== $name (limit ${limit}s)"
+  if (( limit < 20 )); then
+    echo "| $name | skipped: no time left | 0 | $limit |" >> "$SUMMARY"
+    failed=1
+    return 0
+  fi
+  start=$(date +%s)
+  timeout --signal="$signal" --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  rc=$?
+  local note=$rc
+  (( rc == 124 || rc == 137 )) && note="$rc (time limit)"
+  echo "| $name | $note | $(( $(date +%s) - start )) | $limit |" >> "$SUMMARY"
+  tail -n 4 "$LOGS/$name.log"
+  (( rc != 0 )) && failed=1
+  publish
+  return 0
+}
+
+have_module() { $PY -c "import $1" 2>/dev/null; }
+
+BENCH=("$PY" -m pytest --benchmark-only -q -rs -p no:cacheprovider --bench-device cuda --bench-seed "$SEED")
+
+for stage in "${STAGES[@]}"; do
+  case "$stage" in
+    build)
+      run_stage build 240 TERM env RESNEXT_KERNELS_PTXAS_VERBOSE=1 "$PY" setup.py build_ext --inplace ;;
+    info)
+      run_stage info 60 TERM "$PY" -m resnext_kernels info ;;
+    tests)
+      extra=()
+      have_module xdist && extra+=(-n 8)
+      have_module pytest_timeout && extra+=(--timeout 240)
+      run_stage tests 240 TERM env RESNEXT_KERNELS_AUTOTUNE=0 "$PY" -m pytest tests/ -q -rs -p no:cacheprovider \
+        --junitxml="$LOGS/junit.xml" "${extra[@]}"
+      grep -hE "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOGS/tests.log" | tail -n 30 | sed 's/^/    /' >> "$SUMMARY"
+      publish ;;
+    sanitizer)
+      run_stage sanitizer 150 TERM bash scripts/gpu_check_cuda.sh "$LOGS" ;;
+    bench)
+      run_stage bench 170 INT "${BENCH[@]}" benchmarks/test_block_bench.py -k "not compile" --bench-compile none \
+        --benchmark-json "$RES/$STEM.json" ;;
+    compile)
+      run_stage compile 200 INT "${BENCH[@]}" benchmarks/test_block_bench.py benchmarks/test_model_bench.py \
+        -k compile --bench-compile bfloat16 --bench-dtypes bfloat16 --benchmark-json "$RES/${STEM}_compile.json" ;;
+    model)
+      run_stage model 90 INT "${BENCH[@]}" benchmarks/test_model_bench.py -k "not compile" --bench-compile none \
+        --benchmark-json "$RES/${STEM}_model.json" ;;
+    cli)
+      plot=()
+      have_module matplotlib && plot=(--plot "$LOGS/${STEM}_cli.png")
+      run_stage cli 70 INT "$PY" -m resnext_kernels bench --quick --device cuda --seed "$SEED" \
+        --json "$RES/${STEM}_cli.json" "${plot[@]}" ;;
+    plans)
+      if have_module resnext_kernels.cuda_plans; then
+        run_stage plans 60 TERM "$PY" -m resnext_kernels.cuda_plans --json "$RES/${STEM}_plans.json"
+        sed 's/^/    /' "$LOGS/plans.log" | tail -n 80 >> "$SUMMARY"
+      else
+        echo "| plans | missing resnext_kernels.cuda_plans | 0 | 0 |" >> "$SUMMARY"
+        failed=1
+      fi
+      publish ;;
+    ncu)
+      # One forward per case (scripts/ncu_blocks.py), clocks left alone.
+      run_stage ncu 120 TERM ncu --clock-control none --profile-from-start off --target-processes all \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats \
+        -f -o "$LOGS/ncu_blocks" "$PY" scripts/ncu_blocks.py --shapes s1,s4 --impls cuda,triton ;;
+  esac
+done
+
+if [ -s "$LOGS/ncu_blocks.ncu-rep" ]; then
+  ncu -i "$LOGS/ncu_blocks.ncu-rep" --page details > "$LOGS/ncu_blocks.txt" 2>&1
+fi
+echo >> "$SUMMARY"
+echo "total $(( $(date +%s) - START )) s, exit $failed" >> "$SUMMARY"
+publish
+cat "$OUT/${STEM}_summary.md"
+ls -l "$OUT"
 exit "$failed"

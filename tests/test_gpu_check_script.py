@@ -1,0 +1,65 @@
+"""CPU tests of scripts/gpu_check.sh's mechanics: stage parsing, the deadline, and
+what it leaves in OUTDIR (the device tool returns at most 8 files, each named
+with letters, digits, '.', '_' and '-' only). The GPU stages themselves only
+run on a GPU machine."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("scripts/gpu_check.sh", "scripts/gpu_check_cuda.sh")
+MAX_FILES = 8
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def run_check(tmp_path, *stages, deadline=120):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_CHECK_WORK": str(work), "GPU_CHECK_DEADLINE_S": str(deadline), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), *stages], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc, out, work
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    proc, _, _ = run_check(tmp_path, "info", "bogus")
+    assert proc.returncode == 2
+    assert "unknown stage or set: bogus" in proc.stderr
+
+
+def test_outdir_holds_at_most_eight_plainly_named_files(tmp_path):
+    work = tmp_path / "work"
+    stem = subprocess.run([sys.executable, "-m", "resnext_kernels.bench_report", "--stem"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # Every result file a full two-call run can leave behind, so the count is the worst case.
+    (work / "results").mkdir(parents=True)
+    for name in (f"{stem}.json", f"{stem}_compile.json", f"{stem}_model.json", f"{stem}_cli.json",
+                 f"{stem}_plans.json", f"{stem}.md", "stray_file.txt"):
+        (work / "results" / name).write_text("{}\n")
+    proc, out, _ = run_check(tmp_path, "info")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= MAX_FILES, files
+    assert all(NAME.match(f) and f.startswith(stem) for f in files), files
+    assert all(p.is_file() for p in out.iterdir())
+    summary = (out / f"{stem}_summary.md").read_text()
+    assert re.search(r"^\| info \| 0 \| \d+ \| 60 \|$", summary, re.M), summary
+    assert f"{stem}_logs.tar.gz" in files
+    assert f"{stem}_plans.json" in files
+
+
+def test_stage_without_time_left_is_skipped_and_fails(tmp_path):
+    proc, out, _ = run_check(tmp_path, "info", deadline=25)  # 20 s are reserved for packing
+    assert proc.returncode == 1
+    summary = next(out.glob("*_summary.md")).read_text()
+    assert "| info | skipped: no time left |" in summary
