@@ -75,6 +75,8 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
+# The package is built in place, not installed: every process imports it from here.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # Triton keeps autotuning results in its disk cache (triton >= 3.4): the bench,
 # compile, cli and ncu processes tune each kernel and shape once between them.
 export TRITON_CACHE_AUTOTUNING=1
