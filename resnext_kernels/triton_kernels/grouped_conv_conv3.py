@@ -193,10 +193,12 @@ def _prune(configs, nargs, **kwargs):
         kept = [min((c for c in configs if _tile(c) in allowed), key=lambda c: c.kwargs["BLOCK_CO"])]
     # Every Cout tile recomputes the grouped conv (factor cdiv(Cout, BLOCK_CO)):
     # only configs within 2x of the fewest recomputes go to the benchmark,
-    # which also keeps autotuning (one compile per config) short.
+    # which also keeps autotuning (one compile per config) short. With
+    # autotuning off this runs at every launch: plain cdiv, not triton.cdiv
+    # (a ConstexprFunction, ~2 us a call in triton 3.8).
     cout = args["COUT"]
-    fewest = min(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept)
-    return [c for c in kept if triton.cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
+    fewest = min(cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept)
+    return [c for c in kept if cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
 
 
 _grouped_conv_conv3_tuned = triton.autotune(
