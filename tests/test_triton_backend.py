@@ -107,18 +107,26 @@ def poisoned_empty(monkeypatch):
     return made
 
 
-def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None):
-    """Run the triton backend on `block` and compare with fp64 and eager at dtype."""
+def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None, nan_out=False):
+    """Run the triton backend on `block` and compare with fp64 and eager at dtype.
+
+    nan_out: pass a NaN-filled `out=` (else y comes from torch.empty)."""
     if tf32 is not None:
         allow_tf32(tf32)
     inputs = block.make(dtype, device)
     expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
     eager = bottleneck_inference_reference(*inputs, *block.conv)
     n_poisoned = len(poisoned) if poisoned is not None else 0
-    y = bottleneck_inference_triton(*inputs, *block.conv)
-    if poisoned is not None:
-        assert len(poisoned) - n_poisoned >= 2, "t1 and y were expected to come from the poisoned torch.empty"
     ho, wo = (block.h - 1) // block.stride + 1, (block.w - 1) // block.stride + 1
+    out = None
+    if nan_out:
+        out = torch.full((block.n, block.cout, ho, wo), float("nan"), dtype=dtype, device=device)
+        out = out.contiguous(memory_format=torch.channels_last)
+    y = bottleneck_inference_triton(*inputs, *block.conv, out=out)
+    assert out is None or y is out
+    if poisoned is not None:
+        expected_empties = 1 if nan_out else 2
+        assert len(poisoned) - n_poisoned >= expected_empties, "t1 (and y) should come from the poisoned torch.empty"
     assert y.shape == (block.n, block.cout, ho, wo)
     assert y.dtype == dtype and y.device == inputs[0].device
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -283,20 +291,12 @@ def test_fused_module_triton_backend(allow_tf32):
     assert_close_to_reference(y.cpu(), expected, eager)
 
 
-@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False)],
-                         ids=["bf16", "fp32-tf32", "fp32-ieee"])
-@pytest.mark.parametrize("name", list(compile_check.SHAPES))
-def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
-    """The GPU autotune candidates for each canonical shape (batch 128): the
-    prune callbacks accept the real kernel arguments, K1 stays within shared
-    memory, K2 keeps only the measured spill-free tiles of its operand class
-    (the narrowest tile for unaligned channel counts), and the t2 recompute
-    factor cdiv(Cout, BLOCK_CO) stays within 2x of the best allowed tile.
-    Meta tensors: host logic only (compilation is checked by
-    test_kernels_compile_for_sm90)."""
-    cin, width, cout, groups, h, stride, proj = compile_check.SHAPES[name]
+def _meta_kernel_args(shape, dtype):
+    """(tiling, K1 (args, consts), K2 (args, consts)) as the launchers build
+    them for a compile_check.SHAPES-style `shape` at batch 128, on meta
+    tensors (host logic only). Reads the TF32 flag: set it first."""
+    cin, width, cout, groups, h, stride, proj = shape
     ho = (h - 1) // stride + 1
-    allow_tf32(tf32)
 
     def meta(*shape):
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -308,6 +308,37 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     x = meta(128, cin, h, h).contiguous(memory_format=torch.channels_last)
     t1 = meta(128 * h * h, tiling.width_p)
     y = meta(128, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+    return (tiling, k1._kernel_args(x, packed["w1p"], packed["b1p"], t1),
+            k2._kernel_args(t1, x, tiling, packed, y, stride, 1))
+
+
+def _named(kernel, args, consts):
+    """Kernel argument name -> value, as the autotuner hands them to the prune callback."""
+    return {**dict(zip(kernel.arg_names, args)), **consts}
+
+
+# (dtype, allow_tf32) of the three operand classes of the GPU config tables.
+OPERAND_CLASSES = {
+    "bf16": (torch.bfloat16, True),
+    "fp32-tf32": (torch.float32, True),
+    "fp32-ieee": (torch.float32, False),
+}
+
+
+@pytest.mark.parametrize("dtype,tf32", list(OPERAND_CLASSES.values()), ids=list(OPERAND_CLASSES))
+@pytest.mark.parametrize("name", list(compile_check.SHAPES))
+def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
+    """The GPU autotune candidates for each canonical shape (batch 128): the
+    prune callbacks accept the real kernel arguments, K1 stays within shared
+    memory, K2 keeps only the measured spill-free tiles of its operand class
+    (the narrowest tile for unaligned channel counts), and the t2 recompute
+    factor cdiv(Cout, BLOCK_CO) stays within 2x of the best allowed tile.
+    Meta tensors: host logic only (compilation is checked by
+    test_kernels_compile_for_sm90)."""
+    cin, _, cout, _, _, _, _ = compile_check.SHAPES[name]
+    allow_tf32(tf32)
+    tiling, k1_launch, (args, consts) = _meta_kernel_args(compile_check.SHAPES[name], dtype)
+    t1 = args[0]
 
     def pruned(mod, kernel, args, consts):
         assert set(mod.TUNE_KEY) | set(consts) <= set(kernel.arg_names)
@@ -315,19 +346,169 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
         assert kept
         return kept
 
-    for c in pruned(k1, k1._conv1x1_bias_relu_kernel, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)):
+    for c in pruned(k1, k1._conv1x1_bias_relu_kernel, *k1_launch):
         k = c.kwargs
         shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize
         assert shared <= compile_check.SM90_MAX_SHARED
-    args, consts = k2._kernel_args(t1, x, tiling, packed, y, stride, 1)
     assert consts["PREC"] == ("ieee" if dtype == torch.float32 and not tf32 else "tf32")
     kept = pruned(k2, k2._grouped_conv_conv3_kernel, args, consts)
-    allowed = k2._allowed_tiles({**dict(zip(k2._grouped_conv_conv3_kernel.arg_names, args)), **consts})
+    allowed = k2._allowed_tiles(_named(k2._grouped_conv_conv3_kernel, args, consts))
     if cin % 16 == 0 and cout % 16 == 0:
         assert allowed == k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
     assert all(k2._tile(c) in allowed for c in kept)
     best = triton.cdiv(cout, max(bco for _, bco, _, _ in allowed))
     assert max(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept) <= 2 * best
+
+
+def _launch_params(config):
+    """A triton.Config as plain values (Config has no __eq__)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _k1_params(bm, bn, bk, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+
+
+def _k2_params(bp, bco, warps, stages):
+    return {"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+
+
+# The canonical shapes plus an interpreter-sized unaligned block (Cin 24,
+# Cout 40) where no K1 tile fits and the prune falls back to its smallest.
+HEURISTIC_SHAPES = {**compile_check.SHAPES, "tiny_odd": (24, 32, 40, 8, 9, 1, True)}
+
+# Spot checks of the configs launched with RESNEXT_KERNELS_AUTOTUNE=0
+# (K1, K2): the general 128x128 K1 tile and K2's widest Cout tile (no t2
+# recompute for Cout 256) where they are allowed; BLOCK_M 64 for "ieee";
+# the narrowest K2 tile for unaligned channel counts.
+EXPECTED_HEURISTIC = {
+    ("s1", "bf16"): (_k1_params(128, 128, 64, 8, 3), _k2_params(64, 256, 8, 2)),
+    ("s1", "fp32-ieee"): (_k1_params(64, 128, 64, 4, 4), _k2_params(64, 256, 8, 2)),
+    ("s4", "fp32-tf32"): (_k1_params(128, 128, 64, 8, 3), _k2_params(64, 128, 8, 2)),
+    ("s4", "fp32-ieee"): (_k1_params(64, 128, 64, 4, 4), _k2_params(64, 128, 8, 2)),
+    ("odd_d14", "bf16"): (_k1_params(128, 128, 64, 8, 3), _k2_params(64, 64, 8, 2)),
+    ("odd_d14", "fp32-ieee"): (_k1_params(64, 64, 64, 4, 4), _k2_params(64, 64, 8, 2)),
+    ("tiny_odd", "bf16"): (_k1_params(64, 64, 64, 4, 4), _k2_params(64, 64, 8, 2)),
+}
+
+
+@pytest.mark.parametrize("cls", list(OPERAND_CLASSES))
+@pytest.mark.parametrize("name", list(HEURISTIC_SHAPES))
+def test_heuristic_config_without_autotuning(name, cls, allow_tf32):
+    """heuristic_config (the config launched when RESNEXT_KERNELS_AUTOTUNE=0)
+    is the first config the prune keeps, so one the autotuner would benchmark;
+    the same on every call; for K2 the largest tile among the kept ones with
+    the fewest t2 recomputes. Host logic on meta tensors."""
+    dtype, tf32 = OPERAND_CLASSES[cls]
+    allow_tf32(tf32)
+    shape = HEURISTIC_SHAPES[name]
+    _, k1_launch, k2_launch = _meta_kernel_args(shape, dtype)
+    chosen, kept = [], []
+    for mod, kernel, launch in ((k1, k1._conv1x1_bias_relu_kernel, k1_launch),
+                                (k2, k2._grouped_conv_conv3_kernel, k2_launch)):
+        args = _named(kernel, *launch)
+        chosen.append(_launch_params(mod.heuristic_config(args)))
+        kept.append([_launch_params(c) for c in mod._prune(mod._gpu_configs(), args)])
+        assert chosen[-1] == kept[-1][0]
+        assert _launch_params(mod.heuristic_config(args)) == chosen[-1]
+
+    k2_chosen, k2_kept = chosen[1], kept[1]
+
+    def recompute(c):
+        return triton.cdiv(shape[2], c["BLOCK_CO"])  # shape[2] = Cout
+
+    fewest = [c for c in k2_kept if recompute(c) == min(map(recompute, k2_kept))]
+    assert k2_chosen in fewest
+    assert k2_chosen["BLOCK_P"] * k2_chosen["BLOCK_CO"] == max(c["BLOCK_P"] * c["BLOCK_CO"] for c in fewest)
+    if (name, cls) in EXPECTED_HEURISTIC:
+        assert tuple(chosen) == EXPECTED_HEURISTIC[name, cls]
+
+
+def test_k2_configs_in_preference_order():
+    """K2's candidate list is strictly ordered widest BLOCK_CO first, then
+    largest BLOCK_P: a total order, so the first kept config (the one launched
+    without autotuning) does not depend on set iteration order."""
+    order = [(c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_P"]) for c in k2._gpu_configs()]
+    assert order == sorted(set(order), reverse=True)
+
+
+class _LaunchSpy:
+    """Stands in for a kernel object (`kernel[grid](...)`): records each
+    launch's keyword arguments, then forwards the launch to `kernel` if given."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+        self.arg_names = getattr(kernel, "arg_names", None)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record.append(kwargs)
+            if self.kernel is not None:
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records, per kernel ("K1", "K2"), the launchers' GPU-branch launches:
+    "tuned" (the triton.autotune wrapper, replaced: nothing runs, as the CPU
+    cannot autotune and a GPU test must not), "raw" (the @triton.jit kernel,
+    forwarded) and "picked" (the configs heuristic_config returned)."""
+    records = {}
+    for name, mod, raw, tuned in (("K1", k1, "_conv1x1_bias_relu_kernel", "_conv1x1_bias_relu_tuned"),
+                                  ("K2", k2, "_grouped_conv_conv3_kernel", "_grouped_conv_conv3_tuned")):
+        rec = records[name] = {"tuned": [], "raw": [], "picked": []}
+        monkeypatch.setattr(mod, tuned, _LaunchSpy(None, rec["tuned"]))
+        monkeypatch.setattr(mod, raw, _LaunchSpy(getattr(mod, raw), rec["raw"]))
+
+        def pick(args, real=mod.heuristic_config, picked=rec["picked"]):
+            picked.append(real(args))
+            return picked[-1]
+
+        monkeypatch.setattr(mod, "heuristic_config", pick)
+    return records
+
+
+def _assert_heuristic_launches(records):
+    """Each kernel ran once, raw, with the meta-parameters, num_warps and
+    num_stages of the config heuristic_config picked; never autotuned."""
+    for name, rec in records.items():
+        assert not rec["tuned"], f"{name} went through the autotuner with {backends.AUTOTUNE_ENV}=0"
+        assert len(rec["picked"]) == len(rec["raw"]) == 1, name
+        params = _launch_params(rec["picked"][0])
+        assert {k: rec["raw"][0].get(k) for k in params} == params, name
+
+
+# Interpreter-sized: the s1_first-like canonical regime (d = 4, projection)
+# and unaligned channel counts with stride 2.
+SWITCH_BLOCKS = [
+    Block(2, 64, 128, 256, 32, 7, 9, projection=True),
+    Block(1, 48, 64, 72, 8, 9, 7, stride=2, projection=True),
+]
+
+
+@pytest.mark.parametrize("dtype,tf32", DTYPES[1:3])  # fp32 with TF32 off, fp16 (bf16 dots fail in the interpreter)
+@pytest.mark.parametrize("block", SWITCH_BLOCKS, ids=repr)
+def test_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatch, launches, allow_tf32, poisoned_empty):
+    """The launchers' GPU branch, run by the interpreter (it ignores
+    num_warps/num_stages): RESNEXT_KERNELS_AUTOTUNE is read at every call;
+    "0" launches the raw kernels with heuristic_config's config and gives the
+    right y in a NaN-filled out=; "1" goes through the autotune wrappers;
+    anything else raises."""
+    for mod in (k1, k2):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=True)
+    _assert_heuristic_launches(launches)
+
+    inputs = block.make(dtype, DEVICE)
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    bottleneck_inference_triton(*inputs, *block.conv)
+    assert [len(launches[k]["tuned"]) for k in ("K1", "K2")] == [1, 1]
+    assert [len(launches[k]["raw"]) for k in ("K1", "K2")] == [1, 1]  # only the earlier "0" launches
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "off")
+    with pytest.raises(ValueError, match=backends.AUTOTUNE_ENV):
+        bottleneck_inference_triton(*inputs, *block.conv)
 
 
 @pytest.mark.parametrize("dtype,shapes", [
@@ -391,3 +572,20 @@ GPU_BLOCKS = [
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
 def test_gpu_blocks_match_fp64_reference(block, dtype, tf32, allow_tf32, poisoned_empty):
     _check_block(block, dtype, tf32, "cuda", allow_tf32, poisoned_empty)
+
+
+# Without autotuning: canonical stage 1 (d = 4, Cout 256: no t2 recompute
+# in 16-bit), stage 4 (d = 32, GT 32, Cout 2048: t2 recomputed per Cout tile)
+# and the unaligned d = 14 block (narrowest K2 tile, unaligned K1 limits).
+@pytest.mark.parametrize("dtype,tf32", DTYPES)
+@pytest.mark.parametrize("block", [GPU_BLOCKS[1], GPU_BLOCKS[5], GPU_BLOCKS[7]], ids=repr)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
+def test_gpu_heuristic_configs_match_fp64_reference(block, dtype, tf32, monkeypatch, launches, allow_tf32,
+                                                     poisoned_empty):
+    """RESNEXT_KERNELS_AUTOTUNE=0 on the GPU: each kernel compiled and run
+    once with its heuristic config (num_warps/num_stages included), y written
+    completely into a NaN-filled out= and within the fp64 bound."""
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    _check_block(block, dtype, tf32, "cuda", allow_tf32, poisoned_empty, nan_out=True)
+    _assert_heuristic_launches(launches)

@@ -30,3 +30,24 @@ def dot_precision(dtype):
 
 def cdiv(a, b):
     return -(-a // b)
+
+
+def first_kept_config(configs, prune, args):
+    """The config launched when autotuning is off (backends.autotune_enabled()).
+
+    `configs` is a launcher's autotune list in its documented preference
+    order and `prune` its early_config_prune, which keeps that order. Taking
+    the first kept config makes the choice deterministic and always one the
+    autotuner would also benchmark (and compile_check compiles). `args`:
+    kernel argument name -> value, as the autotuner passes them to `prune`
+    (tensors may be on the meta device: only dtypes are read).
+    """
+    return prune(configs, args)[0]
+
+
+def launch_heuristic(kernel, grid, args, consts, pick_config):
+    """Launch the raw @triton.jit `kernel` once, with no timing, using the
+    config pick_config(kernel argument name -> value) returns: its
+    meta-parameters, num_warps and num_stages."""
+    config = pick_config({**dict(zip(kernel.arg_names, args)), **consts})
+    kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -10,7 +10,8 @@ padded channels have zero weights and bias and come out as exact zeros.
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, interpreting
+from ..backends import autotune_enabled
+from ._common import cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
 from .packing import next_pow2
 
 
@@ -74,7 +75,13 @@ TUNE_KEY = ["M", "CIN", "NOUT", "PREC"]
 
 def _gpu_configs():
     # Hopper-sized GEMM tiles; BLOCK_N = 128/256 covers a whole stage-1/2 width
-    # so x is read once. Pruned per shape below.
+    # so x is read once. Pruned per shape below. The list is in preference
+    # order (_prune keeps it; with autotuning off the first kept config is the
+    # one launched, see heuristic_config): first the general-purpose
+    # 128x128x64 tile, 8 warps, 3 stages (64 fp32 accumulators per thread,
+    # within the unaligned-Cin limit); the later ones are autotune candidates
+    # and the first fit where that tile is pruned (width_p <= 64, Cin <= 32,
+    # BLOCK_M 64 for "ieee").
     cfgs = []
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 8, 3),
@@ -126,6 +133,13 @@ _conv1x1_bias_relu_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(_conv1x1_bias_relu_kernel)
 
+
+def heuristic_config(args):
+    """K1's config when autotuning is off: the first of _gpu_configs() that
+    _prune keeps for `args` (kernel argument name -> value)."""
+    return first_kept_config(_gpu_configs(), _prune, args)
+
+
 # Interpreter: one large-tile config (fewer programs = fewer numpy round trips).
 _INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
 
@@ -150,7 +164,10 @@ def conv1x1_bias_relu(x, w1p, b1p, t1):
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nout, meta["BLOCK_N"]),)
 
-        _conv1x1_bias_relu_tuned[grid](*args, **consts)
+        if autotune_enabled():
+            _conv1x1_bias_relu_tuned[grid](*args, **consts)
+        else:
+            launch_heuristic(_conv1x1_bias_relu_kernel, grid, args, consts, heuristic_config)
     return t1
 
 

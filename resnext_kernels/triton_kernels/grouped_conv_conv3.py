@@ -23,7 +23,8 @@ once, where eager PyTorch rounds twice.
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, interpreting
+from ..backends import autotune_enabled
+from ._common import cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
 from .packing import next_pow2
 
 
@@ -153,7 +154,14 @@ TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PR
 
 
 def _gpu_configs():
-    tiles = sorted({t for pair in _TILES.values() for group in pair for t in group} | set(_UNALIGNED_TILES))
+    # Preference order (_prune keeps it; with autotuning off the first kept
+    # config is the one launched, see heuristic_config): widest BLOCK_CO
+    # first, because the t2 recompute factor cdiv(Cout, BLOCK_CO) never grows
+    # with BLOCK_CO, so the first kept config has the fewest recomputes; then
+    # the larger BLOCK_P (the larger wgmma tile, fewer programs). Sorting the
+    # set makes the order independent of set iteration order.
+    tiles = sorted({t for pair in _TILES.values() for group in pair for t in group} | set(_UNALIGNED_TILES),
+                   key=lambda t: (t[1], t[0], t[2], t[3]), reverse=True)
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_CO": bco, "BLOCK_K": 64}, num_warps=warps, num_stages=stages)
         for bp, bco, warps, stages in tiles
@@ -185,10 +193,12 @@ def _prune(configs, nargs, **kwargs):
         kept = [min((c for c in configs if _tile(c) in allowed), key=lambda c: c.kwargs["BLOCK_CO"])]
     # Every Cout tile recomputes the grouped conv (factor cdiv(Cout, BLOCK_CO)):
     # only configs within 2x of the fewest recomputes go to the benchmark,
-    # which also keeps autotuning (one compile per config) short.
+    # which also keeps autotuning (one compile per config) short. With
+    # autotuning off this runs at every launch: plain cdiv, not triton.cdiv
+    # (a ConstexprFunction, ~2 us a call in triton 3.8).
     cout = args["COUT"]
-    fewest = min(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept)
-    return [c for c in kept if triton.cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
+    fewest = min(cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept)
+    return [c for c in kept if cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
 
 
 _grouped_conv_conv3_tuned = triton.autotune(
@@ -196,6 +206,14 @@ _grouped_conv_conv3_tuned = triton.autotune(
     key=TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_grouped_conv_conv3_kernel)
+
+
+def heuristic_config(args):
+    """K2's config when autotuning is off: the first of _gpu_configs() that
+    _prune keeps for `args` (kernel argument name -> value), i.e. the largest
+    allowed tile among those with the fewest t2 recomputes."""
+    return first_kept_config(_gpu_configs(), _prune, args)
+
 
 _INTERPRET_CONFIG = {"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}
 
@@ -231,7 +249,10 @@ def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
         def grid(meta):
             return (triton.cdiv(m_out, meta["BLOCK_P"]) * triton.cdiv(cout, meta["BLOCK_CO"]),)
 
-        _grouped_conv_conv3_tuned[grid](*args, **consts)
+        if autotune_enabled():
+            _grouped_conv_conv3_tuned[grid](*args, **consts)
+        else:
+            launch_heuristic(_grouped_conv_conv3_kernel, grid, args, consts, heuristic_config)
     return y
 
 
