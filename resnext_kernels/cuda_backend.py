@@ -21,11 +21,14 @@ Both backends pack the weights once and keep the result in PACK_CACHE
 weights made under torch.inference_mode are packed on every call). The block ops take x, the packed tensors,
 the real width and Cout, stride, dilation, groups, ``allow_tf32`` (fp32 inputs
 on TF32 tensor cores when True, fp32 FMA when False; the backends pass
-``torch.backends.cudnn.allow_tf32`` like cuDNN convolutions do) and
+``torch.backends.cudnn.allow_tf32`` like cuDNN convolutions do),
 ``smem_limit`` (bytes the tile plan may use; 0 = the device's opt-in
-maximum, H100's 232448 for the emulation).
+maximum, H100's 232448 for the emulation) and ``plan_rank`` (which of the
+tile plans that fit to run, in the order of the planner's cost estimate;
+``candidate_plans`` lists them).
 """
 
+import collections
 import hashlib
 import os
 import shutil
@@ -34,7 +37,7 @@ import threading
 
 import torch
 
-from . import _extension
+from . import _extension, backends
 from .weight_cache import WeightCache
 
 _NS = "resnext_kernels"
@@ -77,7 +80,7 @@ def _fake_pack(w1, b1, w2, b2, w3, b3, wd, bd, groups):
 
 
 def _fake_packed(x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, allow_tf32,
-                 smem_limit=0):
+                 smem_limit=0, plan_rank=0):
     n, _, h, w = x.shape
     shape = (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
@@ -94,6 +97,38 @@ def _register_fakes(suffix):
 
 if _extension.extension() is not None and _op_exists("fused_block_packed_cuda"):
     _register_fakes("cuda")
+
+
+# cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and H200, the emulated op's
+# default shared-memory limit (kDefaultSmemLimit in fused_block_emu.cpp).
+H100_SMEM_OPTIN = 232448
+
+# Columns of the planner's table (rk::plan_table in csrc/fused_block_plan.h)
+# after the rank: tile height, width chunk, Cout slice, input-channel chunk,
+# x chunk buffers, dynamic shared-memory bytes, estimated cost, grid.
+TilePlan = collections.namedtuple("TilePlan", "rank TH WC CS KC nbuf smem cost grid_x grid_y")
+
+
+def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, smem_limit, emulated=False):
+    """The tile plans that fit in smem_limit bytes, in plan_rank order (the
+    planner's cost estimate, cheapest first), as TilePlan tuples; [] when none
+    fits. No GPU needed: the planner of ``resnext_kernels._C``, or with
+    emulated=True the one compiled into the emulation library (where
+    smem_limit 0 means the emulated op's default, H100_SMEM_OPTIN)."""
+    if dtype not in backends.KERNEL_DTYPES:
+        raise ValueError(f"dtype must be one of {backends.KERNEL_DTYPES}, got {dtype}")
+    if emulated:
+        load_emulation()
+        op = torch.ops.resnext_kernels_emu.fused_block_plans
+    else:
+        if not (_extension.extension() is not None and _op_exists("fused_block_plans")):
+            raise RuntimeError("resnext_kernels._C with the fused_block_plans op is needed to list tile plans: "
+                               f"{_extension.extension_error() or 'this _C predates it; rebuild it'}")
+        op = torch.ops.resnext_kernels.fused_block_plans
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    table = op(n, h, w, cin, width, cout, groups, stride, dilation, elem_bytes, smem_limit)
+    return [TilePlan(rank, *map(int, row[:6]), row[6], int(row[7]), int(row[8]))
+            for rank, row in enumerate(table.tolist())]
 
 
 def _run(pack_op, block_op, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
