@@ -16,6 +16,10 @@ run some of the block's convs (the grouped one in particular) without TF32
 even when it is allowed, which would make eager fp32 an unfair yardstick.
 """
 
+import contextlib
+import functools
+import types
+
 import pytest
 import torch
 
@@ -473,7 +477,7 @@ def _canonical_plans(name, dtype, limit):
                          ids=[f"{d[0]}-{str(d[1])[6:]}" for d in DOC_PLANS])
 def test_candidate_plans_of_canonical_shapes(name, dtype, th, wc, cs, nbuf, smem, grid):
     plans = _canonical_plans(name, dtype, H100_SMEM_OPTIN)
-    assert len(plans) > 4
+    assert len(plans) > cuda_backend.AUTOTUNE_TOP_K
     assert [p.rank for p in plans] == list(range(len(plans)))
     assert [p.cost for p in plans] == sorted(p.cost for p in plans)
     assert all(0 < p.smem <= H100_SMEM_OPTIN for p in plans)
@@ -578,6 +582,126 @@ def test_emulated_plan_rank_out_of_range(emu):
         _emulated(args, block, False, 0, count)
     with pytest.raises(RuntimeError, match="plan_rank=-1 is out of range"):
         _emulated(args, block, False, 0, -1)
+
+
+def _fake_timer(seconds):
+    """time_rank for select_plan_rank: the given seconds per rank; records the ranks timed."""
+    timed = []
+
+    def time_rank(rank):
+        timed.append(rank)
+        return seconds[rank]
+
+    return time_rank, timed
+
+
+def test_select_plan_rank_times_the_top_ranks_once_per_key():
+    cache = {}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0, 1.0, 0.5])
+    pick = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=False)
+    # Rank 4 is fastest but beyond the top 4; ranks 1 and 3 tie: the lower wins.
+    assert pick("a", time_rank, lambda: 5) == 1
+    assert timed == [0, 1, 2, 3] and cache == {"a": 1}
+    assert pick("a", time_rank, lambda: 5) == 1
+    assert timed == [0, 1, 2, 3], "a cached key is not timed again"
+    assert pick("b", time_rank, lambda: 2) == 1  # fewer plans than the top 4
+    assert timed == [0, 1, 2, 3, 0, 1] and cache == {"a": 1, "b": 1}
+
+
+def test_select_plan_rank_never_times_while_capturing():
+    cache = {"a": 2}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+
+    def no_count():
+        raise AssertionError("counted plans while capturing")
+
+    capture = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=True)
+    assert capture("a", time_rank, no_count) == 2  # the cached rank
+    assert capture("b", time_rank, no_count) == 0  # a miss: rank 0, nothing cached
+    assert timed == [] and cache == {"a": 2}
+    assert cuda_backend.select_plan_rank(cache, "b", time_rank, lambda: 3, enabled=True, capturing=False) == 1
+    assert timed == [0, 1, 2] and cache == {"a": 2, "b": 1}
+
+
+def test_select_plan_rank_off_is_rank_0():
+    cache = {"a": 2}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+    for capturing in (False, True):
+        for key in ("a", "b"):
+            assert cuda_backend.select_plan_rank(cache, key, time_rank, lambda: 3, enabled=False,
+                                                 capturing=capturing) == 0
+    assert timed == [] and cache == {"a": 2}
+
+
+def test_tune_key_separates_layout_alignment_and_problem():
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+
+    def key(t, **kw):
+        args = {"width": 32, "cout": 16, "stride": 1, "dilation": 1, "groups": 4, "allow_tf32": True,
+                "projection": False, **kw}
+        return cuda_backend._tune_key(t, **args)
+
+    assert key(x) == key(x.clone(memory_format=torch.channels_last))
+    unaligned = torch.empty(x.numel() + 1)[1:].as_strided(x.shape, x.stride())
+    others = [key(x.contiguous()), key(x[:, :, :, :6]), key(unaligned), key(x.half()), key(x[:1]),
+              key(x, allow_tf32=False), key(x, stride=2), key(x, dilation=2), key(x, groups=8), key(x, width=64),
+              key(x, cout=32), key(x, projection=True)]
+    assert len({key(x), *others}) == len(others) + 1
+
+
+@needs_c
+@needs_emu
+def test_autotune_glue_with_fake_timer(emu, monkeypatch):
+    """The backend's tuning path end to end on CPU: the emulated block op
+    stands in for the CUDA one, a fake timer for the CUDA events and mocks
+    for the CUDA device queries. Also: the emulated backend never tunes."""
+    lib = torch.ops.resnext_kernels
+    real_op = lib.fused_block_packed_cuda_emulated
+    ranks = []
+
+    def block_op(*args):
+        ranks.append(args[-1])
+        return real_op(*args)
+
+    def fake_seconds_per_call(fn, device):
+        fn()  # block_op records the rank it ran
+        return [3.0, 2.0, 1.0, 4.0, 0.5][ranks[-1]]
+
+    capturing = [False]
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setattr(cuda_backend, "_seconds_per_call", fake_seconds_per_call)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=H100_SMEM_OPTIN))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    block = Block(1, 16, 32, 24, 4, 5, 6, stride=2, projection=True)
+    assert len(_plans(block, torch.float32, 0)) > 4
+    args = block.make(torch.float32)
+
+    def run(x):
+        ranks.clear()
+        y = cuda_backend._run(lib.fused_block_pack_cuda_emulated, block_op, x, *args[1:], *block.conv,
+                              autotune=True)
+        _check(y, [x, *args[1:]], block, torch.float32, False, "cpu")
+        return list(ranks)
+
+    assert run(args[0]) == [0, 1, 2, 3, 2]  # 4 ranks timed, then the fastest runs
+    assert run(args[0]) == [2]  # cached
+    assert list(cuda_backend.TUNED_PLAN_RANKS.values()) == [2]
+    capturing[0] = True
+    assert run(args[0]) == [2]  # a cached rank is used under capture
+    assert run(args[0].contiguous()) == [0]  # a new key under capture: rank 0, not timed, not cached
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    capturing[0] = False
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    assert run(args[0]) == [0]
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(lib, "fused_block_packed_cuda_emulated", block_op)
+    ranks.clear()
+    _backend(args, block)
+    assert ranks == [0], "the emulated backend never tunes"
 
 
 # ---------------------------------------------------------------------------
@@ -687,3 +811,43 @@ def test_cuda_every_plan_rank(block, mode, monkeypatch):
             raise AssertionError(f"plan rank {rank} {plans[rank]}: {exc}") from exc
     with pytest.raises(RuntimeError, match=f"plan_rank={len(plans)} is out of range: {len(plans)} tile plans"):
         _cuda_run(args, block, tf32, plan_rank=len(plans))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_backend_autotune_on_and_off(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    block = Block(2, 64, 128, 72, 8, 13, 15, stride=2, projection=True)
+    args = block.make(torch.float16, device="cuda")
+    for flag in ("0", "1"):
+        monkeypatch.setenv(backends.AUTOTUNE_ENV, flag)
+        for _ in range(2):  # the second call of "1" uses the cached rank
+            y = cuda_backend.bottleneck_inference_cuda(*args, *block.conv)
+            torch.cuda.synchronize()
+            _check(y, args, block, torch.float16, True, "cuda")
+        if flag == "0":
+            assert cuda_backend.TUNED_PLAN_RANKS == {}
+    ((key, rank),) = cuda_backend.TUNED_PLAN_RANKS.items()
+    assert 0 <= rank < cuda_backend.AUTOTUNE_TOP_K and key[0] == tuple(args[0].shape)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_backend_autotune_under_graph_capture(monkeypatch):
+    """A shape first seen while a CUDA graph is captured runs rank 0 untimed
+    (timing would be recorded into the graph); the graph replays correctly."""
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    block = Block(2, 32, 64, 32, 4, 9, 9)
+    args = block.make(torch.float16, device="cuda")
+    cuda_backend.bottleneck_inference_cuda(*args, *block.conv)  # packs the weights and tunes batch 2
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    x = torch.randn(1, 32, 9, 9, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_backend.bottleneck_inference_cuda(x, *args[1:], *block.conv)
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(y, [x, *args[1:]], block, torch.float16, True, "cuda")
