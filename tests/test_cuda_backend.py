@@ -18,12 +18,13 @@ even when it is allowed, which would make eager fp32 an unfair yardstick.
 
 import contextlib
 import functools
+import json
 import types
 
 import pytest
 import torch
 
-from resnext_kernels import _extension, backends, bench, cuda_backend, ops
+from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops
 from resnext_kernels.reference import bottleneck_inference_reference
 from helpers import Block, assert_close_to_reference
 
@@ -704,6 +705,38 @@ def test_autotune_glue_with_fake_timer(emu, monkeypatch):
     assert ranks == [0], "the emulated backend never tunes"
 
 
+@needs_c
+def test_cuda_plans_cli_list(tmp_path, capsys):
+    out = tmp_path / "plans.json"
+    assert cuda_plans.main(["--list", "--shapes", "s1", "s4", "--ranks", "3", "--smem-limit", str(H100_SMEM_OPTIN),
+                            "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| shape | rank | TH | WC | CS | nbuf | smem (B) | est. cost | grid |" in text
+    assert "| s1 | 0 | 7 | 64 | 256 | 2 | 210944 |" in text and "s4: " in text
+    doc = json.loads(out.read_text())
+    assert doc["smem_limit"] == H100_SMEM_OPTIN and [s["shape"] for s in doc["shapes"]] == ["s1", "s4"]
+    for entry in doc["shapes"]:
+        plans = _canonical_plans(entry["shape"], torch.bfloat16, H100_SMEM_OPTIN)
+        assert entry["plans_fitting"] == len(plans)
+        assert entry["plans"] == [p._asdict() for p in plans[:3]]
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cuda", "cuda") is None, reason="the cuda backend is usable here")
+def test_cuda_plans_cli_timing_needs_a_gpu(capsys):
+    assert cuda_plans.main(["--shapes", "s4"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the cuda backend on a GPU" in err and "--list" in err
+
+
+def test_cuda_plans_cli_rejects_bad_arguments(capsys):
+    for argv, message in ((["--ranks", "0"], "--ranks: must be >= 1"), (["--dtype", "int8"], "unknown dtype"),
+                          (["--shapes", "nope"], "unknown shape"),
+                          (["--smem-limit", "1000"], "--smem-limit applies to --list only")):
+        with pytest.raises(SystemExit):
+            cuda_plans.main(argv)
+        assert message in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # GPU: the real kernel.
 # ---------------------------------------------------------------------------
@@ -851,3 +884,17 @@ def test_cuda_backend_autotune_under_graph_capture(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     _check(y, [x, *args[1:]], block, torch.float16, True, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_plans_cli_times_ranks(tmp_path):
+    out = tmp_path / "timed.json"
+    assert cuda_plans.main(["--shapes", "s1_14=14:256:128:32:256:1", "s4", "--batch", "2", "--ranks", "3",
+                            "--seconds", "0.01", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [s["shape"] for s in doc["shapes"]] == ["s1_14", "s4"]
+    for entry in doc["shapes"]:
+        assert [p["rank"] for p in entry["plans"]] == [0, 1, 2]
+        assert all(p["ms"] > 0 and p["within_tolerance"] for p in entry["plans"])
+        assert 0 <= entry["fastest_rank"] < 3 and entry["model_vs_fastest"] >= 1.0
