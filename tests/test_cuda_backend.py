@@ -536,12 +536,12 @@ def test_candidate_plans_argument_errors():
 
 
 # Every plan rank of these blocks runs on the emulator: they have 24 to 48
-# plans at the default limit (~25 s in all here). Should the planner come to
-# offer more, MAX_RANKS_PER_CASE ranks spread evenly from the first to the
-# last run instead, to bound the emulator's time. Between them: stride 2,
-# dilation 2, odd H and W, Cin/Cout off multiples of 16, projection and
-# identity, d = 4 and d = 24 (a group spans two 16-channel K tiles), one and
-# two x chunks, all four modes.
+# plans at the default limit (4 s in all on an idle 2-core machine, ~30 s
+# under load). Should the planner come to offer more, MAX_RANKS_PER_CASE
+# ranks spread evenly from the first to the last run instead, to bound the
+# emulator's time. Between them: stride 2, dilation 2, odd H and W, Cin/Cout
+# off multiples of 16, projection and identity, d = 4 and d = 24 (a group
+# spans two 16-channel K tiles), one and two x chunks, all four modes.
 MAX_RANKS_PER_CASE = 48
 RANK_CASES = [
     (Block(1, 20, 32, 24, 8, 5, 7, stride=2, projection=True), (torch.bfloat16, True)),  # d=4
