@@ -149,7 +149,7 @@ def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, 
     enabled False: 0, the cost model's choice. Else the rank cached for key;
     on a miss, ranks 0 .. min(top_k, count_plans()) - 1 are timed with
     time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
-    cached and returned. While a CUDA graph is being captured (capturing) a
+    cached and returned (0, untimed, when fewer than two plans fit). While a CUDA graph is being captured (capturing) a
     miss returns 0 and caches nothing: the timing runs would be recorded into
     the graph instead of run, and waiting for their events is not allowed
     during capture; the next call outside capture tunes.
@@ -160,8 +160,12 @@ def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, 
         return cache[key]
     if capturing:
         return 0
-    seconds = [time_rank(rank) for rank in range(min(top_k, count_plans()))]
-    best = min(range(len(seconds)), key=seconds.__getitem__)
+    ranks = range(min(top_k, count_plans()))
+    if len(ranks) <= 1:  # nothing to choose from (with no plan at all, the op reports it)
+        cache[key] = 0
+        return 0
+    seconds = [time_rank(rank) for rank in ranks]
+    best = min(ranks, key=seconds.__getitem__)
     cache[key] = best
     return best
 

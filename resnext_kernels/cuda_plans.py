@@ -173,7 +173,11 @@ def time_plans(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.list:
-        doc = list_plans(args)
+        try:
+            doc = list_plans(args)
+        except RuntimeError as exc:  # no _C, or one built before fused_block_plans existed
+            print(f"cuda_plans: {exc}", file=sys.stderr)
+            return 2
     else:
         reason = backends.unavailable_reason("cuda", "cuda")
         if reason is not None:

@@ -607,6 +607,8 @@ def test_select_plan_rank_times_the_top_ranks_once_per_key():
     assert timed == [0, 1, 2, 3], "a cached key is not timed again"
     assert pick("b", time_rank, lambda: 2) == 1  # fewer plans than the top 4
     assert timed == [0, 1, 2, 3, 0, 1] and cache == {"a": 1, "b": 1}
+    assert pick("c", time_rank, lambda: 1) == 0 and pick("d", time_rank, lambda: 0) == 0
+    assert timed == [0, 1, 2, 3, 0, 1], "nothing to time with fewer than two plans"
 
 
 def test_select_plan_rank_never_times_while_capturing():
@@ -726,6 +728,15 @@ def test_cuda_plans_cli_timing_needs_a_gpu(capsys):
     assert cuda_plans.main(["--shapes", "s4"]) == 2
     err = capsys.readouterr().err
     assert "needs the cuda backend on a GPU" in err and "--list" in err
+
+
+def test_cuda_plans_cli_list_without_the_planner(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise RuntimeError("resnext_kernels._C with the fused_block_plans op is needed to list tile plans: ...")
+
+    monkeypatch.setattr(cuda_backend, "candidate_plans", missing)
+    assert cuda_plans.main(["--list", "--shapes", "s1"]) == 2
+    assert "cuda_plans: resnext_kernels._C with the fused_block_plans op is needed" in capsys.readouterr().err
 
 
 def test_cuda_plans_cli_rejects_bad_arguments(capsys):
