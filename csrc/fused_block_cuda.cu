@@ -34,7 +34,7 @@ at::Tensor fused_block_packed_cuda(const at::Tensor& x, const at::Tensor& w1p, c
                                    const at::Tensor& w2p, const at::Tensor& b2p, const at::Tensor& w3p,
                                    const at::Tensor& b3p, const std::optional<at::Tensor>& wdp, int64_t width,
                                    int64_t cout, int64_t stride, int64_t dilation, int64_t groups, bool allow_tf32,
-                                   int64_t smem_limit) {
+                                   int64_t smem_limit, int64_t plan_rank) {
   TORCH_CHECK(x.is_cuda(), "fused_block_packed_cuda: needs CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   int optin = 0;
@@ -46,7 +46,7 @@ at::Tensor fused_block_packed_cuda(const at::Tensor& x, const at::Tensor& w1p, c
   const size_t limit = smem_limit > 0 ? std::min<size_t>(smem_limit, optin) : static_cast<size_t>(optin);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   return rk::fused_block_forward(x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups,
-                                 allow_tf32, limit, "fused_block_packed_cuda",
+                                 allow_tf32, limit, plan_rank, "fused_block_packed_cuda",
                                  [stream](rk::Math math, const rk::FusedBlockParams& p, dim3 grid, size_t smem) {
                                    switch (math) {
                                      case rk::Math::kHalf:

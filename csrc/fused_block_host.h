@@ -2,7 +2,8 @@
 // (fused_block_cuda.cu) and the CPU emulation build
 // (emulation/fused_block_emu.cpp): weight checks and packing (ATen ops on the
 // weights' device; a separate op, so Python can cache the result), checks of
-// the packed tensors, the tile/shared-memory plan and the output allocation.
+// the packed tensors and the output allocation; the tile/shared-memory plan
+// is fused_block_plan.h.
 // Include ATen before this header.
 #pragma once
 
@@ -15,132 +16,11 @@
 #include <vector>
 
 #include "fused_block_kernel.cuh"
+#include "fused_block_plan.h"
 
 namespace rk {
 
 enum class Math { kHalf, kBf16, kTf32, kFp32 };
-
-inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
-inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// Group width padded for packing: a power of two up to 16 (16/d_p groups
-// share one block-diagonal 16-wide tile), else a multiple of 16 (a group
-// spans d_p/16 tiles).
-inline int padded_group_width(int d) {
-  if (d > 16) return round_up(d, 16);
-  int dp = 1;
-  while (dp < d) dp *= 2;
-  return dp;
-}
-
-// The padded sizes the packed weights are laid out in. They depend on the
-// channel counts and groups only, not on the tile plan, so one packing serves
-// every input size and shared-memory limit.
-inline void set_padded_dims(FusedBlockParams& p, int Cin, int width, int Cout, int groups) {
-  p.Cin_p = round_up(Cin, 16);
-  p.Cout_p = round_up(Cout, 16);
-  p.d_p = padded_group_width(width / groups);
-  p.KT = std::max(1, p.d_p / 16);
-  p.Wp = round_up(groups * p.d_p, 16);
-}
-
-// Chooses the tile height TH, the width chunk WC and the output-channel slice
-// CS, and lays out shared memory. Among the plans that fit in smem_limit it
-// takes the one with the lowest estimated work per output pixel (MACs plus a
-// charge for re-streaming x), where
-//   - conv1 is computed on the halo (Mp1 rows per Mo output rows) and, like
-//     the grouped conv, once per Cout slice (recompute);
-//   - x's halo is streamed once per width chunk, conv1 pass and slice, at
-//     double the charge without the second x buffer (no prefetch);
-//   - rows of the last tile row past the image are wasted.
-// TH is at most kMaxAcc (7). Ties go to the taller tile. Fills p's size,
-// tiling and layout fields and returns the dynamic shared-memory bytes, or 0
-// when no plan fits.
-inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,
-                               int stride, int dil, int elem_bytes, size_t smem_limit) {
-  set_padded_dims(p, Cin, width, Cout, groups);
-  p.N = N;
-  p.H = H;
-  p.W = W;
-  p.Cin = Cin;
-  p.Cout = Cout;
-  p.stride = stride;
-  p.dil = dil;
-  p.Ho = (H - 1) / stride + 1;
-  p.Wo = (W - 1) / stride + 1;
-  p.tiles_x = ceil_div(p.Wo, kTileW);
-  // Rows padded by 32 bytes: keeps every 16-row/16-column wmma tile pointer
-  // 256-bit aligned and shifts consecutive rows by 8 banks.
-  const int pad = 32 / elem_bytes;
-  const int unit = std::max(16, p.d_p);  // a chunk holds whole groups
-  const int kc = std::min(kMaxKC, p.Cin_p);
-  // Charge per re-streamed x element, in MAC units: an L2 read costs about
-  // as much time as this many tensor-core MACs (rough, H100-class).
-  constexpr double kRestreamCost = 16.0;
-  auto align = [](size_t v) { return (v + 127) / 128 * 128; };
-  double best_cost = 0.0;
-  size_t best_total = 0;
-  // A column strip holds at most kMaxAcc row tiles (one per output row).
-  for (int th = std::min(p.Ho, kMaxAcc); th >= 1; --th) {
-    const int hwp = (kTileW - 1) * stride + 2 * dil + 1;
-    const int hh = (th - 1) * stride + 2 * dil + 1;
-    const int p1 = hh * hwp;
-    const int mp1 = round_up(p1, 16);
-    const int mo = th * kTileW;
-    const double row_waste = static_cast<double>(ceil_div(p.Ho, th) * th) / p.Ho;
-    int prev_cs = -1;
-    for (int nsl = 1; nsl <= p.Cout_p / 16; ++nsl) {
-      const int cs = round_up(ceil_div(p.Cout_p, nsl), 16);
-      if (cs == prev_cs) continue;
-      prev_cs = cs;
-      const int slices = ceil_div(p.Cout_p, cs);
-      for (int wc = p.Wp; wc >= unit; wc -= unit) {
-        if (p.Wp % wc != 0) continue;
-        for (int nbuf = 2; nbuf >= 1; --nbuf) {
-          const int pitch_xs = kc + pad, pitch_t2 = wc + pad, pitch_t1 = wc + pad;
-          const int pitch_y = cs + 8;
-          const size_t xs_bytes =
-              align(static_cast<size_t>(std::max(nbuf * mp1 * pitch_xs, mo * pitch_t2)) * elem_bytes);
-          const size_t t1_bytes = align(static_cast<size_t>(mp1) * pitch_t1 * elem_bytes);
-          const size_t y_bytes = align(static_cast<size_t>(mo) * pitch_y * 4);
-          const size_t scratch_bytes = static_cast<size_t>(kWarps) * 256 * 4;
-          const size_t total = xs_bytes + t1_bytes + y_bytes + scratch_bytes;
-          if (total > smem_limit) continue;
-          const int passes = ceil_div((mp1 / 16) * (wc / 16), kWarps * kMaxAcc);
-          const double halo = static_cast<double>(mp1) / mo;
-          const double macs = slices * (halo * p.Cin_p * p.Wp + 9.0 * 16 * p.KT * p.Wp) +
-                              static_cast<double>(p.Wp) * p.Cout_p;
-          const double restream = static_cast<double>(slices) * (p.Wp / wc) * passes * halo * p.Cin_p;
-          // Loads not overlapped with MMAs (one buffer) are charged double.
-          const double cost = row_waste * (macs + kRestreamCost * (3 - nbuf) * restream);
-          if (best_total != 0 && cost >= best_cost) continue;
-          best_cost = cost;
-          best_total = total;
-          p.TH = th;
-          p.tiles_y = ceil_div(p.Ho, th);
-          p.HWp = hwp;
-          p.P1 = p1;
-          p.Mp1 = mp1;
-          p.Mo = mo;
-          p.KC = kc;
-          p.WC = wc;
-          p.CS = cs;
-          p.pitch_xs = pitch_xs;
-          p.pitch_t2 = pitch_t2;
-          p.pitch_t1 = pitch_t1;
-          p.pitch_y = pitch_y;
-          p.off_xs = 0;
-          p.off_t1 = static_cast<int>(xs_bytes);
-          p.off_y = static_cast<int>(xs_bytes + t1_bytes);
-          p.off_scratch = static_cast<int>(xs_bytes + t1_bytes + y_bytes);
-          p.nbuf = nbuf;
-          p.xs_buf = mp1 * pitch_xs;
-        }
-      }
-    }
-  }
-  return best_total;
-}
 
 inline void check_weights(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                           const at::Tensor& w3, const at::Tensor& b3, const std::optional<at::Tensor>& wd,
@@ -294,15 +174,17 @@ inline Math math_for(at::ScalarType t, bool allow_tf32) {
   return allow_tf32 ? Math::kTf32 : Math::kFp32;
 }
 
-// Runs the block on packed weights (pack_weights). launch(math, params, grid,
-// smem_bytes) starts the kernel on the machine at hand. NCHW-contiguous x is
+// Runs the block on packed weights (pack_weights) with the tile plan of rank
+// plan_rank among those that fit in smem_limit (plan_fused_block).
+// launch(math, params, grid, smem_bytes) starts the kernel on the machine at
+// hand. NCHW-contiguous x is
 // converted to channels_last here, once (one copy of x); y is channels_last.
 template <class Launch>
 at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1p, const at::Tensor& b1p,
                                const at::Tensor& w2p, const at::Tensor& b2p, const at::Tensor& w3p,
                                const at::Tensor& b3p, const std::optional<at::Tensor>& wdp, int64_t width,
                                int64_t cout, int64_t stride, int64_t dilation, int64_t groups, bool allow_tf32,
-                               size_t smem_limit, const char* op, Launch&& launch) {
+                               size_t smem_limit, int64_t plan_rank, const char* op, Launch&& launch) {
   check_args(x_in, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, op);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
@@ -310,9 +192,7 @@ at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1p, co
   FusedBlockParams p{};
   const size_t smem = plan_fused_block(p, N, H, W, Cin, static_cast<int>(width), Cout, static_cast<int>(groups),
                                        static_cast<int>(stride), static_cast<int>(dilation),
-                                       static_cast<int>(x.element_size()), smem_limit);
-  TORCH_CHECK(smem > 0, op, ": no tile plan fits in ", smem_limit, " bytes of shared memory (Cin=", Cin,
-              " width=", width, " Cout=", Cout, " stride=", stride, " dilation=", dilation, ")");
+                                       static_cast<int>(x.element_size()), smem_limit, plan_rank, op);
   // y first: the GPU tests poison the block the caching allocator hands out next.
   at::Tensor y = at::empty({N, Cout, p.Ho, p.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   p.x = x.data_ptr();
@@ -331,7 +211,8 @@ at::Tensor fused_block_forward(const at::Tensor& x_in, const at::Tensor& w1p, co
     // wmma reads weight tiles straight from global memory.
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 32 == 0, op, ": packed weights are not 32-byte aligned");
   }
-  const dim3 grid(static_cast<unsigned>(N * p.tiles_y * p.tiles_x), static_cast<unsigned>(ceil_div(p.Cout_p, p.CS)));
+  const auto [grid_x, grid_y] = plan_grid(p);
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   launch(math_for(x.scalar_type(), allow_tf32), p, grid, smem);
   return y;
 }

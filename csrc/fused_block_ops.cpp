@@ -12,8 +12,27 @@
 // inputs use TF32 tensor cores when true, fp32 FMA when false (Python passes
 // torch.backends.cudnn.allow_tf32). smem_limit: bytes of shared memory the
 // tile plan may use; 0 means the device's opt-in maximum (a smaller value
-// forces the width/Cout split, for tests).
+// forces the width/Cout split, for tests). plan_rank: which of the plans that
+// fit to run, in the planner's order (0: the cheapest estimate; the backend
+// times the first few, see fused_block_plan.h).
+//
+// fused_block_plans: the planner's candidate list for a problem, without a
+// GPU (a CPU float64 tensor, rows in plan_rank order; columns in
+// rk::plan_table). smem_limit has no default: there is no device to ask.
 #include <torch/library.h>
+
+#include "fused_block_plan.h"
+
+namespace {
+
+at::Tensor fused_block_plans(int64_t N, int64_t H, int64_t W, int64_t Cin, int64_t width, int64_t Cout,
+                             int64_t groups, int64_t stride, int64_t dilation, int64_t elem_bytes,
+                             int64_t smem_limit) {
+  return rk::plan_table(N, H, W, Cin, width, Cout, groups, stride, dilation, elem_bytes, smem_limit,
+                        "fused_block_plans");
+}
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnext_kernels, m) {
   m.def(
@@ -22,5 +41,10 @@ TORCH_LIBRARY_FRAGMENT(resnext_kernels, m) {
   m.def(
       "fused_block_packed_cuda(Tensor x, Tensor w1p, Tensor b1p, Tensor w2p, Tensor b2p, Tensor w3p, Tensor b3p, "
       "Tensor? wdp, int width, int cout, int stride, int dilation, int groups, bool allow_tf32, "
-      "int smem_limit=0) -> Tensor");
+      "int smem_limit=0, int plan_rank=0) -> Tensor");
+  // No tensor arguments, so no dispatch key: a catch-all kernel.
+  m.def(
+      "fused_block_plans(int N, int H, int W, int Cin, int width, int Cout, int groups, int stride, int dilation, "
+      "int elem_bytes, int smem_limit) -> Tensor",
+      &fused_block_plans);
 }

@@ -21,11 +21,21 @@ Both backends pack the weights once and keep the result in PACK_CACHE
 weights made under torch.inference_mode are packed on every call). The block ops take x, the packed tensors,
 the real width and Cout, stride, dilation, groups, ``allow_tf32`` (fp32 inputs
 on TF32 tensor cores when True, fp32 FMA when False; the backends pass
-``torch.backends.cudnn.allow_tf32`` like cuDNN convolutions do) and
+``torch.backends.cudnn.allow_tf32`` like cuDNN convolutions do),
 ``smem_limit`` (bytes the tile plan may use; 0 = the device's opt-in
-maximum, H100's 232448 for the emulation).
+maximum, H100's 232448 for the emulation) and ``plan_rank`` (which of the
+tile plans that fit to run, in the order of the planner's cost estimate;
+``candidate_plans`` lists them).
+
+Plan autotuning (``cuda`` backend only): the planner's cost model is a
+guess, so while ``backends.autotune_enabled()`` the first call for a tune
+key (``_tune_key``) times the first AUTOTUNE_TOP_K ranks with CUDA events
+and TUNED_PLAN_RANKS keeps the fastest for that and every later call
+(``select_plan_rank``). Nothing is timed while a CUDA graph is being
+captured. With autotuning off, and always on ``cuda_emulated``, rank 0 runs.
 """
 
+import collections
 import hashlib
 import os
 import shutil
@@ -34,7 +44,7 @@ import threading
 
 import torch
 
-from . import _extension
+from . import _extension, backends, bench
 from .weight_cache import WeightCache
 
 _NS = "resnext_kernels"
@@ -77,7 +87,7 @@ def _fake_pack(w1, b1, w2, b2, w3, b3, wd, bd, groups):
 
 
 def _fake_packed(x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, allow_tf32,
-                 smem_limit=0):
+                 smem_limit=0, plan_rank=0):
     n, _, h, w = x.shape
     shape = (n, cout, (h - 1) // stride + 1, (w - 1) // stride + 1)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
@@ -96,7 +106,116 @@ if _extension.extension() is not None and _op_exists("fused_block_packed_cuda"):
     _register_fakes("cuda")
 
 
-def _run(pack_op, block_op, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
+# cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and H200, the emulated op's
+# default shared-memory limit (kDefaultSmemLimit in fused_block_emu.cpp).
+H100_SMEM_OPTIN = 232448
+
+# Columns of the planner's table (rk::plan_table in csrc/fused_block_plan.h)
+# after the rank: tile height, width chunk, Cout slice, input-channel chunk,
+# x chunk buffers, dynamic shared-memory bytes, estimated cost, grid.
+TilePlan = collections.namedtuple("TilePlan", "rank TH WC CS KC nbuf smem cost grid_x grid_y")
+
+
+def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, smem_limit, emulated=False):
+    """The tile plans that fit in smem_limit bytes, in plan_rank order (the
+    planner's cost estimate, cheapest first), as TilePlan tuples; [] when none
+    fits. No GPU needed: the planner of ``resnext_kernels._C``, or with
+    emulated=True the one compiled into the emulation library (where
+    smem_limit 0 means the emulated op's default, H100_SMEM_OPTIN)."""
+    if dtype not in backends.KERNEL_DTYPES:
+        raise ValueError(f"dtype must be one of {backends.KERNEL_DTYPES}, got {dtype}")
+    if emulated:
+        load_emulation()
+        op = torch.ops.resnext_kernels_emu.fused_block_plans
+    else:
+        if not (_extension.extension() is not None and _op_exists("fused_block_plans")):
+            raise RuntimeError("resnext_kernels._C with the fused_block_plans op is needed to list tile plans: "
+                               f"{_extension.extension_error() or 'this _C predates it; rebuild it'}")
+        op = torch.ops.resnext_kernels.fused_block_plans
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    table = op(n, h, w, cin, width, cout, groups, stride, dilation, elem_bytes, smem_limit)
+    return [TilePlan(rank, *map(int, row[:6]), row[6], int(row[7]), int(row[8]))
+            for rank, row in enumerate(table.tolist())]
+
+
+AUTOTUNE_TOP_K = 4  # plan ranks timed on a tune key's first call
+AUTOTUNE_REPEATS = 5  # timed calls per rank after one warm-up call; the median counts
+TUNED_PLAN_RANKS = {}  # tune key -> fastest plan rank
+
+
+def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, top_k=AUTOTUNE_TOP_K):
+    """The plan rank a call runs with.
+
+    enabled False: 0, the cost model's choice. Else the rank cached for key;
+    on a miss, ranks 0 .. min(top_k, count_plans()) - 1 are timed with
+    time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
+    cached and returned (0, untimed, when fewer than two plans fit). While a CUDA graph is being captured (capturing) a
+    miss returns 0 and caches nothing: the timing runs would be recorded into
+    the graph instead of run, and waiting for their events is not allowed
+    during capture; the next call outside capture tunes.
+    """
+    if not enabled:
+        return 0
+    if key in cache:
+        return cache[key]
+    if capturing:
+        return 0
+    ranks = range(min(top_k, count_plans()))
+    if len(ranks) <= 1:  # nothing to choose from (with no plan at all, the op reports it)
+        cache[key] = 0
+        return 0
+    seconds = [time_rank(rank) for rank in ranks]
+    best = min(ranks, key=seconds.__getitem__)
+    cache[key] = best
+    return best
+
+
+def _tune_key(x, width, cout, stride, dilation, groups, allow_tf32, projection):
+    """What the fastest plan may depend on: the problem, and x's layout and
+    16-byte alignment (NCHW x is converted first; unaligned x or odd Cin
+    disables vector loads)."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        layout = "channels_last"
+    elif x.is_contiguous():
+        layout = "contiguous"
+    else:
+        layout = "strided"
+    return (tuple(x.shape), x.dtype, layout, x.data_ptr() % 16 == 0, allow_tf32, stride, dilation, groups, width,
+            cout, projection, x.device.index)
+
+
+def _seconds_per_call(fn, device):
+    """One warm-up call, then the median of AUTOTUNE_REPEATS calls timed
+    with CUDA events (bench.round_seconds); outputs are discarded."""
+    def run(_):
+        fn()
+
+    bench.round_seconds(run, [None], device, 1)
+    return bench.median(bench.round_seconds(run, [None], device, AUTOTUNE_REPEATS))
+
+
+def _autotuned_rank(block_op, args):
+    """select_plan_rank for a call of block_op(*args, plan_rank) on CUDA."""
+    x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
+    n, cin, h, w = x.shape
+
+    def count_plans():
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        return len(candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit))
+
+    # Capture state, events and timing runs all belong to x's device.
+    with torch.cuda.device(x.device):
+        return select_plan_rank(
+            TUNED_PLAN_RANKS,
+            _tune_key(x, width, cout, stride, dilation, groups, allow_tf32, wdp is not None),
+            lambda rank: _seconds_per_call(lambda: block_op(*args, rank), x.device),
+            count_plans,
+            enabled=backends.autotune_enabled(),
+            capturing=torch.cuda.is_current_stream_capturing(),
+        )
+
+
+def _run(pack_op, block_op, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, autotune):
     packed = PACK_CACHE.get(
         lambda: pack_op(w1, b1, w2, b2, w3, b3, wd, bd, groups),
         (w1, b1, w2, b2, w3, b3, wd, bd),
@@ -105,16 +224,19 @@ def _run(pack_op, block_op, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation,
         groups,
     )
     wdp = packed[6] if wd is not None else None
-    return block_op(x, *packed[:6], wdp, w1.shape[0], w3.shape[0], stride, dilation, groups,
-                    torch.backends.cudnn.allow_tf32, 0)
+    args = (x, *packed[:6], wdp, w1.shape[0], w3.shape[0], stride, dilation, groups, torch.backends.cudnn.allow_tf32,
+            0)
+    rank = _autotuned_rank(block_op, args) if autotune else 0
+    return block_op(*args, rank)
 
 
 def bottleneck_inference_cuda(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
     """The `cuda` backend: one fused kernel launch on x's current stream
-    (plus the packing when the weights are not in PACK_CACHE)."""
+    (plus the packing when the weights are not in PACK_CACHE, and the timing
+    of the top plans on a tune key's first call)."""
     lib = torch.ops.resnext_kernels
     return _run(lib.fused_block_pack_cuda, lib.fused_block_packed_cuda, x, w1, b1, w2, b2, w3, b3, wd, bd, stride,
-                dilation, groups)
+                dilation, groups, autotune=True)
 
 
 def csrc_dir():
@@ -209,5 +331,6 @@ def bottleneck_inference_cuda_emulated(x, w1, b1, w2, b2, w3, b3, wd, bd, stride
     """The `cuda_emulated` backend: the CUDA kernel run by the CPU emulator."""
     load_emulation()
     lib = torch.ops.resnext_kernels
+    # Never tuned: emulated timings say nothing about a GPU.
     return _run(lib.fused_block_pack_cuda_emulated, lib.fused_block_packed_cuda_emulated, x, w1, b1, w2, b2, w3,
-                b3, wd, bd, stride, dilation, groups)
+                b3, wd, bd, stride, dilation, groups, autotune=False)

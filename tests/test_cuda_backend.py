@@ -16,15 +16,23 @@ run some of the block's convs (the grouped one in particular) without TF32
 even when it is allowed, which would make eager fp32 an unfair yardstick.
 """
 
+import contextlib
+import functools
+import json
+import types
+
 import pytest
 import torch
 
-from resnext_kernels import backends, cuda_backend, ops
+from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops
 from resnext_kernels.reference import bottleneck_inference_reference
 from helpers import Block, assert_close_to_reference
 
 _emu_reason = cuda_backend.emulated_unavailable_reason()
 needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
+# The _C planner op: without _C (not built) these tests skip; a _C built
+# before the op existed fails them (candidate_plans says to rebuild).
+needs_c = pytest.mark.skipif(_extension.extension() is None, reason=f"{_extension.extension_error()}")
 _cuda_reason = backends.unavailable_reason("cuda", "cuda")
 needs_cuda = pytest.mark.skipif(_cuda_reason is not None, reason=f"cuda backend unusable: {_cuda_reason}")
 
@@ -86,10 +94,10 @@ def _packed_args(pack_op, args, block):
     return [args[0], *packed[:6], packed[6] if block.projection else None, block.width, block.cout]
 
 
-def _emulated(args, block, tf32, smem_limit=0):
+def _emulated(args, block, tf32, smem_limit=0, plan_rank=0):
     lib = torch.ops.resnext_kernels
     return lib.fused_block_packed_cuda_emulated(*_packed_args(lib.fused_block_pack_cuda_emulated, args, block),
-                                                *block.conv, tf32, smem_limit)
+                                                *block.conv, tf32, smem_limit, plan_rank)
 
 
 @pytest.fixture(scope="module")
@@ -157,22 +165,21 @@ def test_emulated_stage_shapes(emu, block):
     _check(_emulated(args, block, True), args, block, torch.bfloat16, True, "cpu")
 
 
-def _plan(emu, block, elem_bytes, limit):
-    th, wc, cs, kc, smem, gx, gy, nbuf = emu.fused_block_plan(
-        block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups, block.stride,
-        block.dilation, elem_bytes, limit)
-    return {"TH": th, "WC": wc, "CS": cs, "KC": kc, "smem": smem, "slices": gy, "nbuf": nbuf}
+def _plans(block, dtype, limit, emulated=True):
+    """The candidate plans in plan_rank order: those of the emulation build
+    (the planner the emulated op runs), or with emulated=False those of _C."""
+    return cuda_backend.candidate_plans(block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups,
+                                        block.stride, block.dilation, dtype, limit, emulated=emulated)
 
 
-def _smallest_limit(emu, block, elem_bytes):
+def _smallest_limit(block, dtype):
     """The smallest shared-memory limit any plan fits in (binary search)."""
-    lo, hi = 1, 232448
+    lo, hi = 1, H100_SMEM_OPTIN
     while lo < hi:
         mid = (lo + hi) // 2
-        try:
-            _plan(emu, block, elem_bytes, mid)
+        if _plans(block, dtype, mid):
             hi = mid
-        except RuntimeError:
+        else:
             lo = mid + 1
     return lo
 
@@ -190,13 +197,12 @@ SPLIT_CASES = [
 def test_emulated_split_plan(emu, block, mode):
     """A small shared-memory limit forces width chunks and Cout slices (recompute)."""
     dtype, tf32 = mode
-    elem = torch.empty(0, dtype=dtype).element_size()
-    limit = _smallest_limit(emu, block, elem)
-    full = _plan(emu, block, elem, 0)
-    tight = _plan(emu, block, elem, limit)
-    assert full["slices"] == 1
+    limit = _smallest_limit(block, dtype)
+    full = _plans(block, dtype, 0)[0]
+    tight = _plans(block, dtype, limit)[0]
+    assert full.grid_y == 1
     # Several width chunks (WC < width) and several Cout slices.
-    assert tight["slices"] > 1 and tight["WC"] < block.width, tight
+    assert tight.grid_y > 1 and tight.WC < block.width, tight
     args = block.make(dtype)
     _check(_emulated(args, block, tf32, limit), args, block, dtype, tf32, "cpu")
     with pytest.raises(RuntimeError, match="no tile plan fits"):
@@ -211,10 +217,9 @@ def test_emulated_x_chunk_buffering(emu, mode, tight):
     (default limit) or through one buffer (tightest limit)."""
     dtype, tf32 = mode
     block = Block(1, 96, 64, 80, 4, 7, 9, projection=True)
-    elem = torch.empty(0, dtype=dtype).element_size()
-    limit = _smallest_limit(emu, block, elem) if tight else 0
-    plan = _plan(emu, block, elem, limit)
-    assert plan["nbuf"] == (1 if tight else 2) and plan["KC"] < block.cin, plan
+    limit = _smallest_limit(block, dtype) if tight else 0
+    plan = _plans(block, dtype, limit)[0]
+    assert plan.nbuf == (1 if tight else 2) and plan.KC < block.cin, plan
     args = block.make(dtype)
     _check(_emulated(args, block, tf32, limit), args, block, dtype, tf32, "cpu")
 
@@ -385,7 +390,8 @@ def test_emulated_opcheck(emu):
         args = block.make(torch.float32)
         torch.library.opcheck(lib.fused_block_pack_cuda_emulated.default, (*args[1:], block.groups))
         torch.library.opcheck(lib.fused_block_packed_cuda_emulated.default,
-                              (*_packed_args(lib.fused_block_pack_cuda_emulated, args, block), *block.conv, False, 0))
+                              (*_packed_args(lib.fused_block_pack_cuda_emulated, args, block), *block.conv, False, 0,
+                               1))
 
 
 @needs_emu
@@ -441,6 +447,308 @@ def test_emulated_rejects_bad_packed_weights(emu):
 
 
 # ---------------------------------------------------------------------------
+# Tile plan ranks (plan_rank), the candidate list and the plan autotuning.
+# ---------------------------------------------------------------------------
+
+H100_SMEM_OPTIN = cuda_backend.H100_SMEM_OPTIN
+
+# Rank 0 at the H100 opt-in limit, batch 128: the table in docs/cuda_backend.md
+# (what the planner chose before plans were ranked).
+DOC_PLANS = [  # shape, dtype, TH, WC, CS, nbuf, smem bytes, grid
+    ("s1_first", torch.bfloat16, 7, 64, 256, 2, 210944, (4096, 1)),
+    ("s1", torch.bfloat16, 7, 64, 256, 2, 210944, (4096, 1)),
+    ("s2_first", torch.bfloat16, 2, 256, 512, 2, 226816, (3584, 1)),
+    ("s2", torch.bfloat16, 4, 128, 512, 2, 209408, (1792, 1)),
+    ("s3", torch.bfloat16, 2, 256, 1024, 2, 209408, (896, 1)),
+    ("s4", torch.bfloat16, 1, 512, 2048, 2, 227840, (896, 1)),
+    ("cifar29_s1", torch.bfloat16, 4, 256, 256, 2, 172544, (2048, 1)),
+    ("s1", torch.float32, 4, 128, 256, 2, 201216, (7168, 1)),
+    ("s4", torch.float32, 1, 128, 2048, 2, 211456, (896, 1)),
+]
+
+
+def _canonical_plans(name, dtype, limit):
+    """_C's candidate plans of a benchmark shape at batch 128."""
+    s = bench.SHAPES[name]
+    return cuda_backend.candidate_plans(128, s.hw, s.hw, s.cin, s.width, s.cout, s.groups, s.stride, 1, dtype, limit)
+
+
+@needs_c
+@pytest.mark.parametrize("name,dtype,th,wc,cs,nbuf,smem,grid", DOC_PLANS,
+                         ids=[f"{d[0]}-{str(d[1])[6:]}" for d in DOC_PLANS])
+def test_candidate_plans_of_canonical_shapes(name, dtype, th, wc, cs, nbuf, smem, grid):
+    plans = _canonical_plans(name, dtype, H100_SMEM_OPTIN)
+    assert len(plans) > cuda_backend.AUTOTUNE_TOP_K
+    assert [p.rank for p in plans] == list(range(len(plans)))
+    assert [p.cost for p in plans] == sorted(p.cost for p in plans)
+    assert all(0 < p.smem <= H100_SMEM_OPTIN for p in plans)
+    assert len({(p.TH, p.WC, p.CS, p.nbuf) for p in plans}) == len(plans)
+    first = plans[0]
+    assert (first.TH, first.WC, first.CS, first.nbuf, first.smem, (first.grid_x, first.grid_y)) == (
+        th, wc, cs, nbuf, smem, grid)
+    # A smaller limit drops the plans that no longer fit and keeps the order.
+    limit = 150000
+    tight = _canonical_plans(name, dtype, limit)
+    assert tight and [p[1:] for p in tight] == [p[1:] for p in plans if p.smem <= limit]
+
+
+# Equal estimates (about one random shape in ten ties at rank 0) keep the
+# order the planner always broke ties in: taller tile, then wider width chunk
+# (then wider Cout slice, then two x buffers). Rank 0 of each is what the
+# planner chose before plans were ranked.
+TIES = [  # (N, H, W, Cin, width, Cout, groups, stride, dilation, dtype, smem_limit), ranks 0 and 1 (TH, WC, CS, nbuf)
+    ((4, 60, 6, 108, 36, 426, 3, 1, 1, torch.float32, 150000), (3, 48, 432, 1), (2, 48, 432, 2)),
+    ((3, 6, 21, 119, 1536, 499, 64, 2, 1, torch.bfloat16, 232448), (3, 64, 512, 2), (3, 32, 512, 2)),
+    ((1, 40, 30, 396, 192, 470, 16, 1, 1, torch.float32, 150000), (2, 128, 480, 1), (2, 64, 480, 2)),
+]
+
+
+@needs_c
+@pytest.mark.parametrize("problem,first,second", TIES)
+def test_candidate_plans_break_ties_as_before(problem, first, second):
+    plans = cuda_backend.candidate_plans(*problem)
+    assert plans[0].cost == plans[1].cost
+    assert [(p.TH, p.WC, p.CS, p.nbuf) for p in plans[:2]] == [first, second]
+
+
+@needs_c
+@needs_emu
+def test_candidate_plans_match_the_emulation_build(emu):
+    """_C's planner (the CLI's) and the emulation library's (the emulated
+    op's) are the same source: a stale _C shows up here."""
+    for block in (Block(128, 256, 128, 256, 32, 56, 56), Block(2, 20, 24, 40, 3, 7, 11, stride=2, projection=True)):
+        for dtype in (torch.bfloat16, torch.float32):
+            assert _plans(block, dtype, 100000, emulated=False) == _plans(block, dtype, 100000)
+
+
+@needs_c
+def test_candidate_plans_argument_errors():
+    block = Block(1, 16, 32, 16, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="smem_limit must be in"):
+        _plans(block, torch.float32, 0, emulated=False)
+    with pytest.raises(RuntimeError, match="groups=3 does not divide width=32"):
+        cuda_backend.candidate_plans(1, 5, 5, 16, 32, 16, 3, 1, 1, torch.float32, H100_SMEM_OPTIN)
+    with pytest.raises(RuntimeError, match="stride must be in"):
+        cuda_backend.candidate_plans(1, 5, 5, 16, 32, 16, 4, 0, 1, torch.float32, H100_SMEM_OPTIN)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        _plans(block, torch.float64, H100_SMEM_OPTIN, emulated=False)
+    assert _plans(block, torch.float32, 20000, emulated=False) == []  # nothing fits: an empty list
+
+
+# Every plan rank of these blocks runs on the emulator: they have 24 to 48
+# plans at the default limit (4 s in all on an idle 2-core machine, ~30 s
+# under load). Should the planner come to offer more, MAX_RANKS_PER_CASE
+# ranks spread evenly from the first to the last run instead, to bound the
+# emulator's time. Between them: stride 2, dilation 2, odd H and W, Cin/Cout
+# off multiples of 16, projection and identity, d = 4 and d = 24 (a group
+# spans two 16-channel K tiles), one and two x chunks, all four modes.
+MAX_RANKS_PER_CASE = 48
+RANK_CASES = [
+    (Block(1, 20, 32, 24, 8, 5, 7, stride=2, projection=True), (torch.bfloat16, True)),  # d=4
+    (Block(1, 24, 48, 24, 2, 3, 5, dilation=2), (torch.float32, False)),  # d=24
+    (Block(2, 40, 48, 40, 2, 3, 3, stride=2, dilation=2, projection=True), (torch.float16, True)),  # d=24
+    (Block(1, 80, 32, 72, 8, 3, 5, projection=True), (torch.float32, True)),  # 2 x chunks: 1 or 2 buffers
+]
+
+
+def _spread(count, cap):
+    """Ranks 0..count-1, or cap of them evenly spread including the first and the last."""
+    if count <= cap:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (cap - 1)) for i in range(cap)})
+
+
+@needs_emu
+@pytest.mark.parametrize("block,mode", RANK_CASES, ids=[f"{b!r}-{_mode_id(m)}" for b, m in RANK_CASES])
+def test_emulated_every_plan_rank(emu, block, mode):
+    dtype, tf32 = mode
+    plans = _plans(block, dtype, 0)
+    assert len(plans) >= 4
+    args = block.make(dtype)
+    for rank in _spread(len(plans), MAX_RANKS_PER_CASE):
+        try:
+            _check(_emulated(args, block, tf32, 0, rank), args, block, dtype, tf32, "cpu")
+        except AssertionError as exc:
+            raise AssertionError(f"plan rank {rank} {plans[rank]}: {exc}") from exc
+        p = plans[rank]
+        assert emu.last_launch_plan() == [p.TH, p.WC, p.CS, p.nbuf, p.smem, p.grid_x, p.grid_y], rank
+
+
+@needs_emu
+def test_emulated_plan_rank_out_of_range(emu):
+    block = Block(1, 16, 32, 16, 4, 5, 5)
+    args = block.make(torch.float32)
+    count = len(_plans(block, torch.float32, 0))
+    with pytest.raises(RuntimeError, match=f"plan_rank={count} is out of range: {count} tile plans fit in 232448 "):
+        _emulated(args, block, False, 0, count)
+    with pytest.raises(RuntimeError, match="plan_rank=-1 is out of range"):
+        _emulated(args, block, False, 0, -1)
+
+
+def _fake_timer(seconds):
+    """time_rank for select_plan_rank: the given seconds per rank; records the ranks timed."""
+    timed = []
+
+    def time_rank(rank):
+        timed.append(rank)
+        return seconds[rank]
+
+    return time_rank, timed
+
+
+def test_select_plan_rank_times_the_top_ranks_once_per_key():
+    cache = {}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0, 1.0, 0.5])
+    pick = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=False)
+    # Rank 4 is fastest but beyond the top 4; ranks 1 and 3 tie: the lower wins.
+    assert pick("a", time_rank, lambda: 5) == 1
+    assert timed == [0, 1, 2, 3] and cache == {"a": 1}
+    assert pick("a", time_rank, lambda: 5) == 1
+    assert timed == [0, 1, 2, 3], "a cached key is not timed again"
+    assert pick("b", time_rank, lambda: 2) == 1  # fewer plans than the top 4
+    assert timed == [0, 1, 2, 3, 0, 1] and cache == {"a": 1, "b": 1}
+    assert pick("c", time_rank, lambda: 1) == 0 and pick("d", time_rank, lambda: 0) == 0
+    assert timed == [0, 1, 2, 3, 0, 1], "nothing to time with fewer than two plans"
+
+
+def test_select_plan_rank_never_times_while_capturing():
+    cache = {"a": 2}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+
+    def no_count():
+        raise AssertionError("counted plans while capturing")
+
+    capture = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=True)
+    assert capture("a", time_rank, no_count) == 2  # the cached rank
+    assert capture("b", time_rank, no_count) == 0  # a miss: rank 0, nothing cached
+    assert timed == [] and cache == {"a": 2}
+    assert cuda_backend.select_plan_rank(cache, "b", time_rank, lambda: 3, enabled=True, capturing=False) == 1
+    assert timed == [0, 1, 2] and cache == {"a": 2, "b": 1}
+
+
+def test_select_plan_rank_off_is_rank_0():
+    cache = {"a": 2}
+    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+    for capturing in (False, True):
+        for key in ("a", "b"):
+            assert cuda_backend.select_plan_rank(cache, key, time_rank, lambda: 3, enabled=False,
+                                                 capturing=capturing) == 0
+    assert timed == [] and cache == {"a": 2}
+
+
+def test_tune_key_separates_layout_alignment_and_problem():
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+
+    def key(t, **kw):
+        args = {"width": 32, "cout": 16, "stride": 1, "dilation": 1, "groups": 4, "allow_tf32": True,
+                "projection": False, **kw}
+        return cuda_backend._tune_key(t, **args)
+
+    assert key(x) == key(x.clone(memory_format=torch.channels_last))
+    unaligned = torch.empty(x.numel() + 1)[1:].as_strided(x.shape, x.stride())
+    others = [key(x.contiguous()), key(x[:, :, :, :6]), key(unaligned), key(x.half()), key(x[:1]),
+              key(x, allow_tf32=False), key(x, stride=2), key(x, dilation=2), key(x, groups=8), key(x, width=64),
+              key(x, cout=32), key(x, projection=True)]
+    assert len({key(x), *others}) == len(others) + 1
+
+
+@needs_c
+@needs_emu
+def test_autotune_glue_with_fake_timer(emu, monkeypatch):
+    """The backend's tuning path end to end on CPU: the emulated block op
+    stands in for the CUDA one, a fake timer for the CUDA events and mocks
+    for the CUDA device queries. Also: the emulated backend never tunes."""
+    lib = torch.ops.resnext_kernels
+    real_op = lib.fused_block_packed_cuda_emulated
+    ranks = []
+
+    def block_op(*args):
+        ranks.append(args[-1])
+        return real_op(*args)
+
+    def fake_seconds_per_call(fn, device):
+        fn()  # block_op records the rank it ran
+        return [3.0, 2.0, 1.0, 4.0, 0.5][ranks[-1]]
+
+    capturing = [False]
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setattr(cuda_backend, "_seconds_per_call", fake_seconds_per_call)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(shared_memory_per_block_optin=H100_SMEM_OPTIN))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    block = Block(1, 16, 32, 24, 4, 5, 6, stride=2, projection=True)
+    assert len(_plans(block, torch.float32, 0)) > 4
+    args = block.make(torch.float32)
+
+    def run(x):
+        ranks.clear()
+        y = cuda_backend._run(lib.fused_block_pack_cuda_emulated, block_op, x, *args[1:], *block.conv,
+                              autotune=True)
+        _check(y, [x, *args[1:]], block, torch.float32, False, "cpu")
+        return list(ranks)
+
+    assert run(args[0]) == [0, 1, 2, 3, 2]  # 4 ranks timed, then the fastest runs
+    assert run(args[0]) == [2]  # cached
+    assert list(cuda_backend.TUNED_PLAN_RANKS.values()) == [2]
+    capturing[0] = True
+    assert run(args[0]) == [2]  # a cached rank is used under capture
+    assert run(args[0].contiguous()) == [0]  # a new key under capture: rank 0, not timed, not cached
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    capturing[0] = False
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    assert run(args[0]) == [0]
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(lib, "fused_block_packed_cuda_emulated", block_op)
+    ranks.clear()
+    _backend(args, block)
+    assert ranks == [0], "the emulated backend never tunes"
+
+
+@needs_c
+def test_cuda_plans_cli_list(tmp_path, capsys):
+    out = tmp_path / "plans.json"
+    assert cuda_plans.main(["--list", "--shapes", "s1", "s4", "--ranks", "3", "--smem-limit", str(H100_SMEM_OPTIN),
+                            "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| shape | rank | TH | WC | CS | nbuf | smem (B) | est. cost | grid |" in text
+    assert "| s1 | 0 | 7 | 64 | 256 | 2 | 210944 |" in text and "s4: " in text
+    doc = json.loads(out.read_text())
+    assert doc["smem_limit"] == H100_SMEM_OPTIN and [s["shape"] for s in doc["shapes"]] == ["s1", "s4"]
+    for entry in doc["shapes"]:
+        plans = _canonical_plans(entry["shape"], torch.bfloat16, H100_SMEM_OPTIN)
+        assert entry["plans_fitting"] == len(plans)
+        assert entry["plans"] == [p._asdict() for p in plans[:3]]
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cuda", "cuda") is None, reason="the cuda backend is usable here")
+def test_cuda_plans_cli_timing_needs_a_gpu(capsys):
+    assert cuda_plans.main(["--shapes", "s4"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the cuda backend on a GPU" in err and "--list" in err
+
+
+def test_cuda_plans_cli_list_without_the_planner(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise RuntimeError("resnext_kernels._C with the fused_block_plans op is needed to list tile plans: ...")
+
+    monkeypatch.setattr(cuda_backend, "candidate_plans", missing)
+    assert cuda_plans.main(["--list", "--shapes", "s1"]) == 2
+    assert "cuda_plans: resnext_kernels._C with the fused_block_plans op is needed" in capsys.readouterr().err
+
+
+def test_cuda_plans_cli_rejects_bad_arguments(capsys):
+    for argv, message in ((["--ranks", "0"], "--ranks: must be >= 1"), (["--dtype", "int8"], "unknown dtype"),
+                          (["--shapes", "nope"], "unknown shape"),
+                          (["--smem-limit", "1000"], "--smem-limit applies to --list only")):
+        with pytest.raises(SystemExit):
+            cuda_plans.main(argv)
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
 # GPU: the real kernel.
 # ---------------------------------------------------------------------------
 
@@ -451,12 +759,12 @@ def _poison_next_allocation(shape, dtype):
     torch.cuda.synchronize()
 
 
-def _cuda_run(args, block, tf32, smem_limit=0):
+def _cuda_run(args, block, tf32, smem_limit=0, plan_rank=0):
     lib = torch.ops.resnext_kernels
     packed = _packed_args(lib.fused_block_pack_cuda, args, block)  # before the poisoning: it allocates
     n, _, h, w = args[0].shape
     _poison_next_allocation((n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1), args[0].dtype)
-    y = lib.fused_block_packed_cuda(*packed, *block.conv, tf32, smem_limit)
+    y = lib.fused_block_packed_cuda(*packed, *block.conv, tf32, smem_limit, plan_rank)
     torch.cuda.synchronize()
     return y
 
@@ -529,3 +837,75 @@ def test_cuda_pack_cache(monkeypatch):
     assert len(calls) == 2
     _check(y, args, block, torch.float16, True, "cuda")
     cuda_backend.PACK_CACHE.clear()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("block,mode", RANK_CASES, ids=[f"{b!r}-{_mode_id(m)}" for b, m in RANK_CASES])
+def test_cuda_every_plan_rank(block, mode, monkeypatch):
+    dtype, tf32 = mode
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)  # the eager yardstick's convs
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    plans = _plans(block, dtype, limit, emulated=False)
+    args = block.make(dtype, device="cuda")
+    for rank in range(len(plans)):
+        try:
+            _check(_cuda_run(args, block, tf32, plan_rank=rank), args, block, dtype, tf32, "cuda")
+        except AssertionError as exc:
+            raise AssertionError(f"plan rank {rank} {plans[rank]}: {exc}") from exc
+    with pytest.raises(RuntimeError, match=f"plan_rank={len(plans)} is out of range: {len(plans)} tile plans"):
+        _cuda_run(args, block, tf32, plan_rank=len(plans))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_backend_autotune_on_and_off(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    block = Block(2, 64, 128, 72, 8, 13, 15, stride=2, projection=True)
+    args = block.make(torch.float16, device="cuda")
+    for flag in ("0", "1"):
+        monkeypatch.setenv(backends.AUTOTUNE_ENV, flag)
+        for _ in range(2):  # the second call of "1" uses the cached rank
+            y = cuda_backend.bottleneck_inference_cuda(*args, *block.conv)
+            torch.cuda.synchronize()
+            _check(y, args, block, torch.float16, True, "cuda")
+        if flag == "0":
+            assert cuda_backend.TUNED_PLAN_RANKS == {}
+    ((key, rank),) = cuda_backend.TUNED_PLAN_RANKS.items()
+    assert 0 <= rank < cuda_backend.AUTOTUNE_TOP_K and key[0] == tuple(args[0].shape)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_backend_autotune_under_graph_capture(monkeypatch):
+    """A shape first seen while a CUDA graph is captured runs rank 0 untimed
+    (timing would be recorded into the graph); the graph replays correctly."""
+    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    block = Block(2, 32, 64, 32, 4, 9, 9)
+    args = block.make(torch.float16, device="cuda")
+    cuda_backend.bottleneck_inference_cuda(*args, *block.conv)  # packs the weights and tunes batch 2
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    x = torch.randn(1, 32, 9, 9, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_backend.bottleneck_inference_cuda(x, *args[1:], *block.conv)
+    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(y, [x, *args[1:]], block, torch.float16, True, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_plans_cli_times_ranks(tmp_path):
+    out = tmp_path / "timed.json"
+    assert cuda_plans.main(["--shapes", "s1_14=14:256:128:32:256:1", "s4", "--batch", "2", "--ranks", "3",
+                            "--seconds", "0.01", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [s["shape"] for s in doc["shapes"]] == ["s1_14", "s4"]
+    for entry in doc["shapes"]:
+        assert [p["rank"] for p in entry["plans"]] == [0, 1, 2]
+        assert all(p["ms"] > 0 and p["within_tolerance"] for p in entry["plans"])
+        assert 0 <= entry["fastest_rank"] < 3 and entry["model_vs_fastest"] >= 1.0
