@@ -12,7 +12,10 @@ A backend is an implementation of the inference op
   cuda_emulated  Testing only: the same CUDA source compiled for the CPU
                  against an emulation header. CPU tensors; slow.
 
-``auto`` picks the first usable backend in AUTO_ORDER for the input's device.
+``auto`` runs the fastest usable fused backend for the input's device: with
+more than one (cuda and triton on a GPU) the first call of each problem times
+them and keeps the faster (``ops.choose_auto_backend``; with autotuning off,
+the first usable one in AUTO_ORDER). On CPU it is the reference.
 An explicitly requested backend that cannot run raises BackendUnavailableError
 naming the backend and the reason; there is no silent fallback.
 
@@ -143,15 +146,23 @@ def unavailable_reason(backend, device):
     return _REASONS[backend](device.type)
 
 
+def auto_candidates(device):
+    """The backends 'auto' chooses among on `device`: the usable fused kernels
+    in AUTO_ORDER, else ("reference",). With several, ops.choose_auto_backend
+    times them on the first call of each problem (autotune_enabled()); the
+    first is the choice without timing."""
+    device = torch.device(device)
+    usable = [n for n in AUTO_ORDER.get(device.type, ()) if n != "reference" and unavailable_reason(n, device) is None]
+    return tuple(usable) or ("reference",)
+
+
 def resolve_backend(backend, device):
-    """Map 'auto' or an explicit name to a backend usable on `device`, or raise."""
+    """Map an explicit name to itself if it can run on `device` (else raise),
+    and 'auto' to its untimed choice, auto_candidates(device)[0]."""
     check_backend_name(backend)
     device = torch.device(device)
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device) is None:
-                return name
-        return "reference"
+        return auto_candidates(device)[0]
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run on {device.type} tensors: {reason}")

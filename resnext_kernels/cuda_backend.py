@@ -29,7 +29,7 @@ tile plans that fit to run, in the order of the planner's cost estimate;
 
 Plan autotuning (``cuda`` backend only): the planner's cost model is a
 guess, so while ``backends.autotune_enabled()`` the first call for a tune
-key (``_tune_key``) times the first AUTOTUNE_TOP_K ranks with CUDA events
+key (``tuning.tune_key``) times the first AUTOTUNE_TOP_K ranks with CUDA events
 and TUNED_PLAN_RANKS keeps the fastest for that and every later call
 (``select_plan_rank``). Nothing is timed while a CUDA graph is being
 captured. With autotuning off, and always on ``cuda_emulated``, rank 0 runs.
@@ -44,7 +44,7 @@ import threading
 
 import torch
 
-from . import _extension, backends, bench
+from . import _extension, backends, tuning
 from .weight_cache import WeightCache
 
 _NS = "resnext_kernels"
@@ -139,59 +139,21 @@ def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, 
 
 
 AUTOTUNE_TOP_K = 4  # plan ranks timed on a tune key's first call
-AUTOTUNE_REPEATS = 5  # timed calls per rank after one warm-up call; the median counts
 TUNED_PLAN_RANKS = {}  # tune key -> fastest plan rank
 
 
 def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, top_k=AUTOTUNE_TOP_K):
-    """The plan rank a call runs with.
+    """The plan rank a call runs with (tuning.select_fastest over ranks).
 
     enabled False: 0, the cost model's choice. Else the rank cached for key;
     on a miss, ranks 0 .. min(top_k, count_plans()) - 1 are timed with
     time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
-    cached and returned (0, untimed, when fewer than two plans fit). While a CUDA graph is being captured (capturing) a
-    miss returns 0 and caches nothing: the timing runs would be recorded into
-    the graph instead of run, and waiting for their events is not allowed
-    during capture; the next call outside capture tunes.
+    cached and returned (0, untimed, when fewer than two plans fit; with no
+    plan at all the op reports it). While a CUDA graph is being captured
+    (capturing) a miss returns 0 and caches nothing.
     """
-    if not enabled:
-        return 0
-    if key in cache:
-        return cache[key]
-    if capturing:
-        return 0
-    ranks = range(min(top_k, count_plans()))
-    if len(ranks) <= 1:  # nothing to choose from (with no plan at all, the op reports it)
-        cache[key] = 0
-        return 0
-    seconds = [time_rank(rank) for rank in ranks]
-    best = min(ranks, key=seconds.__getitem__)
-    cache[key] = best
-    return best
-
-
-def _tune_key(x, width, cout, stride, dilation, groups, allow_tf32, projection):
-    """What the fastest plan may depend on: the problem, and x's layout and
-    16-byte alignment (NCHW x is converted first; unaligned x or odd Cin
-    disables vector loads)."""
-    if x.is_contiguous(memory_format=torch.channels_last):
-        layout = "channels_last"
-    elif x.is_contiguous():
-        layout = "contiguous"
-    else:
-        layout = "strided"
-    return (tuple(x.shape), x.dtype, layout, x.data_ptr() % 16 == 0, allow_tf32, stride, dilation, groups, width,
-            cout, projection, x.device.index)
-
-
-def _seconds_per_call(fn, device):
-    """One warm-up call, then the median of AUTOTUNE_REPEATS calls timed
-    with CUDA events (bench.round_seconds); outputs are discarded."""
-    def run(_):
-        fn()
-
-    bench.round_seconds(run, [None], device, 1)
-    return bench.median(bench.round_seconds(run, [None], device, AUTOTUNE_REPEATS))
+    return tuning.select_fastest(cache, key, lambda: range(min(top_k, count_plans())), time_rank,
+                                 enabled=enabled, capturing=capturing, default=0)
 
 
 def _autotuned_rank(block_op, args):
@@ -207,8 +169,8 @@ def _autotuned_rank(block_op, args):
     with torch.cuda.device(x.device):
         return select_plan_rank(
             TUNED_PLAN_RANKS,
-            _tune_key(x, width, cout, stride, dilation, groups, allow_tf32, wdp is not None),
-            lambda rank: _seconds_per_call(lambda: block_op(*args, rank), x.device),
+            tuning.tune_key(x, width, cout, stride, dilation, groups, wdp is not None, allow_tf32),
+            lambda rank: tuning.seconds_per_call(lambda: block_op(*args, rank), x.device),
             count_plans,
             enabled=backends.autotune_enabled(),
             capturing=torch.cuda.is_current_stream_capturing(),

@@ -22,9 +22,11 @@ Training ops (batch statistics inside fused kernels) are future work; they will
 be added here beside this op, with their own schemas.
 """
 
+import contextlib
+
 import torch
 
-from . import backends
+from . import backends, tuning
 
 _NS = "resnext_kernels"
 
@@ -121,9 +123,39 @@ def _bottleneck_inference_op(
     groups: int,
     backend: str,
 ) -> torch.Tensor:
-    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)
-    backend = backends.resolve_backend(backend, x.device)
-    return backends.kernel(backend)(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+    resolved = backends.resolve_backend(backend, x.device)
+    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
+    args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+    if backend == "auto":
+        resolved = choose_auto_backend(*args)
+    return backends.kernel(resolved)(*args)
+
+
+AUTO_CHOICES = {}  # tuning.tune_key -> the backend "auto" runs for that problem
+
+
+def choose_auto_backend(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
+    """The backend "auto" runs for this call (inputs already checked).
+
+    One candidate (backends.auto_candidates): that one. Several (cuda and
+    triton on a GPU): while backends.autotune_enabled(), the first call of a
+    problem runs each candidate once to warm it up (its own tuning happens
+    there) and times it (tuning.seconds_per_call), and AUTO_CHOICES keeps the
+    faster for this and later calls; both are correct, so only speed
+    decides. Autotuning off, or a miss while a CUDA graph is being captured:
+    the first candidate, untimed.
+    """
+    candidates = backends.auto_candidates(x.device)
+    if len(candidates) == 1:
+        return candidates[0]
+    args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+    key = tuning.tune_key(x, w1.shape[0], w3.shape[0], stride, dilation, groups, wd is not None,
+                          torch.backends.cudnn.allow_tf32)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return tuning.select_fastest(
+            AUTO_CHOICES, key, lambda: candidates,
+            lambda name: tuning.seconds_per_call(lambda: backends.kernel(name)(*args), x.device),
+            enabled=backends.autotune_enabled(), capturing=tuning.capturing(x.device), default=candidates[0])
 
 
 @_bottleneck_inference_op.register_fake
@@ -192,4 +224,6 @@ def bottleneck_inference(x, w1, b1, w2, b2, w3, b3, wd=None, bd=None, *, stride=
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     resolved = backends.resolve_backend(backend, x.device)
     check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
-    return _bottleneck_inference_op(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
+    # "auto" stays "auto": the op chooses at run time, with real tensors
+    # (under torch.compile this wrapper only ever sees fake ones).
+    return _bottleneck_inference_op(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)

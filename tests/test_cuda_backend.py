@@ -24,7 +24,7 @@ import types
 import pytest
 import torch
 
-from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops
+from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops, tuning
 from resnext_kernels.reference import bottleneck_inference_reference
 from helpers import Block, assert_close_to_reference
 
@@ -636,22 +636,6 @@ def test_select_plan_rank_off_is_rank_0():
     assert timed == [] and cache == {"a": 2}
 
 
-def test_tune_key_separates_layout_alignment_and_problem():
-    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
-
-    def key(t, **kw):
-        args = {"width": 32, "cout": 16, "stride": 1, "dilation": 1, "groups": 4, "allow_tf32": True,
-                "projection": False, **kw}
-        return cuda_backend._tune_key(t, **args)
-
-    assert key(x) == key(x.clone(memory_format=torch.channels_last))
-    unaligned = torch.empty(x.numel() + 1)[1:].as_strided(x.shape, x.stride())
-    others = [key(x.contiguous()), key(x[:, :, :, :6]), key(unaligned), key(x.half()), key(x[:1]),
-              key(x, allow_tf32=False), key(x, stride=2), key(x, dilation=2), key(x, groups=8), key(x, width=64),
-              key(x, cout=32), key(x, projection=True)]
-    assert len({key(x), *others}) == len(others) + 1
-
-
 @needs_c
 @needs_emu
 def test_autotune_glue_with_fake_timer(emu, monkeypatch):
@@ -672,7 +656,7 @@ def test_autotune_glue_with_fake_timer(emu, monkeypatch):
 
     capturing = [False]
     monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
-    monkeypatch.setattr(cuda_backend, "_seconds_per_call", fake_seconds_per_call)
+    monkeypatch.setattr(tuning, "seconds_per_call", fake_seconds_per_call)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "get_device_properties",
