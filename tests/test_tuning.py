@@ -155,3 +155,23 @@ def test_auto_on_cpu_is_the_reference_untimed(monkeypatch):
     block = Block(1, 8, 16, 8, 2, 4, 5)
     _check(block, block.make(torch.float64))
     assert ops.AUTO_CHOICES == {}
+
+
+@pytest.mark.cuda
+def test_auto_on_gpu_chooses_among_the_usable_fused_backends(monkeypatch):
+    monkeypatch.setattr(ops, "AUTO_CHOICES", {})
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    candidates = backends.auto_candidates("cuda")
+    block = Block(2, 64, 64, 64, 8, 9, 11)
+    for dtype in (torch.bfloat16, torch.float16):
+        args = block.make(dtype, device="cuda")
+        y = ops.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups)
+        cpu = [None if t is None else t.cpu() for t in args]
+        ref = bottleneck_inference_reference(*[None if t is None else t.double() for t in cpu], *block.conv)
+        eager = bottleneck_inference_reference(*args, *block.conv).cpu()
+        assert_close_to_reference(y.cpu(), ref, eager)
+    choices = set(ops.AUTO_CHOICES.values())
+    if len(candidates) > 1:
+        assert len(ops.AUTO_CHOICES) == 2 and choices <= set(candidates)
+    else:
+        assert ops.AUTO_CHOICES == {}
