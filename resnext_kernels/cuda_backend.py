@@ -63,15 +63,19 @@ def _round_up(a, b):
     return -(-a // b) * b
 
 
-def _fake_pack(w1, b1, w2, b2, w3, b3, wd, bd, groups):
-    # Mirrors set_padded_dims in csrc/fused_block_host.h (opcheck compares).
-    width, cin = w1.shape[0], w1.shape[1]
-    cout = w3.shape[0]
+PaddedDims = collections.namedtuple("PaddedDims", "cin_p wp cout_p d_p kt")
+
+
+def padded_dims(cin, width, cout, groups):
+    """The kernel's padded sizes; mirrors set_padded_dims in
+    csrc/fused_block_host.h (opcheck compares the fake packing with it)."""
     d = width // groups
     d_p = _round_up(d, 16) if d > 16 else 1 << (d - 1).bit_length()
-    kt = max(1, d_p // 16)
-    wp = _round_up(groups * d_p, 16)
-    cin_p, cout_p = _round_up(cin, 16), _round_up(cout, 16)
+    return PaddedDims(_round_up(cin, 16), _round_up(groups * d_p, 16), _round_up(cout, 16), d_p, max(1, d_p // 16))
+
+
+def _fake_pack(w1, b1, w2, b2, w3, b3, wd, bd, groups):
+    cin_p, wp, cout_p, _, kt = padded_dims(w1.shape[1], w1.shape[0], w3.shape[0], groups)
     f32 = torch.float32
     packed = [
         w1.new_empty(cin_p, wp),

@@ -77,12 +77,29 @@ def shape_plans(shape, batch, dtype, smem_limit):
                                         shape.stride, 1, dtype, smem_limit)
 
 
+def mma_work(shape, batch, plan, tile_w=16):
+    """MACs the kernel's MMAs execute with this plan over the block's own MACs
+    (bench.block_flops / 2): what the halo recompute, the 16-column output
+    tiles (tile_w, the kernel's kTileW), the block-diagonal group packing,
+    the channel padding and the Cout slices (each recomputes conv1 and the
+    grouped conv) cost. Derived from the kernel's loops, not measured."""
+    dims = cuda_backend.padded_dims(shape.cin, shape.width, shape.cout, shape.groups)
+    s = shape.stride
+    halo = ((plan.TH - 1) * s + 3) * ((tile_w - 1) * s + 3)  # dilation 1
+    mp1 = -(-halo // 16) * 16
+    mo = plan.TH * tile_w
+    per_block = (mp1 * dims.cin_p * dims.wp + mo * dims.wp * 9 * 16 * dims.kt
+                 + mo * plan.CS * (dims.wp + (dims.cin_p if shape.projection else 0)))
+    return plan.grid_x * plan.grid_y * per_block / (bench.block_flops(shape, batch) / 2)
+
+
 def _plan_cells(name, plan):
     """Table cells of a plan (a TilePlan's _asdict(), or a timed entry)."""
-    return [name] + [str(plan[f]) for f in ("rank", "TH", "WC", "CS", "nbuf", "smem")] + [f"{plan['cost']:.4g}"]
+    return ([name] + [str(plan[f]) for f in ("rank", "TH", "WC", "CS", "nbuf", "smem")]
+            + [f"{plan['cost']:.4g}", f"{plan['mma_work']:.2f}x"])
 
 
-_PLAN_HEADER = ["shape", "rank", "TH", "WC", "CS", "nbuf", "smem (B)", "est. cost"]
+_PLAN_HEADER = ["shape", "rank", "TH", "WC", "CS", "nbuf", "smem (B)", "est. cost", "MMA work"]
 
 
 def list_plans(args):
@@ -93,7 +110,7 @@ def list_plans(args):
     shapes, lines = [], []
     for shape in args.shapes:
         plans = shape_plans(shape, args.batch, args.dtype, limit)
-        listed = [p._asdict() for p in plans[:args.ranks]]
+        listed = [{**p._asdict(), "mma_work": mma_work(shape, args.batch, p)} for p in plans[:args.ranks]]
         shapes.append({"shape": shape.name, "spec": shape.spec(), "plans_fitting": len(plans), "plans": listed})
         lines += [_plan_cells(shape.name, p) + [f"{p['grid_x']}, {p['grid_y']}"] for p in listed]
     print(f"Candidate tile plans, batch {args.batch}, {bench.dtype_name(args.dtype)}, shared-memory limit {limit} B "
@@ -126,7 +143,8 @@ def _time_shape(shape, args, limit, device):
         with torch.no_grad():
             error = bench.max_abs_error(run(inputs[0])[:k], case.y_ref)
             times = bench.time_per_call(run, inputs, device, args.seconds)
-        results.append({**plan._asdict(), "ms": bench.median(times) * 1e3, "rounds": len(times),
+        results.append({**plan._asdict(), "mma_work": mma_work(shape, args.batch, plan),
+                        "ms": bench.median(times) * 1e3, "rounds": len(times),
                         **case.error_info(error)})
     return {"shape": shape.name, "spec": shape.spec(), "plans_fitting": len(plans), "n_inputs": case.n_inputs,
             "plans": results}

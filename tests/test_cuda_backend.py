@@ -697,14 +697,15 @@ def test_cuda_plans_cli_list(tmp_path, capsys):
     assert cuda_plans.main(["--list", "--shapes", "s1", "s4", "--ranks", "3", "--smem-limit", str(H100_SMEM_OPTIN),
                             "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| shape | rank | TH | WC | CS | nbuf | smem (B) | est. cost | grid |" in text
+    assert "| shape | rank | TH | WC | CS | nbuf | smem (B) | est. cost | MMA work | grid |" in text
     assert "| s1 | 0 | 7 | 64 | 256 | 2 | 210944 |" in text and "s4: " in text
     doc = json.loads(out.read_text())
     assert doc["smem_limit"] == H100_SMEM_OPTIN and [s["shape"] for s in doc["shapes"]] == ["s1", "s4"]
     for entry in doc["shapes"]:
         plans = _canonical_plans(entry["shape"], torch.bfloat16, H100_SMEM_OPTIN)
         assert entry["plans_fitting"] == len(plans)
-        assert entry["plans"] == [p._asdict() for p in plans[:3]]
+        shape = bench.SHAPES[entry["shape"]]
+        assert entry["plans"] == [{**p._asdict(), "mma_work": cuda_plans.mma_work(shape, 128, p)} for p in plans[:3]]
 
 
 @pytest.mark.skipif(backends.unavailable_reason("cuda", "cuda") is None, reason="the cuda backend is usable here")
@@ -893,3 +894,18 @@ def test_cuda_plans_cli_times_ranks(tmp_path):
         assert [p["rank"] for p in entry["plans"]] == [0, 1, 2]
         assert all(p["ms"] > 0 and p["within_tolerance"] for p in entry["plans"])
         assert 0 <= entry["fastest_rank"] < 3 and entry["model_vs_fastest"] >= 1.0
+
+
+@needs_c
+def test_mma_work_counts_the_kernels_loops():
+    shape = bench.SHAPES["s1"]
+    plan = _canonical_plans("s1", torch.bfloat16, H100_SMEM_OPTIN)[0]
+    assert (plan.TH, plan.CS, plan.grid_x, plan.grid_y) == (7, 256, 4096, 1)
+    # Per block: conv1 on the 9 x 18 halo (rounded up to 176 rows), the grouped
+    # conv as 16x16 block-diagonal tiles (9 taps), conv3, over 7 x 16 outputs.
+    per_block = 176 * 256 * 128 + 112 * 128 * 9 * 16 + 112 * 256 * 128
+    useful = 128 * 56 * 56 * (256 * 128 + 128 * 4 * 9 + 128 * 256)
+    assert cuda_plans.mma_work(shape, 128, plan) == pytest.approx(4096 * per_block / useful)
+    for name in bench.SHAPES:
+        for p in _canonical_plans(name, torch.bfloat16, H100_SMEM_OPTIN)[:4]:
+            assert cuda_plans.mma_work(bench.SHAPES[name], 128, p) > 1.0
