@@ -10,7 +10,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -176,15 +179,43 @@ inline std::vector<TilePlan> candidate_plans(const FusedBlockParams& problem, in
   return plans;
 }
 
+// Plans already selected by plan_fused_block, keyed by everything the
+// selection depends on. Enumerating the candidates costs 5-20 us per launch
+// (over a thousand plans for stage 4); a hit costs a map lookup. Cleared
+// when it reaches kPlanCacheSize entries (a model has a handful of shapes).
+using PlanKey = std::array<int64_t, 12>;
+constexpr size_t kPlanCacheSize = 4096;
+
+struct PlanCache {
+  std::mutex mutex;
+  std::map<PlanKey, TilePlan> plans;
+};
+
+inline PlanCache& plan_cache() {
+  static PlanCache cache;
+  return cache;
+}
+
 // Fills p with the problem and the plan of rank `rank` (candidate_plans'
 // order) among those that fit in smem_limit, and returns its dynamic
 // shared-memory bytes. Raises, naming `op`, when nothing fits or rank is out
-// of range. Runs on every launch, so it selects the one plan (nth_element)
-// instead of sorting them all (over a thousand for stage 4).
+// of range. Runs on every launch: the selected plan is cached (plan_cache),
+// and a miss selects the one plan (nth_element) instead of sorting them all.
 inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin, int width, int Cout, int groups,
                                int stride, int dil, int elem_bytes, size_t smem_limit, int64_t rank,
                                const char* op) {
   set_problem(p, N, H, W, Cin, width, Cout, groups, stride, dil);
+  const PlanKey key = {N, H, W, Cin, width, Cout, groups, stride, dil, elem_bytes,
+                       static_cast<int64_t>(smem_limit), rank};
+  PlanCache& cache = plan_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    const auto hit = cache.plans.find(key);
+    if (hit != cache.plans.end()) {
+      const TilePlan& t = hit->second;
+      return apply_plan(p, t.TH, t.WC, t.CS, t.nbuf, elem_bytes);
+    }
+  }
   std::vector<TilePlan> plans = fitting_plans(p, elem_bytes, smem_limit);
   TORCH_CHECK(!plans.empty(), op, ": no tile plan fits in ", smem_limit, " bytes of shared memory (Cin=", Cin,
               " width=", width, " Cout=", Cout, " stride=", stride, " dilation=", dil, ")");
@@ -193,6 +224,11 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
               " bytes of shared memory (valid ranks 0..", plans.size() - 1, ")");
   std::nth_element(plans.begin(), plans.begin() + rank, plans.end(), ranks_before);
   const TilePlan& t = plans[rank];
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.plans.size() >= kPlanCacheSize) cache.plans.clear();
+    cache.plans.emplace(key, t);
+  }
   return apply_plan(p, t.TH, t.WC, t.CS, t.nbuf, elem_bytes);
 }
 
