@@ -26,7 +26,7 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from resnext_kernels import FusedResNeXtBlock, backends, ops  # noqa: E402
+from resnext_kernels import FusedResNeXtBlock, backends, bench, ops  # noqa: E402
 from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
 from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, compile_check, packing  # noqa: E402
 from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1  # noqa: E402
@@ -107,10 +107,12 @@ def poisoned_empty(monkeypatch):
     return made
 
 
-def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None, nan_out=False):
+def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None, nan_out=False,
+                 batch_chunk=None):
     """Run the triton backend on `block` and compare with fp64 and eager at dtype.
 
-    nan_out: pass a NaN-filled `out=` (else y comes from torch.empty)."""
+    nan_out: pass a NaN-filled `out=` (else y comes from torch.empty).
+    batch_chunk: images per launch pair (None: the backend chooses)."""
     if tf32 is not None:
         allow_tf32(tf32)
     inputs = block.make(dtype, device)
@@ -122,7 +124,7 @@ def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_de
     if nan_out:
         out = torch.full((block.n, block.cout, ho, wo), float("nan"), dtype=dtype, device=device)
         out = out.contiguous(memory_format=torch.channels_last)
-    y = bottleneck_inference_triton(*inputs, *block.conv, out=out)
+    y = bottleneck_inference_triton(*inputs, *block.conv, out=out, batch_chunk=batch_chunk)
     assert out is None or y is out
     if poisoned is not None:
         expected_empties = 1 if nan_out else 2
@@ -589,3 +591,49 @@ def test_gpu_heuristic_configs_match_fp64_reference(block, dtype, tf32, monkeypa
     monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
     _check_block(block, dtype, tf32, "cuda", allow_tf32, poisoned_empty, nan_out=True)
     _assert_heuristic_launches(launches)
+
+
+# Batch chunks: several K1/K2 launch pairs over batch slices sharing one t1
+# buffer (the last chunk shorter), NaN-poisoned t1 and y.
+CHUNK_BLOCKS = [
+    Block(3, 32, 64, 32, 16, 7, 7),                             # identity, d=4
+    Block(3, 24, 48, 40, 2, 7, 9, stride=2, projection=True),   # projection, stride 2, d=24
+]
+
+
+@pytest.mark.parametrize("batch_chunk", [1, 2, 5])
+@pytest.mark.parametrize("block", CHUNK_BLOCKS, ids=repr)
+def test_batch_chunks_match_fp64_reference(block, batch_chunk, allow_tf32, poisoned_empty):
+    _check_block(block, torch.float32, False, DEVICE, allow_tf32, poisoned_empty, nan_out=True,
+                 batch_chunk=batch_chunk)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_batch_chunk_rejects_bad_values(bad):
+    block = CHUNK_BLOCKS[0]
+    with pytest.raises(ValueError, match="batch_chunk must be a positive int or None"):
+        bottleneck_inference_triton(*block.make(torch.float32, DEVICE), *block.conv, batch_chunk=bad)
+
+
+def test_chunk_candidates_fill_fractions_of_l2():
+    from resnext_kernels.triton_kernels import chunk_candidates
+
+    s1_t1 = 56 * 56 * 128 * 2  # bytes of one image's t1 at stage 1, bf16
+    l2 = 50 * 2**20
+    assert chunk_candidates(128, s1_t1, l2) == [128, l2 // 8 // s1_t1, l2 // 4 // s1_t1] == [128, 8, 16]
+    assert chunk_candidates(8, s1_t1, l2) == [8]  # the whole batch is already a small chunk
+    assert chunk_candidates(128, 7 * 7 * 1024 * 2, l2) == [128, 65]  # stage 4: 1/4 of L2 holds all 128
+    assert chunk_candidates(4, 10 * l2, l2) == [4, 1]  # huge images: one at a time
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
+def test_batch_chunk_is_tuned_on_gpu(monkeypatch, allow_tf32):
+    from resnext_kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "CHUNK_CHOICES", {})
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    block = Block(32, 256, 128, 256, 32, 56, 56)  # stage 1 at batch 32: chunks of 8 and 16 are candidates
+    _check_block(block, torch.bfloat16, None, "cuda", allow_tf32, nan_out=True)
+    (chunk,) = triton_kernels.CHUNK_CHOICES.values()
+    assert chunk in triton_kernels.chunk_candidates(32, 56 * 56 * 128 * 2, bench.cache_bytes(torch.device("cuda")))
