@@ -63,3 +63,9 @@ def nhwc_view(buf, n, h, w):
     [n*h*w, C] (t1, t2), for the kernels that read [N, C, H, W] inputs."""
     return buf.view(n, h, w, buf.shape[1]).permute(0, 3, 1, 2)
 
+
+def pixel_rows(t):
+    """[N*H*W, C] view of a channels_last-contiguous [N, C, H, W] tensor (y,
+    x and their batch slices), for K1's out and residual; the inverse of
+    nhwc_view. Raises rather than copies when t is not one."""
+    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
