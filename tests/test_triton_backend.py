@@ -30,6 +30,7 @@ from resnext_kernels import FusedResNeXtBlock, backends, bench, ops  # noqa: E40
 from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
 from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, compile_check, packing  # noqa: E402
 from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1  # noqa: E402
+from resnext_kernels.triton_kernels import grouped_conv_bias_relu as k2a  # noqa: E402
 from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2  # noqa: E402
 from helpers import Block, assert_close_to_reference, randomize_norms  # noqa: E402
 
@@ -108,11 +109,11 @@ def poisoned_empty(monkeypatch):
 
 
 def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_device=None, nan_out=False,
-                 batch_chunk=None):
+                 strategy=None, batch_chunk=None):
     """Run the triton backend on `block` and compare with fp64 and eager at dtype.
 
     nan_out: pass a NaN-filled `out=` (else y comes from torch.empty).
-    batch_chunk: images per launch pair (None: the backend chooses)."""
+    strategy, batch_chunk: the launcher's overrides (None: the backend chooses)."""
     if tf32 is not None:
         allow_tf32(tf32)
     inputs = block.make(dtype, device)
@@ -124,11 +125,12 @@ def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_de
     if nan_out:
         out = torch.full((block.n, block.cout, ho, wo), float("nan"), dtype=dtype, device=device)
         out = out.contiguous(memory_format=torch.channels_last)
-    y = bottleneck_inference_triton(*inputs, *block.conv, out=out, batch_chunk=batch_chunk)
+    y = bottleneck_inference_triton(*inputs, *block.conv, out=out, strategy=strategy, batch_chunk=batch_chunk)
     assert out is None or y is out
     if poisoned is not None:
-        expected_empties = 1 if nan_out else 2
-        assert len(poisoned) - n_poisoned >= expected_empties, "t1 (and y) should come from the poisoned torch.empty"
+        expected_empties = (1 if nan_out else 2) + (strategy == "split")
+        assert len(poisoned) - n_poisoned >= expected_empties, \
+            "t1 (t2 when split, y) should come from the poisoned torch.empty"
     assert y.shape == (block.n, block.cout, ho, wo)
     assert y.dtype == dtype and y.device == inputs[0].device
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -296,22 +298,9 @@ def test_fused_module_triton_backend(allow_tf32):
 def _meta_kernel_args(shape, dtype):
     """(tiling, K1 (args, consts), K2 (args, consts)) as the launchers build
     them for a compile_check.SHAPES-style `shape` at batch 128, on meta
-    tensors (host logic only). Reads the TF32 flag: set it first."""
-    cin, width, cout, groups, h, stride, proj = shape
-    ho = (h - 1) // stride + 1
-
-    def meta(*shape):
-        return torch.empty(*shape, device="meta", dtype=dtype)
-
-    tiling, packed = packing.pack_weights(
-        meta(width, cin, 1, 1), meta(width), meta(width, width // groups, 3, 3), meta(width),
-        meta(cout, width, 1, 1), meta(cout), meta(cout, cin, 1, 1) if proj else None, meta(cout) if proj else None,
-        groups)
-    x = meta(128, cin, h, h).contiguous(memory_format=torch.channels_last)
-    t1 = meta(128 * h * h, tiling.width_p)
-    y = meta(128, cout, ho, ho).contiguous(memory_format=torch.channels_last)
-    return (tiling, k1._kernel_args(x, packed["w1p"], packed["b1p"], t1),
-            k2._kernel_args(t1, x, tiling, packed, y, stride, 1))
+    tensors (host logic only), with the current TF32 flag."""
+    tiling, launches = compile_check.kernel_launches(shape, dtype, torch.backends.cudnn.allow_tf32)
+    return tiling, launches["K1"][2:], launches["K2"][2:]
 
 
 def _named(kernel, args, consts):
@@ -452,13 +441,15 @@ class _LaunchSpy:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records, per kernel ("K1", "K2"), the launchers' GPU-branch launches:
-    "tuned" (the triton.autotune wrapper, replaced: nothing runs, as the CPU
-    cannot autotune and a GPU test must not), "raw" (the @triton.jit kernel,
-    forwarded) and "picked" (the configs heuristic_config returned)."""
+    """Records, per kernel ("K1", "K2", "K2a"; K2b is K1's kernel, so under
+    "K1"), the launchers' GPU-branch launches: "tuned" (the triton.autotune
+    wrapper, replaced: nothing runs, as the CPU cannot autotune and a GPU test
+    must not), "raw" (the @triton.jit kernel, forwarded) and "picked" (the
+    configs heuristic_config returned)."""
     records = {}
     for name, mod, raw, tuned in (("K1", k1, "_conv1x1_bias_relu_kernel", "_conv1x1_bias_relu_tuned"),
-                                  ("K2", k2, "_grouped_conv_conv3_kernel", "_grouped_conv_conv3_tuned")):
+                                  ("K2", k2, "_grouped_conv_conv3_kernel", "_grouped_conv_conv3_tuned"),
+                                  ("K2a", k2a, "_grouped_conv_bias_relu_kernel", "_grouped_conv_bias_relu_tuned")):
         rec = records[name] = {"tuned": [], "raw": [], "picked": []}
         monkeypatch.setattr(mod, tuned, _LaunchSpy(None, rec["tuned"]))
         monkeypatch.setattr(mod, raw, _LaunchSpy(getattr(mod, raw), rec["raw"]))
@@ -471,14 +462,21 @@ def launches(monkeypatch):
     return records
 
 
-def _assert_heuristic_launches(records):
-    """Each kernel ran once, raw, with the meta-parameters, num_warps and
-    num_stages of the config heuristic_config picked; never autotuned."""
+# Launches per kernel of each strategy (K1's kernel runs twice when split: K1, K2b).
+STRATEGY_LAUNCHES = {"fused": {"K1": 1, "K2": 1, "K2a": 0}, "split": {"K1": 2, "K2": 0, "K2a": 1}}
+
+
+def _assert_heuristic_launches(records, strategy="fused"):
+    """The kernels of `strategy` ran raw, once each, with the meta-parameters,
+    num_warps and num_stages of the config heuristic_config picked; never
+    autotuned. K1's kernel ran without RESIDUAL (K1), then with it (K2b)."""
     for name, rec in records.items():
         assert not rec["tuned"], f"{name} went through the autotuner with {backends.AUTOTUNE_ENV}=0"
-        assert len(rec["picked"]) == len(rec["raw"]) == 1, name
-        params = _launch_params(rec["picked"][0])
-        assert {k: rec["raw"][0].get(k) for k in params} == params, name
+        assert len(rec["picked"]) == len(rec["raw"]) == STRATEGY_LAUNCHES[strategy][name], name
+        for picked, raw in zip(rec["picked"], rec["raw"]):
+            params = _launch_params(picked)
+            assert {k: raw.get(k) for k in params} == params, name
+    assert [raw["RESIDUAL"] for raw in records["K1"]["raw"]] == [False, True][:STRATEGY_LAUNCHES[strategy]["K1"]]
 
 
 # Interpreter-sized: the s1_first-like canonical regime (d = 4, projection)
@@ -497,7 +495,7 @@ def test_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatch, lau
     "0" launches the raw kernels with heuristic_config's config and gives the
     right y in a NaN-filled out=; "1" goes through the autotune wrappers;
     anything else raises."""
-    for mod in (k1, k2):
+    for mod in (k1, k2, k2a):
         monkeypatch.setattr(mod, "interpreting", lambda: False)
     monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
     _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=True)
@@ -527,7 +525,10 @@ def test_kernels_compile_for_sm90(dtype, shapes):
     res = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads(res.stdout)
-    assert {r["shape"] for r in results} == set(shapes) and {r["kernel"] for r in results} == {"K1", "K2"}
+    assert {r["shape"] for r in results} == set(shapes)
+    for shape in shapes:  # split kernels for identity blocks only
+        kernels = {r["kernel"] for r in results if r["shape"] == shape}
+        assert kernels == {"K1", "K2"} | (set() if compile_check.SHAPES[shape][6] else {"K2a", "K2b"}), shape
     bad = [r for r in results
            if r["spill_stores"] or r["shared"] > compile_check.SM90_MAX_SHARED or not r["tensor_cores"]]
     assert not bad, bad
@@ -628,12 +629,153 @@ def test_chunk_candidates_fill_fractions_of_l2():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
-def test_batch_chunk_is_tuned_on_gpu(monkeypatch, allow_tf32):
+def test_strategy_and_chunk_are_tuned_on_gpu(monkeypatch, allow_tf32):
     from resnext_kernels import triton_kernels
 
-    monkeypatch.setattr(triton_kernels, "CHUNK_CHOICES", {})
+    monkeypatch.setattr(triton_kernels, "CHOICES", {})
     monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
-    block = Block(32, 256, 128, 256, 32, 56, 56)  # stage 1 at batch 32: chunks of 8 and 16 are candidates
+    block = Block(32, 256, 128, 256, 32, 56, 56)  # stage 1 at batch 32: chunks and split are candidates
     _check_block(block, torch.bfloat16, None, "cuda", allow_tf32, nan_out=True)
-    (chunk,) = triton_kernels.CHUNK_CHOICES.values()
-    assert chunk in triton_kernels.chunk_candidates(32, 56 * 56 * 128 * 2, bench.cache_bytes(torch.device("cuda")))
+    (choice,) = triton_kernels.CHOICES.values()
+    assert choice in triton_kernels.candidates(32, 56 * 56 * 128 * 2, bench.cache_bytes(torch.device("cuda")), True)
+
+
+# ------------------------------------------------ split path (identity blocks)
+# K1, K2a (t2 = relu(grouped 3x3 + b2) written once), K2b (K1's kernel with
+# RESIDUAL: relu(t2 @ w3 + b3 + x)). Every packing regime: d = 1, 4, 14
+# (dilation 2), 24 (d_p 32), 64, 128 (a group spans two 64-channel tiles,
+# KCH = 2); unaligned channel counts; odd H/W; batch 2 so chunks of 1 reuse
+# the t1/t2 buffers.
+SPLIT_BLOCKS = [
+    Block(2, 20, 16, 20, 16, 7, 7),               # d=1
+    Block(2, 32, 64, 32, 16, 9, 9),               # d=4
+    Block(2, 28, 28, 28, 2, 7, 9, dilation=2),    # d=14, dilation 2
+    Block(2, 20, 48, 20, 2, 5, 7),                # d=24 -> d_p=32
+    Block(2, 36, 128, 36, 2, 7, 7),               # d=64
+    Block(2, 24, 256, 24, 2, 5, 5),               # d=128: KCH=2
+]
+
+
+@pytest.mark.parametrize("batch_chunk", [1, None], ids=["chunk1", "whole"])
+@pytest.mark.parametrize("dtype,tf32", DTYPES[1:3])  # fp32 with TF32 off, fp16 (bf16 dots fail in the interpreter)
+@pytest.mark.parametrize("block", SPLIT_BLOCKS, ids=repr)
+def test_split_matches_fp64_reference(block, dtype, tf32, batch_chunk, allow_tf32, poisoned_empty):
+    """NaN-poisoned t1, t2 and y (from torch.empty, or a NaN out= for the
+    1-image chunks): every element written, within the fp64 bound."""
+    _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=batch_chunk == 1,
+                 strategy="split", batch_chunk=batch_chunk)
+
+
+@pytest.mark.parametrize("bad", ["Split", "", 1, True])
+def test_strategy_rejects_bad_values(bad):
+    block = CHUNK_BLOCKS[0]
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        bottleneck_inference_triton(*block.make(torch.float32, DEVICE), *block.conv, strategy=bad)
+
+
+def test_split_refused_for_projection_blocks():
+    block = CHUNK_BLOCKS[1]
+    with pytest.raises(ValueError, match="strategy='split' is for identity blocks only"):
+        bottleneck_inference_triton(*block.make(torch.float32, DEVICE), *block.conv, strategy="split")
+
+
+def test_candidates_split_for_identity_blocks_only():
+    from resnext_kernels.triton_kernels import candidates, choose_candidate
+
+    l2 = 50 * 2**20
+    s1_t1 = 56 * 56 * 128 * 2  # bytes of one image's t1 at stage 1, bf16
+    fused = [("fused", 128), ("fused", 8), ("fused", 16)]
+    assert candidates(128, s1_t1, l2, False) == fused
+    # Split chunks hold t1 and t2: half the images for the same L2 fraction.
+    assert candidates(128, s1_t1, l2, True) == fused + [("split", 128), ("split", 4), ("split", 8)]
+    s4_t1 = 7 * 7 * 1024 * 2
+    assert candidates(128, s4_t1, l2, True) == [("fused", 128), ("fused", 65), ("split", 128), ("split", 32),
+                                                ("split", 65)]
+    assert candidates(4, s1_t1, l2, True) == [("fused", 4), ("split", 4)]
+    # Not tuning (here: no CUDA tensor to time on): fused, whole batch.
+    x = torch.empty(3, 8, 5, 5)
+    assert choose_candidate(None, x, 16, True, run=None) == ("fused", 3)
+
+
+# The split path's GPU launches, run by the interpreter: identity, d=4 and
+# unaligned d=14 with dilation 2.
+SPLIT_SWITCH_BLOCKS = [Block(2, 64, 128, 64, 32, 7, 9), SPLIT_BLOCKS[2]]
+
+
+@pytest.mark.parametrize("dtype,tf32", DTYPES[1:3])
+@pytest.mark.parametrize("block", SPLIT_SWITCH_BLOCKS, ids=repr)
+def test_split_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatch, launches, allow_tf32,
+                                                  poisoned_empty):
+    """RESNEXT_KERNELS_AUTOTUNE=0: strategy="split" launches K1, K2a and K2b
+    raw with their heuristic configs and fills a NaN out= correctly; no
+    strategy (and no timing) is the fused path; "1" autotunes all three."""
+    for mod in (k1, k2, k2a):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=True, strategy="split")
+    _assert_heuristic_launches(launches, "split")
+
+    inputs = block.make(dtype, DEVICE)
+    for rec in launches.values():
+        for calls in rec.values():
+            calls.clear()
+    bottleneck_inference_triton(*inputs, *block.conv)
+    _assert_heuristic_launches(launches, "fused")
+
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    bottleneck_inference_triton(*inputs, *block.conv, strategy="split")
+    assert {k: len(rec["tuned"]) for k, rec in launches.items()} == STRATEGY_LAUNCHES["split"]
+    assert [call["RESIDUAL"] for call in launches["K1"]["tuned"]] == [False, True]
+
+
+# Identity shapes of HEURISTIC_SHAPES plus an interpreter-sized unaligned one
+# (Cout 24: no K2b tile fits, the prune falls back to its smallest).
+SPLIT_HEURISTIC_SHAPES = {**{name: shape for name, shape in HEURISTIC_SHAPES.items() if not shape[6]},
+                          "tiny_odd_id": (24, 32, 24, 8, 9, 1, False)}
+
+# Spot checks (K2a, K2b) with RESNEXT_KERNELS_AUTOTUNE=0: K2a's 128-pixel
+# tile; K2b K1's 128x128 tile (64 accumulators per thread), BLOCK_M 64 for
+# "ieee", the smallest tile for unaligned Cout.
+EXPECTED_SPLIT_HEURISTIC = {
+    ("s4", "bf16"): ({"BLOCK_P": 128, "num_warps": 4, "num_stages": 3}, _k1_params(128, 128, 64, 8, 3)),
+    ("s1", "fp32-ieee"): ({"BLOCK_P": 128, "num_warps": 4, "num_stages": 3}, _k1_params(64, 128, 64, 4, 4)),
+    ("tiny_odd_id", "fp32-tf32"): ({"BLOCK_P": 128, "num_warps": 4, "num_stages": 3}, _k1_params(64, 64, 64, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("cls", list(OPERAND_CLASSES))
+@pytest.mark.parametrize("name", list(SPLIT_HEURISTIC_SHAPES))
+def test_split_heuristic_configs_without_autotuning(name, cls):
+    """K2a's and K2b's heuristic_config is the first config their prune
+    keeps (so one the autotuner would benchmark and compile_check compiles),
+    the same on every call; K2b (RESIDUAL) keeps only tiles with at most 64
+    accumulator elements per thread (its residual tile doubles them; 128
+    spilled). Host logic on meta tensors."""
+    dtype, tf32 = OPERAND_CLASSES[cls]
+    _, launches = compile_check.kernel_launches(SPLIT_HEURISTIC_SHAPES[name], dtype, tf32)
+    assert launches["K2b"][3]["RESIDUAL"] and not launches["K1"][3]["RESIDUAL"]
+    chosen = []
+    for kname in ("K2a", "K2b"):
+        kernel, mod, args, consts = launches[kname]
+        named = _named(kernel, args, consts)
+        kept = mod._prune(mod._gpu_configs(), named)
+        chosen.append(_launch_params(mod.heuristic_config(named)))
+        assert chosen[-1] == _launch_params(kept[0]) == _launch_params(mod.heuristic_config(named)), kname
+    k2b_kept = k1._prune(k1._gpu_configs(), _named(launches["K2b"][0], *launches["K2b"][2:]))
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in k2b_kept)
+    if (name, cls) in EXPECTED_SPLIT_HEURISTIC:
+        assert tuple(chosen) == EXPECTED_SPLIT_HEURISTIC[name, cls]
+
+
+# Stage-3/4-like identity blocks (the shapes where the fused K2 recomputes
+# the grouped conv 4x / 8x) on the split path, bf16, autotune on and off.
+@pytest.mark.parametrize("autotune", ["1", "0"])
+@pytest.mark.parametrize("block", [GPU_BLOCKS[4], GPU_BLOCKS[5]], ids=repr)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
+def test_gpu_split_matches_fp64_reference(block, autotune, request, monkeypatch, allow_tf32, poisoned_empty):
+    monkeypatch.setenv(backends.AUTOTUNE_ENV, autotune)
+    records = request.getfixturevalue("launches") if autotune == "0" else None  # spies would stop autotuning
+    _check_block(block, torch.bfloat16, None, "cuda", allow_tf32, poisoned_empty, nan_out=True, strategy="split")
+    if records is not None:
+        _assert_heuristic_launches(records, "split")

@@ -5,6 +5,11 @@ import torch
 from .. import backends
 
 
+# Largest dynamic shared memory per block on H100/H200 (227 KB). The
+# pipeliner keeps num_stages copies of a loop's operand tiles there.
+MAX_SHARED = 232448
+
+
 def interpreting():
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1).
 
@@ -51,3 +56,16 @@ def launch_heuristic(kernel, grid, args, consts, pick_config):
     meta-parameters, num_warps and num_stages."""
     config = pick_config({**dict(zip(kernel.arg_names, args)), **consts})
     kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def nhwc_view(buf, n, h, w):
+    """[N, C, H, W] view (channels_last strides) of an NHWC activation buffer
+    [n*h*w, C] (t1, t2), for the kernels that read [N, C, H, W] inputs."""
+    return buf.view(n, h, w, buf.shape[1]).permute(0, 3, 1, 2)
+
+
+def pixel_rows(t):
+    """[N*H*W, C] view of a channels_last-contiguous [N, C, H, W] tensor (y,
+    x and their batch slices), for K1's out and residual; the inverse of
+    nhwc_view. Raises rather than copies when t is not one."""
+    return t.permute(0, 2, 3, 1).view(-1, t.shape[1])

@@ -28,12 +28,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import conv1x1_bias_relu as k1
+from . import grouped_conv_bias_relu as k2a
 from . import grouped_conv_conv3 as k2
 from . import packing
-from ._common import interpreting
+from ._common import MAX_SHARED, interpreting, nhwc_view, pixel_rows
 
-# Largest dynamic shared memory per block on H100/H200 (227 KB).
-SM90_MAX_SHARED = 232448
+SM90_MAX_SHARED = MAX_SHARED  # 227 KB, H100/H200
 
 # (Cin, width, Cout, groups, H=W, stride, projection); batch 128. The
 # ResNeXt-50 32x4d stages of DESIGN.md sec. 5, CIFAR ResNeXt-29 8x64d (d=64),
@@ -104,15 +104,16 @@ def _compile(fn, args, consts, config):
     }
 
 
-def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
-    """Compile every config the prune callbacks keep for this shape; list of result dicts."""
-    if interpreting():
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
-    cin, width, cout, groups, h, stride, proj = SHAPES[name]
+def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+    """(tiling, {kernel name: (kernel, module, args, constexpr kwargs)}) as
+    the launchers build them for `shape` (a SHAPES value), on meta tensors:
+    K1 and K2 (fused) and, for identity blocks, K2a and K2b (split; K2b is
+    K1's kernel with RESIDUAL, so its module is K1's)."""
+    cin, width, cout, groups, h, stride, proj = shape
     ho = (h - 1) // stride + 1
 
-    def meta(*shape, dt=dtype):
-        return torch.empty(*shape, device="meta", dtype=dt)
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=dtype)
 
     tiling, packed = packing.pack_weights(
         meta(width, cin, 1, 1), meta(width), meta(width, width // groups, 3, 3), meta(width),
@@ -124,14 +125,29 @@ def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     try:
-        launches = (
-            ("K1", k1._conv1x1_bias_relu_kernel, k1, k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)),
-            ("K2", k2._grouped_conv_conv3_kernel, k2, k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
-        )
+        launches = {
+            "K1": (k1._conv1x1_bias_relu_kernel, k1, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)),
+            "K2": (k2._grouped_conv_conv3_kernel, k2, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
+        }
+        if not proj:
+            t2 = nhwc_view(meta(batch * ho * ho, tiling.width_p), batch, ho, ho)
+            launches["K2a"] = (k2a._grouped_conv_bias_relu_kernel, k2a,
+                               *k2a._kernel_args(nhwc_view(t1, batch, h, h), tiling, packed, t2, stride, 1))
+            launches["K2b"] = (k1._conv1x1_bias_relu_kernel, k1,
+                               *k1._kernel_args(t2, packed["w3p"], packed["b3p"], pixel_rows(y), pixel_rows(x)))
     finally:
         torch.backends.cudnn.allow_tf32 = saved
+    return tiling, launches
+
+
+def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+    """Compile every config the prune callbacks keep for this shape, for
+    every kernel launched on it; list of result dicts."""
+    if interpreting():
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
+    _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch)
     results = []
-    for kname, fn, mod, (args, consts) in launches:
+    for kname, (fn, mod, args, consts) in launches.items():
         for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
             res = _compile(fn, args, consts, config)
             res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"])
@@ -155,7 +171,7 @@ def main(argv=None):
         results += found
         if not opts.json:
             for r in found:
-                print(f"{r['shape']:11s} {r['kernel']} {r['dtype']:8s} {r['prec']:4s} {r['config']} "
+                print(f"{r['shape']:11s} {r['kernel']:3s} {r['dtype']:8s} {r['prec']:4s} {r['config']} "
                       f"regs {r['registers']:3d} spills {r['spill_stores']:4d} smem {r['shared']:6d} "
                       f"tc {r['tensor_cores']} {r['compile_s']:.1f}s", flush=True)
     if opts.json:

@@ -1,38 +1,49 @@
-"""K1: conv1 (1x1) + bias + ReLU as a GEMM over NHWC pixels -> t1.
+"""K1: conv1 (1x1) + bias + ReLU as a GEMM over NHWC pixels -> t1; with
+RESIDUAL, the split path's K2b: conv3 + bias + identity shortcut + ReLU -> y.
 
-    t1[m, j] = relu(sum_k x[m, k] * w1p[k, j] + b1p[j]),   m = (n, h, w) pixel
+    out[m, j] = relu(sum_k x[m, k] * w[k, j] + b[j] (+ r[m, j])),   m = (n, h, w) pixel
 
-The output channels are the *packed* channels of packing.py (each group padded
-to d_p channels), so K2 reads a width tile of t1 as one contiguous slice. The
-padded channels have zero weights and bias and come out as exact zeros.
+K1 (x, w1p, b1p -> t1): the output channels are the *packed* channels of
+packing.py (each group padded to d_p channels), so K2 reads a width tile of t1
+as one contiguous slice. The padded channels have zero weights and bias and
+come out as exact zeros.
+K2b (t2, w3p, b3p, r = x -> y): the same GEMM over the packed t2 channels
+(zero rows of w3p for the padding), with the shortcut added in fp32 before the
+ReLU and one rounding, as in K2.
 """
 
 import triton
 import triton.language as tl
 
 from ..backends import autotune_enabled
-from ._common import cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
+from ._common import MAX_SHARED, cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
 from .packing import next_pow2
 
 
 @triton.jit
 def _conv1x1_bias_relu_kernel(
-    x_ptr, w_ptr, b_ptr, t1_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
     M, HW, W, CIN, NOUT,
     sxn, sxc, sxh, sxw,
+    srm, src, som, soc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program computes a [BLOCK_M pixels, BLOCK_N channels] tile of t1.
+    """One program computes a [BLOCK_M pixels, BLOCK_N channels] tile of out.
 
     x_ptr:  x, [N, CIN, H, W] in x's dtype, any strides (channels_last in
             practice); element (n, c, h, w) at n*sxn + c*sxc + h*sxh + w*sxw.
-    w_ptr:  w1p, [CIN, NOUT] contiguous (row k = input channel, column j =
-            packed output channel).
-    b_ptr:  b1p, [NOUT] fp32.
-    t1_ptr: t1, [M, NOUT] contiguous in x's dtype, M = N*H*W pixels in
-            (n, h, w) order, i.e. NHWC with NOUT (= width_p) channels.
-    M: pixel count; HW = H*W; W: image width (to split m into n, h, w).
+    w_ptr:  w1p (or w3p), [CIN, NOUT] contiguous (row k = input channel,
+            column j = output channel).
+    b_ptr:  b1p (or b3p), [NOUT] fp32.
+    r_ptr:  with RESIDUAL: the shortcut, [M, NOUT] in x's dtype, element
+            (m, j) at m*srm + j*src; else unused (any pointer).
+    out_ptr: out, [M, NOUT] in x's dtype at m*som + j*soc. Pixel rows, not
+            4-D strides: t1 is such a buffer and y, x are channels_last
+            contiguous (batch slices too); 4-D addressing kept img/h/w live
+            across the K loop and spilled the fp32 128x128x32 tile.
+    M = N*H*W pixels in (n, h, w) order; HW = H*W; W: image width (to split
+    m into n, h, w for x).
     PREC: tl.dot input_precision ("tf32" or "ieee"; only affects fp32).
     Grid: (cdiv(M, BLOCK_M) * cdiv(NOUT, BLOCK_N),), channel tiles fastest so
     programs sharing an x tile run together.
@@ -62,15 +73,17 @@ def _conv1x1_bias_relu_kernel(
         b = tl.load(w_ptr + k[:, None] * NOUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
 
-    bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)
-    acc = tl.maximum(acc + bias[None, :], 0.0)
-    out = t1_ptr + m64[:, None] * NOUT + offs_n[None, :]
-    tl.store(out, acc.to(t1_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if RESIDUAL:
+        acc += tl.load(r_ptr + m64[:, None] * srm + offs_n[None, :] * src, mask=mn_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m64[:, None] * som + offs_n[None, :] * soc, tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty),
+             mask=mn_mask)
 
 
-# Autotune key: the shape, PREC (the tiles depend on it) and, implicitly, the
-# dtypes of the tensor args.
-TUNE_KEY = ["M", "CIN", "NOUT", "PREC"]
+# Autotune key: the shape, RESIDUAL (K1 or K2b), PREC (the tiles depend on
+# it) and, implicitly, the dtypes of the tensor args.
+TUNE_KEY = ["M", "CIN", "NOUT", "RESIDUAL", "PREC"]
 
 
 def _gpu_configs():
@@ -95,11 +108,6 @@ def _gpu_configs():
     return cfgs
 
 
-# Largest dynamic shared memory per block on H100/H200 (227 KB); the
-# pipeliner keeps num_stages copies of the A and B tiles there.
-_MAX_SHARED = 232448
-
-
 def _prune(configs, nargs, **kwargs):
     args = {**nargs, **kwargs}
     nout, cin = args["NOUT"], args["CIN"]
@@ -109,17 +117,24 @@ def _prune(configs, nargs, **kwargs):
 
     ieee = args["PREC"] == "ieee" and itemsize == 4
     # Accumulator elements per thread that still compile without spills
-    # (ptxas, sm_90a; see compile_check.py): Cin not a multiple of 16 leaves
-    # the x rows unaligned (no vector loads, per-element addresses) and
-    # "ieee" fp32 dots run on FMA units with their operands in registers.
-    acc_limit = (32 if ieee else 64) if cin % 16 else None
+    # (ptxas, sm_90a; see compile_check.py): Cin (or, for K2b, Cout) not a
+    # multiple of 16 leaves the x (y, residual) rows unaligned (no vector
+    # loads, per-element addresses) and "ieee" fp32 dots run on FMA units
+    # with their operands in registers. K1's NOUT (width_p) is always aligned.
+    # K2b's residual tile takes as many registers as the accumulator: 128
+    # per thread spill (stage 4: 160 bytes for bf16 128x256, 448 for fp32
+    # 128x128x32).
+    limits = [32 if ieee else 64] if cin % 16 or nout % 16 else []
+    if args["RESIDUAL"]:
+        limits.append(64)
+    acc_limit = min(limits, default=None)
 
     def fits(c):
         k = c.kwargs
-        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
+        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize  # A and B tiles
         acc_per_thread = k["BLOCK_M"] * k["BLOCK_N"] // (32 * c.num_warps)
         small_enough = (not ieee or k["BLOCK_M"] <= 64) and (acc_limit is None or acc_per_thread <= acc_limit)
-        return k["BLOCK_N"] <= bn_max and k["BLOCK_K"] <= bk_max and shared <= _MAX_SHARED and small_enough
+        return k["BLOCK_N"] <= bn_max and k["BLOCK_K"] <= bk_max and shared <= MAX_SHARED and small_enough
 
     kept = [c for c in configs if fits(c)]
     if not kept:  # all tiles larger than the problem: keep the smallest
@@ -144,18 +159,23 @@ def heuristic_config(args):
 _INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
 
 
-def _kernel_args(x, w1p, b1p, t1):
+def _kernel_args(x, weight, bias, out, residual=None):
     """(positional args, constexpr kwargs) of the K1 kernel for these tensors."""
     n, cin, h, w = x.shape
-    args = (x, w1p, b1p, t1, n * h * w, h * w, w, cin, w1p.shape[1], *x.stride())
-    return args, {"PREC": dot_precision(x.dtype)}
+    r = out if residual is None else residual  # unread without RESIDUAL
+    args = (x, weight, bias, r, out, n * h * w, h * w, w, cin, weight.shape[1], *x.stride(), *r.stride(),
+            *out.stride())
+    assert out.shape == r.shape == (n * h * w, weight.shape[1])
+    return args, {"RESIDUAL": residual is not None, "PREC": dot_precision(x.dtype)}
 
 
-def conv1x1_bias_relu(x, w1p, b1p, t1):
-    """Launch K1. x [N, Cin, H, W] (strided), w1p [Cin, width_p], b1p fp32,
-    t1 [N*H*W, width_p] contiguous (written completely)."""
-    args, consts = _kernel_args(x, w1p, b1p, t1)
-    m, nout = t1.shape
+def conv1x1_bias_relu(x, weight, bias, out, residual=None):
+    """Launch K1 (or K2b with `residual`). x [N, Cin, H, W] (strided),
+    weight [Cin, Nout], bias [Nout] fp32, out [N*H*W, Nout] (written
+    completely) and residual (None or [N*H*W, Nout]): pixel rows (t1's
+    buffer, _common.pixel_rows of y and x)."""
+    args, consts = _kernel_args(x, weight, bias, out, residual)
+    m, nout = args[5], args[9]
     if interpreting():
         cfg = _INTERPRET_CONFIG
         grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(nout, cfg["BLOCK_N"]),)
@@ -168,7 +188,7 @@ def conv1x1_bias_relu(x, w1p, b1p, t1):
             _conv1x1_bias_relu_tuned[grid](*args, **consts)
         else:
             launch_heuristic(_conv1x1_bias_relu_kernel, grid, args, consts, heuristic_config)
-    return t1
+    return out
 
 
 __all__ = ["conv1x1_bias_relu"]

@@ -2,7 +2,8 @@
 + shortcut + ReLU; one store of y.
 
 Per program: BLOCK_P output pixels x BLOCK_CO output channels. For each
-packed width tile of GT channels (packing.py):
+packed width tile of GT channels (packing.py; the grouped conv is
+grouped_conv_bias_relu.grouped_conv_tile, shared with the split path's K2a):
 
     t2_tile = relu(sum_{tap, chunk} t1_window(tap, chunk) @ w2p[tap, tile, chunk] + b2p[tile])
     acc    += t2_tile.to(dtype) @ w3p[tile, co_tile]
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from ..backends import autotune_enabled
 from ._common import cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
+from .grouped_conv_bias_relu import grouped_conv_tile
 from .packing import next_pow2
 
 
@@ -79,20 +81,8 @@ def _grouped_conv_conv3_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     for ot in range(N_TILES):
-        # First packed channel of this output tile's group: its input chunks.
-        in_base = (ot // KCH) * (KCH * GT)
-        t2 = tl.zeros((BLOCK_P, GT), dtype=tl.float32)
-        for tap in range(9):
-            hi = ho * STRIDE + (tap // 3 - 1) * DIL
-            wi = wo * STRIDE + (tap % 3 - 1) * DIL
-            valid = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            row = ((img * H + hi) * W + wi) * WIDTH_P + in_base
-            for kc in tl.static_range(KCH):
-                a = tl.load(t1_ptr + row[:, None] + (kc * GT + offs_g)[None, :], mask=valid[:, None], other=0.0)
-                w_off = (((tap * N_TILES + ot) * KCH + kc) * GT + offs_g[:, None]) * GT + offs_g[None, :]
-                t2 = tl.dot(a, tl.load(w2_ptr + w_off), t2, input_precision=PREC)
-        b2 = tl.load(b2_ptr + ot * GT + offs_g)
-        t2 = tl.maximum(t2 + b2[None, :], 0.0).to(dtype)
+        t2 = grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WIDTH_P, N_TILES, STRIDE, DIL,
+                               BLOCK_P, GT, KCH, PREC).to(dtype)
         w3 = tl.load(w3_ptr + (ot * GT + offs_g)[:, None] * COUT + offs_co[None, :], mask=co_mask[None, :], other=0.0)
         acc = tl.dot(t2, w3, acc, input_precision=PREC)
 
