@@ -161,7 +161,7 @@ for stage in "${STAGES[@]}"; do
     sanitizer)
       run_stage sanitizer 150 TERM bash scripts/gpu_check_cuda.sh "$LOGS" ;;
     bench)
-      run_stage bench 170 INT "${BENCH[@]}" benchmarks/test_block_bench.py -k "not compile" --bench-compile none \
+      run_stage bench 240 INT "${BENCH[@]}" benchmarks/test_block_bench.py -k "not compile" --bench-compile none \
         --benchmark-json "$RES/$STEM.json" ;;
     compile)
       run_stage compile 200 INT "${BENCH[@]}" benchmarks/test_block_bench.py benchmarks/test_model_bench.py \
