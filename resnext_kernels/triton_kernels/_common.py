@@ -1,6 +1,7 @@
 """Helpers shared by the kernel launchers (no kernels here)."""
 
 import torch
+import triton
 
 from .. import backends
 
@@ -50,12 +51,27 @@ def first_kept_config(configs, prune, args):
     return prune(configs, args)[0]
 
 
-def launch_heuristic(kernel, grid, args, consts, pick_config):
-    """Launch the raw @triton.jit `kernel` once, with no timing, using the
-    config pick_config(kernel argument name -> value) returns: its
-    meta-parameters, num_warps and num_stages."""
-    config = pick_config({**dict(zip(kernel.arg_names, args)), **consts})
-    kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+def autotuned(kernel, configs, key, prune):
+    """The triton.autotune wrapper of `kernel`: configs in preference order,
+    re-tuned per `key`, pruned per call by `prune` (early_config_prune)."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def launch(kernel, tuned, grid, args, consts, interpret_config, pick_config):
+    """Launch one of the kernels, by the rule they all follow: the
+    interpreter runs the raw @triton.jit `kernel` with its fixed
+    interpret_config; on a GPU `tuned` (its autotuned() wrapper) autotunes,
+    or, with backends.autotune_enabled() off, `kernel` runs once with the
+    config pick_config(kernel argument name -> value) returns (its
+    meta-parameters, num_warps and num_stages), untimed. grid(meta) -> the
+    launch grid for a config's meta-parameters."""
+    if interpreting():
+        kernel[grid(interpret_config)](*args, **consts, **interpret_config)
+    elif backends.autotune_enabled():
+        tuned[grid](*args, **consts)
+    else:
+        config = pick_config({**dict(zip(kernel.arg_names, args)), **consts})
+        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def nhwc_view(buf, n, h, w):

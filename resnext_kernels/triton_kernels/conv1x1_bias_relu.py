@@ -15,8 +15,7 @@ ReLU and one rounding, as in K2.
 import triton
 import triton.language as tl
 
-from ..backends import autotune_enabled
-from ._common import MAX_SHARED, cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
+from ._common import MAX_SHARED, autotuned, cdiv, dot_precision, first_kept_config, launch
 from .packing import next_pow2
 
 
@@ -142,11 +141,7 @@ def _prune(configs, nargs, **kwargs):
     return kept
 
 
-_conv1x1_bias_relu_tuned = triton.autotune(
-    configs=_gpu_configs(),
-    key=TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-)(_conv1x1_bias_relu_kernel)
+_conv1x1_bias_relu_tuned = autotuned(_conv1x1_bias_relu_kernel, _gpu_configs(), TUNE_KEY, _prune)
 
 
 def heuristic_config(args):
@@ -176,18 +171,12 @@ def conv1x1_bias_relu(x, weight, bias, out, residual=None):
     buffer, _common.pixel_rows of y and x)."""
     args, consts = _kernel_args(x, weight, bias, out, residual)
     m, nout = args[5], args[9]
-    if interpreting():
-        cfg = _INTERPRET_CONFIG
-        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(nout, cfg["BLOCK_N"]),)
-        _conv1x1_bias_relu_kernel[grid](*args, **consts, **cfg)
-    else:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nout, meta["BLOCK_N"]),)
 
-        if autotune_enabled():
-            _conv1x1_bias_relu_tuned[grid](*args, **consts)
-        else:
-            launch_heuristic(_conv1x1_bias_relu_kernel, grid, args, consts, heuristic_config)
+    def grid(meta):
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(nout, meta["BLOCK_N"]),)
+
+    launch(_conv1x1_bias_relu_kernel, _conv1x1_bias_relu_tuned, grid, args, consts, _INTERPRET_CONFIG,
+           heuristic_config)
     return out
 
 

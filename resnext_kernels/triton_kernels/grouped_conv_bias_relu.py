@@ -12,8 +12,7 @@ implementation of the grouped conv; K2 calls it too.
 import triton
 import triton.language as tl
 
-from ..backends import autotune_enabled
-from ._common import MAX_SHARED, cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
+from ._common import MAX_SHARED, autotuned, cdiv, dot_precision, first_kept_config, launch
 from .packing import next_pow2
 
 
@@ -118,11 +117,7 @@ def _prune(configs, nargs, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"])]
 
 
-_grouped_conv_bias_relu_tuned = triton.autotune(
-    configs=_gpu_configs(),
-    key=TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-)(_grouped_conv_bias_relu_kernel)
+_grouped_conv_bias_relu_tuned = autotuned(_grouped_conv_bias_relu_kernel, _gpu_configs(), TUNE_KEY, _prune)
 
 
 def heuristic_config(args):
@@ -150,17 +145,12 @@ def grouped_conv_bias_relu(t1, tiling, packed, t2, stride, dilation):
     buffers; tiling/packed from packing.pack_weights."""
     args, consts = _kernel_args(t1, tiling, packed, t2, stride, dilation)
     m_out, n_tiles = args[4], tiling.n_tiles
-    if interpreting():
-        cfg = _INTERPRET_CONFIG
-        _grouped_conv_bias_relu_kernel[(cdiv(m_out, cfg["BLOCK_P"]) * n_tiles,)](*args, **consts, **cfg)
-    else:
-        def grid(meta):
-            return (triton.cdiv(m_out, meta["BLOCK_P"]) * n_tiles,)
 
-        if autotune_enabled():
-            _grouped_conv_bias_relu_tuned[grid](*args, **consts)
-        else:
-            launch_heuristic(_grouped_conv_bias_relu_kernel, grid, args, consts, heuristic_config)
+    def grid(meta):
+        return (cdiv(m_out, meta["BLOCK_P"]) * n_tiles,)
+
+    launch(_grouped_conv_bias_relu_kernel, _grouped_conv_bias_relu_tuned, grid, args, consts, _INTERPRET_CONFIG,
+           heuristic_config)
     return t2
 
 

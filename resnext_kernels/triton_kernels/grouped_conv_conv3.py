@@ -24,8 +24,7 @@ once, where eager PyTorch rounds twice.
 import triton
 import triton.language as tl
 
-from ..backends import autotune_enabled
-from ._common import cdiv, dot_precision, first_kept_config, interpreting, launch_heuristic
+from ._common import autotuned, cdiv, dot_precision, first_kept_config, launch
 from .grouped_conv_bias_relu import grouped_conv_tile
 from .packing import next_pow2
 
@@ -191,11 +190,7 @@ def _prune(configs, nargs, **kwargs):
     return [c for c in kept if cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
 
 
-_grouped_conv_conv3_tuned = triton.autotune(
-    configs=_gpu_configs(),
-    key=TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-)(_grouped_conv_conv3_kernel)
+_grouped_conv_conv3_tuned = autotuned(_grouped_conv_conv3_kernel, _gpu_configs(), TUNE_KEY, _prune)
 
 
 def heuristic_config(args):
@@ -231,18 +226,12 @@ def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
     args, consts = _kernel_args(t1, x, tiling, packed, y, stride, dilation)
     n, cout, ho, wo = y.shape
     m_out = n * ho * wo
-    if interpreting():
-        cfg = _INTERPRET_CONFIG
-        grid = (cdiv(m_out, cfg["BLOCK_P"]) * cdiv(cout, cfg["BLOCK_CO"]),)
-        _grouped_conv_conv3_kernel[grid](*args, **consts, **cfg)
-    else:
-        def grid(meta):
-            return (triton.cdiv(m_out, meta["BLOCK_P"]) * triton.cdiv(cout, meta["BLOCK_CO"]),)
 
-        if autotune_enabled():
-            _grouped_conv_conv3_tuned[grid](*args, **consts)
-        else:
-            launch_heuristic(_grouped_conv_conv3_kernel, grid, args, consts, heuristic_config)
+    def grid(meta):
+        return (cdiv(m_out, meta["BLOCK_P"]) * cdiv(cout, meta["BLOCK_CO"]),)
+
+    launch(_grouped_conv_conv3_kernel, _grouped_conv_conv3_tuned, grid, args, consts, _INTERPRET_CONFIG,
+           heuristic_config)
     return y
 
 
