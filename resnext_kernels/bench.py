@@ -531,6 +531,18 @@ def compile_frozen(module, device, example_input, mode):
     return fn, time.perf_counter() - t0
 
 
+def _runnable(module, impl, device, example_input, compile_mode):
+    """(fn, info) for a prepared eval module: compile_frozen in compile_mode
+    for impl "compile" (info records the compile time), else the module under
+    no_grad; either way run once on example_input (compiling there)."""
+    if impl == "compile":
+        fn, seconds = compile_frozen(module, device, example_input, compile_mode)
+        return fn, {"compile_s": seconds, "compile_mode": compile_mode}
+    fn = _no_grad(module)
+    fn(example_input)
+    return fn, {}
+
+
 def build_impl(impl, block, device, dtype, example_input):
     """A callable x -> y running `impl` for the (CPU, fp32, eval) torchvision `block`.
 
@@ -549,12 +561,7 @@ def build_impl(impl, block, device, dtype, example_input):
     module = module.eval().to(device=device, dtype=dtype)
     if impl in ("eager_cl", "compile"):  # fused blocks take channels_last x whatever their weights' layout
         module = module.to(memory_format=torch.channels_last)
-    if impl == "compile":
-        fn, seconds = compile_frozen(module, device, example_input, BLOCK_COMPILE_MODE)
-        return fn, {"compile_s": seconds, "compile_mode": BLOCK_COMPILE_MODE}
-    fn = _no_grad(module)
-    fn(example_input)
-    return fn, {}
+    return _runnable(module, impl, device, example_input, BLOCK_COMPILE_MODE)
 
 
 def make_inputs(shape, batch, dtype, device, seed, count):
@@ -678,12 +685,7 @@ def build_model_impl(impl, model, device, dtype, example_input):
     if impl.startswith("fused_"):
         convert(module, backend=impl[len("fused_"):])
     module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    if impl == "compile":
-        fn, seconds = compile_frozen(module, device, example_input, MODEL_COMPILE_MODE)
-        return fn, {"compile_s": seconds, "compile_mode": MODEL_COMPILE_MODE}
-    fn = _no_grad(module)
-    fn(example_input)
-    return fn, {}
+    return _runnable(module, impl, device, example_input, MODEL_COMPILE_MODE)
 
 
 def peak_memory(fn, x, device):

@@ -78,3 +78,15 @@ class Block:
     @property
     def conv(self):
         return self.stride, self.dilation, self.groups
+
+
+def fake_timer(seconds):
+    """A stand-in for tuning's timers: time(c) records c and returns seconds[c].
+    Returns (time, list of the candidates timed so far)."""
+    timed = []
+
+    def time(candidate):
+        timed.append(candidate)
+        return seconds[candidate]
+
+    return time, timed

@@ -26,7 +26,7 @@ import torch
 
 from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops, tuning
 from resnext_kernels.reference import bottleneck_inference_reference
-from helpers import Block, assert_close_to_reference
+from helpers import Block, assert_close_to_reference, fake_timer
 
 _emu_reason = cuda_backend.emulated_unavailable_reason()
 needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
@@ -585,20 +585,9 @@ def test_emulated_plan_rank_out_of_range(emu):
         _emulated(args, block, False, 0, -1)
 
 
-def _fake_timer(seconds):
-    """time_rank for select_plan_rank: the given seconds per rank; records the ranks timed."""
-    timed = []
-
-    def time_rank(rank):
-        timed.append(rank)
-        return seconds[rank]
-
-    return time_rank, timed
-
-
 def test_select_plan_rank_times_the_top_ranks_once_per_key():
     cache = {}
-    time_rank, timed = _fake_timer([3.0, 1.0, 2.0, 1.0, 0.5])
+    time_rank, timed = fake_timer([3.0, 1.0, 2.0, 1.0, 0.5])
     pick = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=False)
     # Rank 4 is fastest but beyond the top 4; ranks 1 and 3 tie: the lower wins.
     assert pick("a", time_rank, lambda: 5) == 1
@@ -613,7 +602,7 @@ def test_select_plan_rank_times_the_top_ranks_once_per_key():
 
 def test_select_plan_rank_never_times_while_capturing():
     cache = {"a": 2}
-    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+    time_rank, timed = fake_timer([3.0, 1.0, 2.0])
 
     def no_count():
         raise AssertionError("counted plans while capturing")
@@ -628,7 +617,7 @@ def test_select_plan_rank_never_times_while_capturing():
 
 def test_select_plan_rank_off_is_rank_0():
     cache = {"a": 2}
-    time_rank, timed = _fake_timer([3.0, 1.0, 2.0])
+    time_rank, timed = fake_timer([3.0, 1.0, 2.0])
     for capturing in (False, True):
         for key in ("a", "b"):
             assert cuda_backend.select_plan_rank(cache, key, time_rank, lambda: 3, enabled=False,
@@ -638,7 +627,7 @@ def test_select_plan_rank_off_is_rank_0():
 
 @needs_c
 @needs_emu
-def test_autotune_glue_with_fake_timer(emu, monkeypatch):
+def test_autotune_glue_withfake_timer(emu, monkeypatch):
     """The backend's tuning path end to end on CPU: the emulated block op
     stands in for the CUDA one, a fake timer for the CUDA events and mocks
     for the CUDA device queries. Also: the emulated backend never tunes."""

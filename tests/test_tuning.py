@@ -8,17 +8,7 @@ import torch
 
 from resnext_kernels import backends, ops, tuning
 from resnext_kernels.reference import bottleneck_inference_reference
-from helpers import Block, assert_close_to_reference
-
-
-def fake_timer(seconds):
-    timed = []
-
-    def time_candidate(c):
-        timed.append(c)
-        return seconds[c]
-
-    return time_candidate, timed
+from helpers import Block, assert_close_to_reference, fake_timer
 
 
 def test_select_fastest_times_once_per_key_and_caches_the_fastest():
