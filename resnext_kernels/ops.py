@@ -123,32 +123,29 @@ def _bottleneck_inference_op(
     groups: int,
     backend: str,
 ) -> torch.Tensor:
-    resolved = backends.resolve_backend(backend, x.device)
+    candidates = backends.auto_candidates(x.device) if backend == "auto" else None
+    resolved = candidates[0] if candidates else backends.resolve_backend(backend, x.device)
     check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
     args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
-    if backend == "auto":
-        resolved = choose_auto_backend(*args)
+    if candidates and len(candidates) > 1:
+        resolved = choose_auto_backend(args, candidates)
     return backends.kernel(resolved)(*args)
 
 
 AUTO_CHOICES = {}  # tuning.tune_key -> the backend "auto" runs for that problem
 
 
-def choose_auto_backend(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
-    """The backend "auto" runs for this call (inputs already checked).
-
-    One candidate (backends.auto_candidates): that one. Several (cuda and
-    triton on a GPU): while backends.autotune_enabled(), the first call of a
+def choose_auto_backend(args, candidates):
+    """The backend "auto" runs for the op's `args` (already checked) among
+    several usable `candidates` (backends.auto_candidates: cuda and triton
+    on a GPU): while backends.autotune_enabled(), the first call of a
     problem runs each candidate once to warm it up (its own tuning happens
     there) and times it (tuning.seconds_per_call), and AUTO_CHOICES keeps the
     faster for this and later calls; both are correct, so only speed
     decides. Autotuning off, or a miss while a CUDA graph is being captured:
     the first candidate, untimed.
     """
-    candidates = backends.auto_candidates(x.device)
-    if len(candidates) == 1:
-        return candidates[0]
-    args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+    x, w1, _, _, _, w3, _, wd, _, stride, dilation, groups = args
     key = tuning.tune_key(x, w1.shape[0], w3.shape[0], stride, dilation, groups, wd is not None,
                           torch.backends.cudnn.allow_tf32)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
@@ -160,7 +157,10 @@ def choose_auto_backend(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, gro
 
 @_bottleneck_inference_op.register_fake
 def _(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend):
-    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)
+    # The same checks as the real kernel: "auto" is checked as the backend it
+    # resolves to (the reference on CPU takes float64 too).
+    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups,
+                 backends.resolve_backend(backend, x.device))
     return x.new_empty(output_shape(x, w3, stride)).contiguous(memory_format=torch.channels_last)
 
 

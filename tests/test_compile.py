@@ -46,3 +46,16 @@ def test_compile_fullgraph_backward_matches_eager(norm):
     y2.square().sum().backward()
     for (name, p1), (_, p2) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_compile_auto_float64_on_cpu():
+    """backend="auto" reaches the op unresolved (it chooses at run time); its
+    fake kernel must check it as the backend it resolves to: the reference,
+    which takes float64 on CPU."""
+    from helpers import Block
+    from resnext_kernels.reference import bottleneck_inference_reference
+
+    block = Block(1, 8, 16, 8, 2, 4, 5)
+    args = block.make(torch.float64)
+    compiled = torch.compile(lambda *t: rk.bottleneck_inference(*t, stride=1, dilation=1, groups=2), fullgraph=True)
+    torch.testing.assert_close(compiled(*args), bottleneck_inference_reference(*args, *block.conv))
