@@ -141,13 +141,14 @@ def _prune(configs, nargs, **kwargs):
     return kept
 
 
-_conv1x1_bias_relu_tuned = autotuned(_conv1x1_bias_relu_kernel, _gpu_configs(), TUNE_KEY, _prune)
+_CONFIGS = _gpu_configs()  # in preference order; built once
+_conv1x1_bias_relu_tuned = autotuned(_conv1x1_bias_relu_kernel, _CONFIGS, TUNE_KEY, _prune)
 
 
 def heuristic_config(args):
     """K1's config when autotuning is off: the first of _gpu_configs() that
     _prune keeps for `args` (kernel argument name -> value)."""
-    return first_kept_config(_gpu_configs(), _prune, args)
+    return first_kept_config(_CONFIGS, _prune, args)
 
 
 # Interpreter: one large-tile config (fewer programs = fewer numpy round trips).

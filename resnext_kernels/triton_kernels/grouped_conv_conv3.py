@@ -190,14 +190,15 @@ def _prune(configs, nargs, **kwargs):
     return [c for c in kept if cdiv(cout, c.kwargs["BLOCK_CO"]) <= 2 * fewest]
 
 
-_grouped_conv_conv3_tuned = autotuned(_grouped_conv_conv3_kernel, _gpu_configs(), TUNE_KEY, _prune)
+_CONFIGS = _gpu_configs()  # in preference order; built once
+_grouped_conv_conv3_tuned = autotuned(_grouped_conv_conv3_kernel, _CONFIGS, TUNE_KEY, _prune)
 
 
 def heuristic_config(args):
     """K2's config when autotuning is off: the first of _gpu_configs() that
     _prune keeps for `args` (kernel argument name -> value), i.e. the largest
     allowed tile among those with the fewest t2 recomputes."""
-    return first_kept_config(_gpu_configs(), _prune, args)
+    return first_kept_config(_CONFIGS, _prune, args)
 
 
 _INTERPRET_CONFIG = {"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}
