@@ -11,11 +11,13 @@ Environment switches:
                                 sm_80+). sm_80 adds only seconds: the
                                 device code compiles in ~5 s per arch.
   CUDA_HOME                     CUDA toolkit root. Unset: /usr/local/cuda when
-                                it holds bin/nvcc (torch would guess /usr/local).
+                                it holds bin/nvcc, else the toolkit of the nvcc
+                                on PATH (resnext_kernels/common/toolkit.py).
   MAX_JOBS                      parallel compile jobs (torch's own switch).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -31,16 +33,14 @@ def _say(msg):
     print(f"[resnext_kernels build] {msg}", file=sys.stderr, flush=True)
 
 
-def _find_cuda_home():
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env if os.path.exists(os.path.join(env, "bin", "nvcc")) else None
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return None
+def _toolkit():
+    # The package cannot be imported while it is being built; its toolkit
+    # finder is a standalone file (stdlib imports only), loaded by path.
+    path = os.path.join(ROOT, "resnext_kernels", "common", "toolkit.py")
+    spec = importlib.util.spec_from_file_location("_resnext_kernels_toolkit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_build_decision(torch):
@@ -49,7 +49,7 @@ def _cuda_build_decision(torch):
         return None, "RESNEXT_KERNELS_SKIP_CUDA is set"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU-only build"
-    cuda_home = _find_cuda_home()
+    cuda_home = _toolkit().find_cuda_home()
     if cuda_home is None:
         return None, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
     return cuda_home, f"nvcc found in {cuda_home}, torch CUDA {torch.version.cuda}"
@@ -57,7 +57,7 @@ def _cuda_build_decision(torch):
 
 def _extra_cuda_include_dirs():
     # ATen/cuda/CUDAContext.h includes cusparse.h, which the CUDA 13 toolkit
-    # here lacks; the pip wheel nvidia-* packages carry it (DESIGN.md sec. 7).
+    # here lacks; the pip wheel nvidia-* packages carry it.
     dirs = []
     for site in sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cusparse/include"):

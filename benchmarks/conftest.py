@@ -13,7 +13,26 @@ import traceback
 import pytest
 import torch
 
-from resnext_kernels import bench
+from resnext_kernels.bench.cases import (
+    IMPLS,
+    MODEL_IMPLS,
+    Case,
+    impl_unavailable_reason,
+    model_defaults,
+)
+from resnext_kernels.bench.measure import (
+    Ceilings,
+    backend_settings,
+    default_device,
+    defaults,
+)
+from resnext_kernels.bench.shapes import (
+    SHAPES,
+    dtype_name,
+    parse_compile_dtypes,
+    parse_dtype,
+    parse_shapes,
+)
 
 _SETTINGS = pytest.StashKey()
 
@@ -40,14 +59,14 @@ def pytest_addoption(parser):
 class Settings:
     def __init__(self, config):
         opt = config.getoption
-        self.device = torch.device(opt("--bench-device") or bench.default_device().type)
-        d = bench.defaults(self.device)
+        self.device = torch.device(opt("--bench-device") or default_device().type)
+        d = defaults(self.device)
         self.shapes = {s.name: s.with_max_hw(opt("--bench-max-hw") or d["max_hw"])
-                       for s in bench.parse_shapes([opt("--bench-shapes") or ",".join(bench.SHAPES)])}
+                       for s in parse_shapes([opt("--bench-shapes") or ",".join(SHAPES)])}
         dtypes = opt("--bench-dtypes")
-        self.dtypes = [bench.parse_dtype(t) for t in dtypes.split(",")] if dtypes else d["dtypes"]
+        self.dtypes = [parse_dtype(t) for t in dtypes.split(",")] if dtypes else d["dtypes"]
         compile_dtypes = opt("--bench-compile")
-        self.compile_dtypes = (bench.parse_compile_dtypes(compile_dtypes) if compile_dtypes is not None
+        self.compile_dtypes = (parse_compile_dtypes(compile_dtypes) if compile_dtypes is not None
                                else d["compile_dtypes"])
         self.batch = opt("--bench-batch") or d["batch"]
         self.seconds = opt("--bench-seconds") or d["seconds"]
@@ -55,7 +74,7 @@ class Settings:
         self.seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
 
     def skip_reason(self, impl, dtype):
-        return bench.impl_unavailable_reason(impl, self.device, dtype, self.compile_dtypes)
+        return impl_unavailable_reason(impl, self.device, dtype, self.compile_dtypes)
 
 
 def settings(config):
@@ -74,8 +93,8 @@ def pytest_configure(config):
 def pytest_report_header(config):
     s = settings(config)
     return (f"resnext_kernels bench: device={s.device} batch={s.batch} seed={s.seed} "
-            f"dtypes={[bench.dtype_name(d) for d in s.dtypes]} "
-            f"compile={[bench.dtype_name(d) for d in s.compile_dtypes]} shapes={list(s.shapes)}")
+            f"dtypes={[dtype_name(d) for d in s.dtypes]} "
+            f"compile={[dtype_name(d) for d in s.compile_dtypes]} shapes={list(s.shapes)}")
 
 
 def pytest_generate_tests(metafunc):
@@ -83,11 +102,11 @@ def pytest_generate_tests(metafunc):
     if {"shape", "dtype", "impl"} <= set(metafunc.fixturenames):
         # dtype-major: if a time limit cuts the run short, what is lost is the last
         # dtype (float32 by default) of some shapes, not every dtype of the last shapes.
-        cases = [(shape, bench.dtype_name(dtype), impl)
-                 for dtype in s.dtypes for shape in s.shapes for impl in bench.IMPLS]
+        cases = [(shape, dtype_name(dtype), impl)
+                 for dtype in s.dtypes for shape in s.shapes for impl in IMPLS]
         metafunc.parametrize("shape,dtype,impl", cases, ids=["-".join(c) for c in cases])
     if {"model_batch", "model_impl"} <= set(metafunc.fixturenames):
-        cases = [(b, impl) for b in bench.model_defaults(s.device)["batches"] for impl in bench.MODEL_IMPLS]
+        cases = [(b, impl) for b in model_defaults(s.device)["batches"] for impl in MODEL_IMPLS]
         metafunc.parametrize("model_batch,model_impl", cases, ids=[f"b{b}-{impl}" for b, impl in cases])
 
 
@@ -106,7 +125,7 @@ def device_settings(request, bench_settings):
     threads = request.config.getoption("--bench-threads")
     if threads:
         torch.set_num_threads(threads)
-    with bench.backend_settings(bench_settings.device) as flags:
+    with backend_settings(bench_settings.device) as flags:
         yield {**flags, "cpu_threads": torch.get_num_threads()}
     torch.set_num_threads(saved_threads)
 
@@ -114,11 +133,11 @@ def device_settings(request, bench_settings):
 @pytest.fixture(scope="session")
 def ceilings(bench_settings, device_settings):
     """Copy bandwidth and matmul rates, measured once per run on the bench device."""
-    return bench.Ceilings(bench_settings.device)
+    return Ceilings(bench_settings.device)
 
 
 class _CaseCache:
-    """Holds the most recent bench.Case only (cases come grouped by dtype and shape; frees GPU memory)."""
+    """Holds the most recent Case only (cases come grouped by dtype and shape; frees GPU memory)."""
 
     def __init__(self, s):
         self.s = s
@@ -130,7 +149,7 @@ class _CaseCache:
             self.key = self.case = None
             if self.s.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.case = bench.Case(self.s.shapes[shape_name], self.s.batch, dtype, self.s.device, self.s.seed)
+            self.case = Case(self.s.shapes[shape_name], self.s.batch, dtype, self.s.device, self.s.seed)
             self.key = key
         return self.case
 

@@ -1,8 +1,10 @@
 // Python module entry of resnext_kernels._C.
 //
-// Op schemas live in Python (resnext_kernels/ops.py); the C++ files register
-// implementations with TORCH_LIBRARY_IMPL / TORCH_LIBRARY_FRAGMENT. This file
-// only gives the module a PyInit and a few build facts.
+// The public op resnext_kernels::bottleneck_inference is defined in Python
+// (resnext_kernels/ops/inference.py); the fused CUDA kernel's inner ops are
+// defined once in csrc/fused_block_ops.cpp and implemented in
+// csrc/fused_block_cuda.cu. This file only gives the module a PyInit and a
+// few build facts.
 #include <Python.h>
 #include <torch/extension.h>
 

@@ -11,10 +11,10 @@ reason is reported by available_backends() and ``python -m resnext_kernels info`
 """
 
 from . import forms
-from ._extension import extension_error
-from .backends import BACKENDS, BackendUnavailableError, available_backends
+from .backends.registry import BACKENDS, BackendUnavailableError, available_backends
+from .block import FusedResNeXtBlock
+from .common.extension import extension_error
 from .convert import ConversionWarning, convert
-from .module import FusedResNeXtBlock
 from .ops import bottleneck_inference
 
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ import sys
 def _info():
     import torch
 
-    from . import _extension, backends
+    from .backends import registry
+    from .common import extension
 
     try:
         import triton
@@ -26,14 +27,14 @@ def _info():
             lines.append(f"GPU {i}            {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
     else:
         lines.append("GPU              none visible (torch.cuda.is_available() is False)")
-    ext = _extension.extension()
+    ext = extension.extension()
     if ext is None:
-        lines.append(f"extension _C     not loaded: {_extension.extension_error()}")
+        lines.append(f"extension _C     not loaded: {extension.extension_error()}")
     else:
         lines.append(f"extension _C     loaded (built against torch {ext.torch_version()}, "
                      f"CUDA kernels: {'yes' if ext.built_with_cuda() else 'no'})")
     lines.append("backends:")
-    for name, info in backends.available_backends().items():
+    for name, info in registry.available_backends().items():
         tag = " [testing]" if info["testing"] else ""
         for dev in ("cpu", "cuda"):
             reason = info["reason"][dev]
@@ -49,7 +50,7 @@ def main(argv=None):
     sub.add_parser("info", help="versions, GPU, and which backends are usable (and why not)")
     bench_parser = sub.add_parser("bench", help="validate every usable backend, then benchmark the block "
                                   "against eager and torch.compile (see docs/benchmarks.md)")
-    from . import bench_cli
+    from .bench import cli as bench_cli
 
     bench_cli.add_arguments(bench_parser)
     args = parser.parse_args(argv)

@@ -2,8 +2,13 @@
 
 import warnings
 
-from . import backends
-from .module import FusedResNeXtBlock, _is_timm_bottleneck, _is_torchvision_bottleneck, unsupported_reason
+from .backends import registry
+from .block import (
+    FusedResNeXtBlock,
+    _is_timm_bottleneck,
+    _is_torchvision_bottleneck,
+    unsupported_reason,
+)
 
 
 class ConversionWarning(UserWarning):
@@ -20,7 +25,7 @@ def convert(model, backend="auto"):
     are also recorded as ``model.resnext_kernels_skipped`` ({name: reason}).
     Returns `model`.
     """
-    backends.check_backend_name(backend)
+    registry.check_backend_name(backend)
     if _is_torchvision_bottleneck(model) or _is_timm_bottleneck(model):
         raise ValueError("model is itself a Bottleneck; use FusedResNeXtBlock.from_bottleneck(model)")
     skipped = {}

@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from .module import FusedResNeXtBlock
+from .block import FusedResNeXtBlock
 
 
 def _bn_like(bn, channels):

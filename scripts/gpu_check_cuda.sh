@@ -19,7 +19,7 @@ SAN=${COMPUTE_SANITIZER:-compute-sanitizer}
 
 CASES=$(cat <<'PYEOF'
 import torch
-from resnext_kernels.reference import bottleneck_inference_reference as ref
+from resnext_kernels.backends.reference import bottleneck_inference_reference as ref
 
 def block(n, cin, width, cout, groups, h, w, stride, dil, proj, dtype):
     d = width // groups
@@ -40,9 +40,9 @@ for shape in shapes:
         # where a plan fits in them at all.
         for limit in (0, 64000, 40000):
             a = block(*shape, dtype)
-            p = torch.ops.resnext_kernels.fused_block_pack_cuda(*a[1:], shape[4])
+            p = torch.ops.resnext_kernels.fused_block_pack_weights(*a[1:], shape[4])
             try:
-                y = torch.ops.resnext_kernels.fused_block_packed_cuda(
+                y = torch.ops.resnext_kernels.fused_block_forward(
                     a[0], *p[:6], p[6] if shape[9] else None, shape[2], shape[3], shape[7], shape[8], shape[4],
                     tf32, limit)
             except RuntimeError as exc:

@@ -1,6 +1,6 @@
 """Profile target for Nsight Compute (scripts/gpu_check.sh, stage "ncu").
 
-For each shape and implementation: builds the block with resnext_kernels.bench
+For each shape and implementation: builds the block with resnext_kernels.bench.cases
 (fresh random weights and input, error vs the float64 reference printed), runs
 it twice outside the profiled range (torch.compile, Triton autotuning, the
 packed-weight caches and the CUDA plan tuning all happen there), then once
@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from resnext_kernels import bench
+from resnext_kernels.bench.cases import Case, impl_unavailable_reason
+from resnext_kernels.bench.shapes import parse_dtype, parse_shapes
 
 
 def main(argv=None):
@@ -31,12 +32,12 @@ def main(argv=None):
         print("ncu_blocks.py needs a CUDA device", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    dtype = bench.parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     impls = args.impls.split(",")
-    for shape in bench.parse_shapes([args.shapes]):
-        case = bench.Case(shape, args.batch, dtype, device, args.seed, n_inputs=1)
+    for shape in parse_shapes([args.shapes]):
+        case = Case(shape, args.batch, dtype, device, args.seed, n_inputs=1)
         for impl in impls:
-            reason = bench.impl_unavailable_reason(impl, device, dtype)
+            reason = impl_unavailable_reason(impl, device, dtype)
             if reason is not None:
                 print(f"{shape.name} {impl}: skipped: {reason}")
                 continue

@@ -8,34 +8,52 @@ import pytest
 import torch
 
 from resnext_kernels import __main__ as cli
-from resnext_kernels import bench, bench_report
+from resnext_kernels.backends import reference
+from resnext_kernels.bench import measure
+from resnext_kernels.bench import report as bench_report
+from resnext_kernels.bench.cases import compile_frozen, make_block
+from resnext_kernels.bench.measure import (
+    RotatingTarget,
+    plan_rounds,
+    rotation_count,
+    time_per_call,
+)
+from resnext_kernels.bench.shapes import (
+    SHAPES,
+    BlockShape,
+    block_bytes_floor,
+    block_flops,
+    parse_shapes,
+)
+from resnext_kernels.common.timing import median
+from resnext_kernels.common.tolerance import error_bound
 
 # -- counting ------------------------------------------------------------------
 
 
 def test_flops_and_bytes_by_hand_s2_first():
     # s2_first: 56x56, Cin 256, width 256 = 32 groups x 8, Cout 512, stride 2 -> 28x28, projection.
-    shape = bench.SHAPES["s2_first"]
+    shape = SHAPES["s2_first"]
     n = 3
     conv1 = n * 56 * 56 * 256 * 256
     conv2 = n * 28 * 28 * 256 * 8 * 9
     conv3 = n * 28 * 28 * 256 * 512
     proj = n * 28 * 28 * 256 * 512
-    assert bench.block_flops(shape, n) == 2 * (conv1 + conv2 + conv3 + proj)
+    assert block_flops(shape, n) == 2 * (conv1 + conv2 + conv3 + proj)
 
     x = n * 256 * 56 * 56
     y = n * 512 * 28 * 28
     weights = 256 * 256 + 256 * 8 * 9 + 512 * 256 + 512 * 256
     biases = 256 + 256 + 512 + 512
-    assert bench.block_bytes_floor(shape, n, torch.float16) == 2 * (x + y + weights + biases)
-    assert bench.block_bytes_floor(shape, n, torch.float32) == 4 * (x + y + weights + biases)
+    assert block_bytes_floor(shape, n, torch.float16) == 2 * (x + y + weights + biases)
+    assert block_bytes_floor(shape, n, torch.float32) == 4 * (x + y + weights + biases)
 
 
 def test_design_worked_example_s1_batch128_bf16():
-    # DESIGN.md sec 1: 56 GFLOP (26.3 + 3.7 + 26.3) and 0.41 GB moved by a fused block.
-    shape = bench.SHAPES["s1"]
-    assert bench.block_flops(shape, 128) / 1e9 == pytest.approx(26.3 + 3.7 + 26.3, abs=0.1)
-    assert bench.block_bytes_floor(shape, 128, torch.bfloat16) / 1e9 == pytest.approx(0.41, abs=0.01)
+    # The design's worked example: 56 GFLOP (26.3 + 3.7 + 26.3) and 0.41 GB moved by a fused block.
+    shape = SHAPES["s1"]
+    assert block_flops(shape, 128) / 1e9 == pytest.approx(26.3 + 3.7 + 26.3, abs=0.1)
+    assert block_bytes_floor(shape, 128, torch.bfloat16) / 1e9 == pytest.approx(0.41, abs=0.01)
 
 
 @pytest.mark.parametrize("name", ["s1_first", "s2_first", "cifar29_s1", "x101_64x4d_s1"])
@@ -43,17 +61,17 @@ def test_flops_match_torch_flop_counter(name):
     # torch's FlopCounterMode counts 2*MACs of every conv of the real torchvision block.
     from torch.utils.flop_counter import FlopCounterMode
 
-    shape = bench.SHAPES[name].with_max_hw(9)
-    block = bench.make_block(shape, seed=0)
+    shape = SHAPES[name].with_max_hw(9)
+    block = make_block(shape, seed=0)
     x = torch.randn(2, shape.cin, shape.hw, shape.hw)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         block(x)
-    assert bench.block_flops(shape, 2) == counter.get_total_flops()
+    assert block_flops(shape, 2) == counter.get_total_flops()
 
 
 def test_block_shape_matches_torchvision_block():
-    for shape in bench.SHAPES.values():
-        block = bench.make_block(shape.with_max_hw(4), seed=1)
+    for shape in SHAPES.values():
+        block = make_block(shape.with_max_hw(4), seed=1)
         assert block.conv1.in_channels == shape.cin
         assert block.conv2.in_channels == shape.width and block.conv2.groups == shape.groups
         assert block.conv3.out_channels == shape.cout
@@ -62,14 +80,16 @@ def test_block_shape_matches_torchvision_block():
 
 
 def test_parse_shapes():
-    s = bench.parse_shapes(["s1,s4", "tiny=8:32:16:4:32:2"])
+    s = parse_shapes(["s1,s4", "tiny=8:32:16:4:32:2"])
     assert [x.name for x in s] == ["s1", "s4", "tiny"]
     assert (s[2].hw, s[2].cin, s[2].width, s[2].groups, s[2].cout, s[2].stride) == (8, 32, 16, 4, 32, 2)
     assert s[2].projection and s[2].out_hw == 4
     with pytest.raises(ValueError, match="unknown shape"):
-        bench.parse_shapes(["s9"])
+        parse_shapes(["s9"])
     with pytest.raises(ValueError, match="does not divide"):
-        bench.parse_shapes(["bad=8:32:18:4:32:1"])
+        parse_shapes(["bad=8:32:18:4:32:1"])
+    with pytest.raises(ValueError, match="is not planes\\*4"):  # the benchmarks build torchvision blocks
+        parse_shapes(["bad=8:32:16:4:30:1"])
 
 
 # -- timing helpers -----------------------------------------------------------------
@@ -77,7 +97,7 @@ def test_parse_shapes():
 
 def test_rotating_target_cycles_inputs():
     seen = []
-    target = bench.RotatingTarget(seen.append, ["a", "b", "c"], torch.device("cpu"))
+    target = RotatingTarget(seen.append, ["a", "b", "c"], torch.device("cpu"))
     for _ in range(7):
         target()
     assert seen == ["a", "b", "c", "a", "b", "c", "a"]
@@ -85,9 +105,9 @@ def test_rotating_target_cycles_inputs():
 
 def test_rotating_target_synchronizes_once_per_cycle(monkeypatch):
     synced = []
-    monkeypatch.setattr(bench, "synchronize", synced.append)
+    monkeypatch.setattr(measure, "synchronize", synced.append)
     cuda = torch.device("cuda")  # only passed along; no GPU needed
-    target = bench.RotatingTarget(lambda x: x, [1, 2, 3], cuda)
+    target = RotatingTarget(lambda x: x, [1, 2, 3], cuda)
     for _ in range(7):
         target()
     assert synced == [cuda, cuda]
@@ -97,25 +117,26 @@ def test_time_per_call_is_per_call():
     def fn(_):
         time.sleep(0.002)
 
-    times = bench.time_per_call(fn, [0, 1, 2], torch.device("cpu"), budget_seconds=0.05, warmup_rounds=1)
+    times = time_per_call(fn, [0, 1, 2], torch.device("cpu"), budget_seconds=0.05, warmup_rounds=1)
     assert len(times) >= 5
-    assert 0.002 <= bench.median(times) < 0.02
+    assert 0.002 <= median(times) < 0.02
 
 
 def test_rotation_count_and_plan_rounds():
     cpu = torch.device("cpu")
-    assert bench.rotation_count(2**30, cpu) == 2  # at least two distinct inputs
-    assert bench.rotation_count(1024, cpu) == 4  # CPU cap
-    assert bench.rotation_count(2**30, cpu, max_total_bytes=2**30) == 1  # only one fits
-    assert bench.plan_rounds(0.01, 1.0) == 100
-    assert bench.plan_rounds(1.0, 0.1) == 5
-    assert bench.plan_rounds(1e-6, 1.0, max_rounds=50) == 50
+    assert rotation_count(2**30, cpu) == 2  # at least two distinct inputs
+    assert rotation_count(1024, cpu) == 4  # CPU cap
+    assert rotation_count(2**30, cpu, max_total_bytes=2**30) == 1  # only one fits
+    assert plan_rounds(0.01, 1.0) == 100
+    assert plan_rounds(1.0, 0.1) == 5
+    assert plan_rounds(1e-6, 1.0, max_rounds=50) == 50
 
 
-def test_tolerance_is_twice_eager_error_plus_one_ulp():
-    y_ref = torch.tensor([-4.0, 1.0], dtype=torch.float64)
-    assert bench.tolerance(0.01, y_ref, torch.bfloat16) == pytest.approx(0.02 + 4 * 2**-7)
-    assert bench.tolerance(0.0, y_ref, torch.float32) == pytest.approx(4 * 2**-23)
+def test_tolerance_is_twice_eager_error_plus_a_relative_floor():
+    # scale = max |reference|: the floor is 1e-6 of it, for an exact eager result.
+    assert error_bound(0.01, 4.0) == pytest.approx(0.02 + 4e-6)
+    assert error_bound(0.0, 4.0) == pytest.approx(4e-6)
+    assert error_bound(0.01, 4.0, factor=3.0, floor=0.0) == pytest.approx(0.03)
 
 
 def test_compile_frozen_compiles_every_block_past_the_recompile_limit():
@@ -125,9 +146,9 @@ def test_compile_frozen_compiles_every_block_past_the_recompile_limit():
     cpu = torch.device("cpu")
     with torch._dynamo.config.patch(recompile_limit=1):
         for width in (8, 12):  # two shapes of the same Bottleneck.forward; the limit allows one
-            shape = bench.BlockShape(f"w{width}", 4, 16, width, 4, 16, 1)
+            shape = BlockShape(f"w{width}", 4, 16, width, 4, 16, 1)
             x = torch.randn(1, 16, 4, 4)
-            fn, seconds = bench.compile_frozen(bench.make_block(shape, 0), cpu, x, mode="default")
+            fn, seconds = compile_frozen(make_block(shape, 0), cpu, x, mode="default")
             assert fn(x).shape == (1, 16, 4, 4) and seconds > 0
     assert counters["stats"]["unique_graphs"] == 2
 
@@ -211,8 +232,6 @@ def test_bench_cli_quick_cpu(tmp_path, capsys):
 
 
 def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
-    from resnext_kernels import reference
-
     good = reference.bottleneck_inference_reference
 
     def wrong(*args):

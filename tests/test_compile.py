@@ -53,7 +53,7 @@ def test_compile_auto_float64_on_cpu():
     fake kernel must check it as the backend it resolves to: the reference,
     which takes float64 on CPU."""
     from helpers import Block
-    from resnext_kernels.reference import bottleneck_inference_reference
+    from resnext_kernels.backends.reference import bottleneck_inference_reference
 
     block = Block(1, 8, 16, 8, 2, 4, 5)
     args = block.make(torch.float64)

@@ -24,17 +24,25 @@ import types
 import pytest
 import torch
 
-from resnext_kernels import _extension, backends, bench, cuda_backend, cuda_plans, ops, tuning
-from resnext_kernels.reference import bottleneck_inference_reference
+from resnext_kernels.backends import cuda as cuda_backend
+from resnext_kernels.backends import registry
+from resnext_kernels.backends.cuda import emulation, planner
+from resnext_kernels.backends.reference import bottleneck_inference_reference
+from resnext_kernels.bench import plans as cuda_plans
+from resnext_kernels.bench.shapes import SHAPES
+from resnext_kernels.common import extension, settings, tuning
+from resnext_kernels.ops import inference as ops
 from helpers import Block, assert_close_to_reference, fake_timer
 
-_emu_reason = cuda_backend.emulated_unavailable_reason()
+_emu_reason = emulation.unavailable_reason()
 needs_emu = pytest.mark.skipif(_emu_reason is not None, reason=f"CUDA emulation unusable: {_emu_reason}")
 # The _C planner op: without _C (not built) these tests skip; a _C built
 # before the op existed fails them (candidate_plans says to rebuild).
-needs_c = pytest.mark.skipif(_extension.extension() is None, reason=f"{_extension.extension_error()}")
-_cuda_reason = backends.unavailable_reason("cuda", "cuda")
+needs_c = pytest.mark.skipif(extension.extension() is None, reason=f"{extension.extension_error()}")
+_cuda_reason = registry.unavailable_reason("cuda", "cuda")
 needs_cuda = pytest.mark.skipif(_cuda_reason is not None, reason=f"cuda backend unusable: {_cuda_reason}")
+# The emulation has no device to ask: its plans are for an H100's shared memory.
+H100_SMEM_OPTIN = settings.H100_SMEM_OPTIN
 
 
 # Odd sizes, channel counts off multiples of 16, stride 2 on odd inputs,
@@ -94,15 +102,15 @@ def _packed_args(pack_op, args, block):
     return [args[0], *packed[:6], packed[6] if block.projection else None, block.width, block.cout]
 
 
-def _emulated(args, block, tf32, smem_limit=0, plan_rank=0):
-    lib = torch.ops.resnext_kernels
-    return lib.fused_block_packed_cuda_emulated(*_packed_args(lib.fused_block_pack_cuda_emulated, args, block),
+def _emulated(args, block, tf32, smem_limit=H100_SMEM_OPTIN, plan_rank=0):
+    lib = torch.ops.resnext_kernels_emu
+    return lib.fused_block_forward(*_packed_args(lib.fused_block_pack_weights, args, block),
                                                 *block.conv, tf32, smem_limit, plan_rank)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    cuda_backend.load_emulation()
+    emulation.load()
     return torch.ops.resnext_kernels_emu
 
 
@@ -137,12 +145,12 @@ def test_emulated_random_blocks(emu):
                       rint(1, 20), stride=pick([1, 2]) if projection else 1, dilation=pick([1, 2, 3]),
                       projection=projection)
         dtype, tf32 = pick(MODES)
-        limit = pick([0, 60000, 90000])
+        limit = pick([H100_SMEM_OPTIN, 60000, 90000])
         args = block.make(dtype)
         try:
             y = _emulated(args, block, tf32, limit)
         except RuntimeError as exc:  # a tight limit may fit no plan for big halos
-            assert limit and "no tile plan fits" in str(exc), (block, exc)
+            assert limit < H100_SMEM_OPTIN and "no tile plan fits" in str(exc), (block, exc)
             continue
         try:
             _check(y, args, block, dtype, tf32, "cpu")
@@ -168,7 +176,7 @@ def test_emulated_stage_shapes(emu, block):
 def _plans(block, dtype, limit, emulated=True):
     """The candidate plans in plan_rank order: those of the emulation build
     (the planner the emulated op runs), or with emulated=False those of _C."""
-    return cuda_backend.candidate_plans(block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups,
+    return planner.candidate_plans(block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups,
                                         block.stride, block.dilation, dtype, limit, emulated=emulated)
 
 
@@ -198,7 +206,7 @@ def test_emulated_split_plan(emu, block, mode):
     """A small shared-memory limit forces width chunks and Cout slices (recompute)."""
     dtype, tf32 = mode
     limit = _smallest_limit(block, dtype)
-    full = _plans(block, dtype, 0)[0]
+    full = _plans(block, dtype, H100_SMEM_OPTIN)[0]
     tight = _plans(block, dtype, limit)[0]
     assert full.grid_y == 1
     # Several width chunks (WC < width) and several Cout slices.
@@ -217,7 +225,7 @@ def test_emulated_x_chunk_buffering(emu, mode, tight):
     (default limit) or through one buffer (tightest limit)."""
     dtype, tf32 = mode
     block = Block(1, 96, 64, 80, 4, 7, 9, projection=True)
-    limit = _smallest_limit(block, dtype) if tight else 0
+    limit = _smallest_limit(block, dtype) if tight else H100_SMEM_OPTIN
     plan = _plans(block, dtype, limit)[0]
     assert plan.nbuf == (1 if tight else 2) and plan.KC < block.cin, plan
     args = block.make(dtype)
@@ -298,10 +306,10 @@ def pack_calls(emu, monkeypatch):
     """Counts the emulated pack op's calls (the backend looks the op up on
     every call); starts and ends with an empty cache."""
     cuda_backend.PACK_CACHE.clear()
-    lib = torch.ops.resnext_kernels
-    real = lib.fused_block_pack_cuda_emulated
+    lib = torch.ops.resnext_kernels_emu
+    real = lib.fused_block_pack_weights
     calls = []
-    monkeypatch.setattr(lib, "fused_block_pack_cuda_emulated", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lib, "fused_block_pack_weights", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     yield calls
     cuda_backend.PACK_CACHE.clear()
@@ -383,14 +391,14 @@ def test_emulated_pack_cache_inference_mode(pack_calls):
 
 @needs_emu
 def test_emulated_opcheck(emu):
-    lib = torch.ops.resnext_kernels
+    lib = torch.ops.resnext_kernels_emu
     # d = 16, 4 and 24: both padding rules of the fake's packed shapes.
     for block in (Block(1, 16, 32, 24, 2, 5, 6, stride=2, projection=True), Block(1, 16, 16, 16, 4, 5, 5),
                   Block(1, 8, 48, 20, 2, 3, 4, projection=True)):
         args = block.make(torch.float32)
-        torch.library.opcheck(lib.fused_block_pack_cuda_emulated.default, (*args[1:], block.groups))
-        torch.library.opcheck(lib.fused_block_packed_cuda_emulated.default,
-                              (*_packed_args(lib.fused_block_pack_cuda_emulated, args, block), *block.conv, False, 0,
+        torch.library.opcheck(lib.fused_block_pack_weights.default, (*args[1:], block.groups))
+        torch.library.opcheck(lib.fused_block_forward.default,
+                              (*_packed_args(lib.fused_block_pack_weights, args, block), *block.conv, False, H100_SMEM_OPTIN,
                                1))
 
 
@@ -406,22 +414,22 @@ def test_emulated_rejects_bad_arguments(emu):
     mixed[2] = mixed[2].double()  # b1 (w1 sets the weights' dtype)
     with pytest.raises(RuntimeError, match="must have w1's dtype"):
         _emulated(mixed, block, False)
-    packed = _packed_args(torch.ops.resnext_kernels.fused_block_pack_cuda_emulated, args, block)
+    packed = _packed_args(torch.ops.resnext_kernels_emu.fused_block_pack_weights, args, block)
     with pytest.raises(RuntimeError, match="identity shortcut"):
-        torch.ops.resnext_kernels.fused_block_packed_cuda_emulated(*packed, 2, 1, 4, False, 0)
+        torch.ops.resnext_kernels_emu.fused_block_forward(*packed, 2, 1, 4, False, H100_SMEM_OPTIN)
 
 
 @needs_emu
 def test_emulated_rejects_bad_packed_weights(emu):
     """Packed tensors that do not fit the call fail the checks, not the kernel."""
-    lib = torch.ops.resnext_kernels
+    lib = torch.ops.resnext_kernels_emu
     block = Block(1, 16, 32, 16, 4, 5, 5)  # d=8
     args = block.make(torch.float32)
-    good = _packed_args(lib.fused_block_pack_cuda_emulated, args, block)
+    good = _packed_args(lib.fused_block_pack_weights, args, block)
 
     def run(packed, **conv):
         stride, dilation, groups = conv.get("stride", 1), conv.get("dilation", 1), conv.get("groups", 4)
-        return lib.fused_block_packed_cuda_emulated(*packed, stride, dilation, groups, False, 0)
+        return lib.fused_block_forward(*packed, stride, dilation, groups, False, H100_SMEM_OPTIN)
 
     run(good)  # the baseline passes the checks
     with pytest.raises(RuntimeError, match="packed w2p must be"):
@@ -437,7 +445,7 @@ def test_emulated_rejects_bad_packed_weights(emu):
         with pytest.raises(RuntimeError, match=f"packed {name} must be"):
             run(packed)
     proj = Block(1, 16, 32, 24, 4, 5, 5, projection=True)
-    pargs = _packed_args(lib.fused_block_pack_cuda_emulated, proj.make(torch.float32), proj)
+    pargs = _packed_args(lib.fused_block_pack_weights, proj.make(torch.float32), proj)
     run(pargs)
     with pytest.raises(RuntimeError, match="packed w1p must be"):  # x with more channels than w1 was packed for
         run([torch.randn(1, 40, 5, 5), *pargs[1:]])
@@ -450,7 +458,6 @@ def test_emulated_rejects_bad_packed_weights(emu):
 # Tile plan ranks (plan_rank), the candidate list and the plan autotuning.
 # ---------------------------------------------------------------------------
 
-H100_SMEM_OPTIN = cuda_backend.H100_SMEM_OPTIN
 
 # Rank 0 at the H100 opt-in limit, batch 128: the table in docs/cuda_backend.md
 # (what the planner chose before plans were ranked).
@@ -469,8 +476,8 @@ DOC_PLANS = [  # shape, dtype, TH, WC, CS, nbuf, smem bytes, grid
 
 def _canonical_plans(name, dtype, limit):
     """_C's candidate plans of a benchmark shape at batch 128."""
-    s = bench.SHAPES[name]
-    return cuda_backend.candidate_plans(128, s.hw, s.hw, s.cin, s.width, s.cout, s.groups, s.stride, 1, dtype, limit)
+    s = SHAPES[name]
+    return planner.candidate_plans(128, s.hw, s.hw, s.cin, s.width, s.cout, s.groups, s.stride, 1, dtype, limit)
 
 
 @needs_c
@@ -478,7 +485,7 @@ def _canonical_plans(name, dtype, limit):
                          ids=[f"{d[0]}-{str(d[1])[6:]}" for d in DOC_PLANS])
 def test_candidate_plans_of_canonical_shapes(name, dtype, th, wc, cs, nbuf, smem, grid):
     plans = _canonical_plans(name, dtype, H100_SMEM_OPTIN)
-    assert len(plans) > cuda_backend.AUTOTUNE_TOP_K
+    assert len(plans) > planner.AUTOTUNE_TOP_K
     assert [p.rank for p in plans] == list(range(len(plans)))
     assert [p.cost for p in plans] == sorted(p.cost for p in plans)
     assert all(0 < p.smem <= H100_SMEM_OPTIN for p in plans)
@@ -506,7 +513,7 @@ TIES = [  # (N, H, W, Cin, width, Cout, groups, stride, dilation, dtype, smem_li
 @needs_c
 @pytest.mark.parametrize("problem,first,second", TIES)
 def test_candidate_plans_break_ties_as_before(problem, first, second):
-    plans = cuda_backend.candidate_plans(*problem)
+    plans = planner.candidate_plans(*problem)
     assert plans[0].cost == plans[1].cost
     assert [(p.TH, p.WC, p.CS, p.nbuf) for p in plans[:2]] == [first, second]
 
@@ -527,9 +534,9 @@ def test_candidate_plans_argument_errors():
     with pytest.raises(RuntimeError, match="smem_limit must be in"):
         _plans(block, torch.float32, 0, emulated=False)
     with pytest.raises(RuntimeError, match="groups=3 does not divide width=32"):
-        cuda_backend.candidate_plans(1, 5, 5, 16, 32, 16, 3, 1, 1, torch.float32, H100_SMEM_OPTIN)
+        planner.candidate_plans(1, 5, 5, 16, 32, 16, 3, 1, 1, torch.float32, H100_SMEM_OPTIN)
     with pytest.raises(RuntimeError, match="stride must be in"):
-        cuda_backend.candidate_plans(1, 5, 5, 16, 32, 16, 4, 0, 1, torch.float32, H100_SMEM_OPTIN)
+        planner.candidate_plans(1, 5, 5, 16, 32, 16, 4, 0, 1, torch.float32, H100_SMEM_OPTIN)
     with pytest.raises(ValueError, match="dtype must be one of"):
         _plans(block, torch.float64, H100_SMEM_OPTIN, emulated=False)
     assert _plans(block, torch.float32, 20000, emulated=False) == []  # nothing fits: an empty list
@@ -562,12 +569,12 @@ def _spread(count, cap):
 @pytest.mark.parametrize("block,mode", RANK_CASES, ids=[f"{b!r}-{_mode_id(m)}" for b, m in RANK_CASES])
 def test_emulated_every_plan_rank(emu, block, mode):
     dtype, tf32 = mode
-    plans = _plans(block, dtype, 0)
+    plans = _plans(block, dtype, H100_SMEM_OPTIN)
     assert len(plans) >= 4
     args = block.make(dtype)
     for rank in _spread(len(plans), MAX_RANKS_PER_CASE):
         try:
-            _check(_emulated(args, block, tf32, 0, rank), args, block, dtype, tf32, "cpu")
+            _check(_emulated(args, block, tf32, H100_SMEM_OPTIN, rank), args, block, dtype, tf32, "cpu")
         except AssertionError as exc:
             raise AssertionError(f"plan rank {rank} {plans[rank]}: {exc}") from exc
         p = plans[rank]
@@ -578,17 +585,17 @@ def test_emulated_every_plan_rank(emu, block, mode):
 def test_emulated_plan_rank_out_of_range(emu):
     block = Block(1, 16, 32, 16, 4, 5, 5)
     args = block.make(torch.float32)
-    count = len(_plans(block, torch.float32, 0))
+    count = len(_plans(block, torch.float32, H100_SMEM_OPTIN))
     with pytest.raises(RuntimeError, match=f"plan_rank={count} is out of range: {count} tile plans fit in 232448 "):
-        _emulated(args, block, False, 0, count)
+        _emulated(args, block, False, H100_SMEM_OPTIN, count)
     with pytest.raises(RuntimeError, match="plan_rank=-1 is out of range"):
-        _emulated(args, block, False, 0, -1)
+        _emulated(args, block, False, H100_SMEM_OPTIN, -1)
 
 
 def test_select_plan_rank_times_the_top_ranks_once_per_key():
     cache = {}
     time_rank, timed = fake_timer([3.0, 1.0, 2.0, 1.0, 0.5])
-    pick = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=False)
+    pick = functools.partial(planner.select_plan_rank, cache, enabled=True, capturing=False)
     # Rank 4 is fastest but beyond the top 4; ranks 1 and 3 tie: the lower wins.
     assert pick("a", time_rank, lambda: 5) == 1
     assert timed == [0, 1, 2, 3] and cache == {"a": 1}
@@ -607,11 +614,11 @@ def test_select_plan_rank_never_times_while_capturing():
     def no_count():
         raise AssertionError("counted plans while capturing")
 
-    capture = functools.partial(cuda_backend.select_plan_rank, cache, enabled=True, capturing=True)
+    capture = functools.partial(planner.select_plan_rank, cache, enabled=True, capturing=True)
     assert capture("a", time_rank, no_count) == 2  # the cached rank
     assert capture("b", time_rank, no_count) == 0  # a miss: rank 0, nothing cached
     assert timed == [] and cache == {"a": 2}
-    assert cuda_backend.select_plan_rank(cache, "b", time_rank, lambda: 3, enabled=True, capturing=False) == 1
+    assert planner.select_plan_rank(cache, "b", time_rank, lambda: 3, enabled=True, capturing=False) == 1
     assert timed == [0, 1, 2] and cache == {"a": 2, "b": 1}
 
 
@@ -620,7 +627,7 @@ def test_select_plan_rank_off_is_rank_0():
     time_rank, timed = fake_timer([3.0, 1.0, 2.0])
     for capturing in (False, True):
         for key in ("a", "b"):
-            assert cuda_backend.select_plan_rank(cache, key, time_rank, lambda: 3, enabled=False,
+            assert planner.select_plan_rank(cache, key, time_rank, lambda: 3, enabled=False,
                                                  capturing=capturing) == 0
     assert timed == [] and cache == {"a": 2}
 
@@ -631,8 +638,8 @@ def test_autotune_glue_withfake_timer(emu, monkeypatch):
     """The backend's tuning path end to end on CPU: the emulated block op
     stands in for the CUDA one, a fake timer for the CUDA events and mocks
     for the CUDA device queries. Also: the emulated backend never tunes."""
-    lib = torch.ops.resnext_kernels
-    real_op = lib.fused_block_packed_cuda_emulated
+    lib = torch.ops.resnext_kernels_emu
+    real_op = lib.fused_block_forward
     ranks = []
 
     def block_op(*args):
@@ -644,37 +651,38 @@ def test_autotune_glue_withfake_timer(emu, monkeypatch):
         return [3.0, 2.0, 1.0, 4.0, 0.5][ranks[-1]]
 
     capturing = [False]
-    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setattr(planner, "TUNED_PLAN_RANKS", {})
     monkeypatch.setattr(tuning, "seconds_per_call", fake_seconds_per_call)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(shared_memory_per_block_optin=H100_SMEM_OPTIN))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     block = Block(1, 16, 32, 24, 4, 5, 6, stride=2, projection=True)
-    assert len(_plans(block, torch.float32, 0)) > 4
+    assert len(_plans(block, torch.float32, H100_SMEM_OPTIN)) > 4
     args = block.make(torch.float32)
 
     def run(x):
         ranks.clear()
-        y = cuda_backend._run(lib.fused_block_pack_cuda_emulated, block_op, x, *args[1:], *block.conv,
-                              autotune=True)
+        ops_ = types.SimpleNamespace(fused_block_pack_weights=lib.fused_block_pack_weights,
+                                     fused_block_forward=block_op)
+        y = cuda_backend._run(ops_, x, *args[1:], *block.conv, smem_limit=H100_SMEM_OPTIN, autotune=True)
         _check(y, [x, *args[1:]], block, torch.float32, False, "cpu")
         return list(ranks)
 
     assert run(args[0]) == [0, 1, 2, 3, 2]  # 4 ranks timed, then the fastest runs
     assert run(args[0]) == [2]  # cached
-    assert list(cuda_backend.TUNED_PLAN_RANKS.values()) == [2]
+    assert list(planner.TUNED_PLAN_RANKS.values()) == [2]
     capturing[0] = True
     assert run(args[0]) == [2]  # a cached rank is used under capture
     assert run(args[0].contiguous()) == [0]  # a new key under capture: rank 0, not timed, not cached
-    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    assert len(planner.TUNED_PLAN_RANKS) == 1
     capturing[0] = False
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
     assert run(args[0]) == [0]
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
-    monkeypatch.setattr(lib, "fused_block_packed_cuda_emulated", block_op)
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(lib, "fused_block_forward", block_op)
     ranks.clear()
     _backend(args, block)
     assert ranks == [0], "the emulated backend never tunes"
@@ -693,11 +701,11 @@ def test_cuda_plans_cli_list(tmp_path, capsys):
     for entry in doc["shapes"]:
         plans = _canonical_plans(entry["shape"], torch.bfloat16, H100_SMEM_OPTIN)
         assert entry["plans_fitting"] == len(plans)
-        shape = bench.SHAPES[entry["shape"]]
+        shape = SHAPES[entry["shape"]]
         assert entry["plans"] == [{**p._asdict(), "mma_work": cuda_plans.mma_work(shape, 128, p)} for p in plans[:3]]
 
 
-@pytest.mark.skipif(backends.unavailable_reason("cuda", "cuda") is None, reason="the cuda backend is usable here")
+@pytest.mark.skipif(registry.unavailable_reason("cuda", "cuda") is None, reason="the cuda backend is usable here")
 def test_cuda_plans_cli_timing_needs_a_gpu(capsys):
     assert cuda_plans.main(["--shapes", "s4"]) == 2
     err = capsys.readouterr().err
@@ -708,7 +716,7 @@ def test_cuda_plans_cli_list_without_the_planner(monkeypatch, capsys):
     def missing(*args, **kwargs):
         raise RuntimeError("resnext_kernels._C with the fused_block_plans op is needed to list tile plans: ...")
 
-    monkeypatch.setattr(cuda_backend, "candidate_plans", missing)
+    monkeypatch.setattr(planner, "candidate_plans", missing)
     assert cuda_plans.main(["--list", "--shapes", "s1"]) == 2
     assert "cuda_plans: resnext_kernels._C with the fused_block_plans op is needed" in capsys.readouterr().err
 
@@ -735,10 +743,10 @@ def _poison_next_allocation(shape, dtype):
 
 def _cuda_run(args, block, tf32, smem_limit=0, plan_rank=0):
     lib = torch.ops.resnext_kernels
-    packed = _packed_args(lib.fused_block_pack_cuda, args, block)  # before the poisoning: it allocates
+    packed = _packed_args(lib.fused_block_pack_weights, args, block)  # before the poisoning: it allocates
     n, _, h, w = args[0].shape
     _poison_next_allocation((n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1), args[0].dtype)
-    y = lib.fused_block_packed_cuda(*packed, *block.conv, tf32, smem_limit, plan_rank)
+    y = lib.fused_block_forward(*packed, *block.conv, tf32, smem_limit, plan_rank)
     torch.cuda.synchronize()
     return y
 
@@ -786,9 +794,9 @@ def test_cuda_split_plan_and_backend():
     y = ops.bottleneck_inference(*args, stride=2, groups=2, backend="cuda")
     _check(y, args, block, torch.bfloat16, True, "cuda")
     lib = torch.ops.resnext_kernels
-    torch.library.opcheck(lib.fused_block_pack_cuda.default, (*args[1:], block.groups))
-    torch.library.opcheck(lib.fused_block_packed_cuda.default,
-                          (*_packed_args(lib.fused_block_pack_cuda, args, block), *block.conv, True, 0))
+    torch.library.opcheck(lib.fused_block_pack_weights.default, (*args[1:], block.groups))
+    torch.library.opcheck(lib.fused_block_forward.default,
+                          (*_packed_args(lib.fused_block_pack_weights, args, block), *block.conv, True, 0))
 
 
 @pytest.mark.cuda
@@ -798,9 +806,9 @@ def test_cuda_pack_cache(monkeypatch):
     tested on the emulated backend)."""
     cuda_backend.PACK_CACHE.clear()
     lib = torch.ops.resnext_kernels
-    real = lib.fused_block_pack_cuda
+    real = lib.fused_block_pack_weights
     calls = []
-    monkeypatch.setattr(lib, "fused_block_pack_cuda", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lib, "fused_block_pack_weights", lambda *a: calls.append(1) or real(*a))
     block = Block(2, 64, 128, 64, 8, 9, 9)
     args = block.make(torch.float16, device="cuda")
     for _ in range(2):
@@ -834,19 +842,19 @@ def test_cuda_every_plan_rank(block, mode, monkeypatch):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_backend_autotune_on_and_off(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setattr(planner, "TUNED_PLAN_RANKS", {})
     block = Block(2, 64, 128, 72, 8, 13, 15, stride=2, projection=True)
     args = block.make(torch.float16, device="cuda")
     for flag in ("0", "1"):
-        monkeypatch.setenv(backends.AUTOTUNE_ENV, flag)
+        monkeypatch.setenv(settings.AUTOTUNE_ENV, flag)
         for _ in range(2):  # the second call of "1" uses the cached rank
             y = cuda_backend.bottleneck_inference_cuda(*args, *block.conv)
             torch.cuda.synchronize()
             _check(y, args, block, torch.float16, True, "cuda")
         if flag == "0":
-            assert cuda_backend.TUNED_PLAN_RANKS == {}
-    ((key, rank),) = cuda_backend.TUNED_PLAN_RANKS.items()
-    assert 0 <= rank < cuda_backend.AUTOTUNE_TOP_K and key[0] == tuple(args[0].shape)
+            assert planner.TUNED_PLAN_RANKS == {}
+    ((key, rank),) = planner.TUNED_PLAN_RANKS.items()
+    assert 0 <= rank < planner.AUTOTUNE_TOP_K and key[0] == tuple(args[0].shape)
 
 
 @pytest.mark.cuda
@@ -854,18 +862,18 @@ def test_cuda_backend_autotune_on_and_off(monkeypatch):
 def test_cuda_backend_autotune_under_graph_capture(monkeypatch):
     """A shape first seen while a CUDA graph is captured runs rank 0 untimed
     (timing would be recorded into the graph); the graph replays correctly."""
-    monkeypatch.setattr(cuda_backend, "TUNED_PLAN_RANKS", {})
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(planner, "TUNED_PLAN_RANKS", {})
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     block = Block(2, 32, 64, 32, 4, 9, 9)
     args = block.make(torch.float16, device="cuda")
     cuda_backend.bottleneck_inference_cuda(*args, *block.conv)  # packs the weights and tunes batch 2
-    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    assert len(planner.TUNED_PLAN_RANKS) == 1
     x = torch.randn(1, 32, 9, 9, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = cuda_backend.bottleneck_inference_cuda(x, *args[1:], *block.conv)
-    assert len(cuda_backend.TUNED_PLAN_RANKS) == 1
+    assert len(planner.TUNED_PLAN_RANKS) == 1
     graph.replay()
     torch.cuda.synchronize()
     _check(y, [x, *args[1:]], block, torch.float16, True, "cuda")
@@ -887,7 +895,7 @@ def test_cuda_plans_cli_times_ranks(tmp_path):
 
 @needs_c
 def test_mma_work_counts_the_kernels_loops():
-    shape = bench.SHAPES["s1"]
+    shape = SHAPES["s1"]
     plan = _canonical_plans("s1", torch.bfloat16, H100_SMEM_OPTIN)[0]
     assert (plan.TH, plan.CS, plan.grid_x, plan.grid_y) == (7, 256, 4096, 1)
     # Per block: conv1 on the 9 x 18 halo (rounded up to 176 rows), the grouped
@@ -895,6 +903,6 @@ def test_mma_work_counts_the_kernels_loops():
     per_block = 176 * 256 * 128 + 112 * 128 * 9 * 16 + 112 * 256 * 128
     useful = 128 * 56 * 56 * (256 * 128 + 128 * 4 * 9 + 128 * 256)
     assert cuda_plans.mma_work(shape, 128, plan) == pytest.approx(4096 * per_block / useful)
-    for name in bench.SHAPES:
+    for name in SHAPES:
         for p in _canonical_plans(name, torch.bfloat16, H100_SMEM_OPTIN)[:4]:
-            assert cuda_plans.mma_work(bench.SHAPES[name], 128, p) > 1.0
+            assert cuda_plans.mma_work(SHAPES[name], 128, p) > 1.0

@@ -11,15 +11,15 @@ minute, cached afterwards).
 import pytest
 import torch
 
-from resnext_kernels import cuda_backend
+from resnext_kernels.backends.cuda import emulation
 
-_reason = cuda_backend.emulated_unavailable_reason()
+_reason = emulation.unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"CUDA emulation unusable: {_reason}")
 
 
 @pytest.fixture(scope="module")
 def emu():
-    cuda_backend.load_emulation()
+    emulation.load()
     return torch.ops.resnext_kernels_emu
 
 

@@ -236,8 +236,8 @@ def test_timm_blocks_with_extras_are_left_alone_and_reported():
 
     # drop-path and anti-aliasing are reported too
     block = timm.models.resnet.Bottleneck(64, 16, drop_path=nn.Dropout(0.1))
-    assert "drop-path" in rk.module.unsupported_reason(block)
+    assert "drop-path" in rk.block.unsupported_reason(block)
     block = timm.models.resnet.Bottleneck(64, 16, stride=2, aa_layer=nn.AvgPool2d,
                                           downsample=nn.Sequential(nn.Conv2d(64, 64, 1, 2, bias=False),
                                                                    nn.BatchNorm2d(64)))
-    assert "anti-aliasing" in rk.module.unsupported_reason(block)
+    assert "anti-aliasing" in rk.block.unsupported_reason(block)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import resnext_kernels as rk
-from resnext_kernels import backends, ops
+from resnext_kernels.backends import registry
+from resnext_kernels.common import settings
+from resnext_kernels.ops import inference
 
 F64 = torch.float64
 OP = torch.ops.resnext_kernels.bottleneck_inference.default
@@ -60,7 +62,7 @@ def test_gradcheck_reference(cfg):
     def fn(*tensors):
         it = iter(tensors)
         full = [next(it) if a is not None else None for a in args]
-        return ops.bottleneck_inference(*full, **conv, backend="reference")
+        return inference.bottleneck_inference(*full, **conv, backend="reference")
 
     assert torch.autograd.gradcheck(fn, present)
 
@@ -69,7 +71,7 @@ def test_reference_matches_independent_loop():
     """The reference against a per-group, per-tap computation written out by hand."""
     args = make_args(n=1, cin=4, width=4, cout=6, h=5, w=6, groups=2, projection=True)
     x, w1, b1, w2, b2, w3, b3, wd, bd = args
-    y = ops.bottleneck_inference(*args, stride=2, dilation=2, groups=2, backend="reference")
+    y = inference.bottleneck_inference(*args, stride=2, dilation=2, groups=2, backend="reference")
 
     t1 = torch.relu(torch.einsum("nchw,oc->nohw", x, w1[:, :, 0, 0]) + b1[None, :, None, None])
     pad = torch.nn.functional.pad(t1, (2, 2, 2, 2))
@@ -94,7 +96,7 @@ def test_reference_matches_independent_loop():
 
 def _call(args, **conv):
     conv = {"stride": 1, "dilation": 1, "groups": 3, **conv}
-    return ops.bottleneck_inference(*args, **conv, backend="reference")
+    return inference.bottleneck_inference(*args, **conv, backend="reference")
 
 
 def test_wrong_rank():
@@ -150,7 +152,7 @@ def test_mixed_dtype():
 def test_float64_rejected_by_kernel_backends():
     args = make_args()
     with pytest.raises(TypeError, match="backend 'triton' supports"):
-        ops.check_inputs(*args, 1, 1, 3, backend="triton")
+        inference.check_inputs(*args, 1, 1, 3, backend="triton")
 
 
 def test_tensors_on_different_devices():
@@ -179,27 +181,27 @@ def test_not_a_tensor():
 
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend='foo'"):
-        ops.bottleneck_inference(*make_args(), groups=3, backend="foo")
+        inference.bottleneck_inference(*make_args(), groups=3, backend="foo")
 
 
 def test_explicit_cuda_backend_on_cpu_raises_with_reason():
-    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' cannot run on cpu tensors: .+"):
-        ops.bottleneck_inference(*make_args(dtype=torch.float32), groups=3, backend="cuda")
+    with pytest.raises(registry.BackendUnavailableError, match="backend 'cuda' cannot run on cpu tensors: .+"):
+        inference.bottleneck_inference(*make_args(dtype=torch.float32), groups=3, backend="cuda")
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        ops.bottleneck_inference(*make_args(dtype=torch.float32), groups=3, backend="triton")
+    with pytest.raises(registry.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        inference.bottleneck_inference(*make_args(dtype=torch.float32), groups=3, backend="triton")
 
 
 def test_auto_on_cpu_is_reference():
-    assert backends.resolve_backend("auto", "cpu") == "reference"
+    assert registry.resolve_backend("auto", "cpu") == "reference"
 
 
 def test_available_backends_structure():
     info = rk.available_backends()
-    assert set(info) == set(backends.BACKENDS)
+    assert set(info) == set(registry.BACKENDS)
     for name, entry in info.items():
         for dev in ("cpu", "cuda"):
             assert entry["usable"][dev] == (entry["reason"][dev] is None)
@@ -244,10 +246,10 @@ def test_stale_extension_is_reported(tmp_path):
 
 
 def test_autotune_switch_reads_the_environment(monkeypatch):
-    monkeypatch.delenv(backends.AUTOTUNE_ENV, raising=False)
-    assert backends.autotune_enabled()
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
-    assert not backends.autotune_enabled()
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "yes")
+    monkeypatch.delenv(settings.AUTOTUNE_ENV, raising=False)
+    assert settings.autotune_enabled()
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
+    assert not settings.autotune_enabled()
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "yes")
     with pytest.raises(ValueError, match="RESNEXT_KERNELS_AUTOTUNE must be '0' or '1', got 'yes'"):
-        backends.autotune_enabled()
+        settings.autotune_enabled()

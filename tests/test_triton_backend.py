@@ -26,12 +26,18 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from resnext_kernels import FusedResNeXtBlock, backends, bench, ops  # noqa: E402
-from resnext_kernels.reference import bottleneck_inference_reference  # noqa: E402
-from resnext_kernels.triton_kernels import _common, bottleneck_inference_triton, compile_check, packing  # noqa: E402
-from resnext_kernels.triton_kernels import conv1x1_bias_relu as k1  # noqa: E402
-from resnext_kernels.triton_kernels import grouped_conv_bias_relu as k2a  # noqa: E402
-from resnext_kernels.triton_kernels import grouped_conv_conv3 as k2  # noqa: E402
+from resnext_kernels import FusedResNeXtBlock  # noqa: E402
+from resnext_kernels.backends import registry  # noqa: E402
+from resnext_kernels.common import settings  # noqa: E402
+from resnext_kernels.common.timing import cache_bytes  # noqa: E402
+from resnext_kernels.ops import inference  # noqa: E402
+from resnext_kernels.backends.reference import bottleneck_inference_reference  # noqa: E402
+from resnext_kernels.backends.triton import _common, bottleneck_inference_triton, packing  # noqa: E402
+from resnext_kernels.backends.triton import conv1x1_bias_relu as k1  # noqa: E402
+from resnext_kernels.backends.triton import grouped_conv_bias_relu as k2a  # noqa: E402
+from resnext_kernels.backends.triton import grouped_conv_conv3 as k2  # noqa: E402
+from resnext_kernels.bench import triton_compile as compile_check  # noqa: E402
+from resnext_kernels.bench.shapes import BlockShape  # noqa: E402
 from helpers import Block, assert_close_to_reference, randomize_norms  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -40,8 +46,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 cuda_only = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)"))
 
 pytestmark = pytest.mark.skipif(
-    backends.unavailable_reason("triton", DEVICE) is not None,
-    reason=f"triton backend unusable: {backends.unavailable_reason('triton', DEVICE)}",
+    registry.unavailable_reason("triton", DEVICE) is not None,
+    reason=f"triton backend unusable: {registry.unavailable_reason('triton', DEVICE)}",
 )
 
 
@@ -198,16 +204,16 @@ def test_packed_w2_is_the_grouped_conv(width, groups):
 
 
 def test_nchw_input_and_op_wrapper(allow_tf32):
-    """Through ops.bottleneck_inference(backend="triton"): NCHW-contiguous and
+    """Through inference.bottleneck_inference(backend="triton"): NCHW-contiguous and
     channels_last inputs give the same, correct channels_last output."""
     allow_tf32(False)
     block = Block(2, 24, 32, 40, 8, 7, 9, stride=2, projection=True)
     inputs = block.make(torch.float32, DEVICE, channels_last=False)
     assert inputs[0].is_contiguous()
     kwargs = dict(stride=block.stride, dilation=block.dilation, groups=block.groups, backend="triton")
-    y_nchw = ops.bottleneck_inference(*inputs, **kwargs)
+    y_nchw = inference.bottleneck_inference(*inputs, **kwargs)
     inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
-    y_cl = ops.bottleneck_inference(*inputs, **kwargs)
+    y_cl = inference.bottleneck_inference(*inputs, **kwargs)
     assert y_nchw.is_contiguous(memory_format=torch.channels_last)
     expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
     eager = bottleneck_inference_reference(*inputs, *block.conv)
@@ -326,7 +332,7 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     factor cdiv(Cout, BLOCK_CO) stays within 2x of the best allowed tile.
     Meta tensors: host logic only (compilation is checked by
     test_kernels_compile_for_sm90)."""
-    cin, _, cout, _, _, _, _ = compile_check.SHAPES[name]
+    cin, cout = compile_check.SHAPES[name].cin, compile_check.SHAPES[name].cout
     allow_tf32(tf32)
     tiling, k1_launch, (args, consts) = _meta_kernel_args(compile_check.SHAPES[name], dtype)
     t1 = args[0]
@@ -366,7 +372,7 @@ def _k2_params(bp, bco, warps, stages):
 
 # The canonical shapes plus an interpreter-sized unaligned block (Cin 24,
 # Cout 40) where no K1 tile fits and the prune falls back to its smallest.
-HEURISTIC_SHAPES = {**compile_check.SHAPES, "tiny_odd": (24, 32, 40, 8, 9, 1, True)}
+HEURISTIC_SHAPES = {**compile_check.SHAPES, "tiny_odd": BlockShape("tiny_odd", 9, 24, 32, 8, 40, 1)}
 
 # Spot checks of the configs launched with RESNEXT_KERNELS_AUTOTUNE=0
 # (K1, K2): the general 128x128 K1 tile and K2's widest Cout tile (no t2
@@ -406,7 +412,7 @@ def test_heuristic_config_without_autotuning(name, cls, allow_tf32):
     k2_chosen, k2_kept = chosen[1], kept[1]
 
     def recompute(c):
-        return triton.cdiv(shape[2], c["BLOCK_CO"])  # shape[2] = Cout
+        return triton.cdiv(shape.cout, c["BLOCK_CO"])
 
     fewest = [c for c in k2_kept if recompute(c) == min(map(recompute, k2_kept))]
     assert k2_chosen in fewest
@@ -471,7 +477,7 @@ def _assert_heuristic_launches(records, strategy="fused"):
     num_warps and num_stages of the config heuristic_config picked; never
     autotuned. K1's kernel ran without RESIDUAL (K1), then with it (K2b)."""
     for name, rec in records.items():
-        assert not rec["tuned"], f"{name} went through the autotuner with {backends.AUTOTUNE_ENV}=0"
+        assert not rec["tuned"], f"{name} went through the autotuner with {settings.AUTOTUNE_ENV}=0"
         assert len(rec["picked"]) == len(rec["raw"]) == STRATEGY_LAUNCHES[strategy][name], name
         for picked, raw in zip(rec["picked"], rec["raw"]):
             params = _launch_params(picked)
@@ -496,17 +502,17 @@ def test_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatch, lau
     right y in a NaN-filled out=; "1" goes through the autotune wrappers;
     anything else raises."""
     monkeypatch.setattr(_common, "interpreting", lambda: False)  # the launch rule's GPU branches
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
     _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=True)
     _assert_heuristic_launches(launches)
 
     inputs = block.make(dtype, DEVICE)
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     bottleneck_inference_triton(*inputs, *block.conv)
     assert [len(launches[k]["tuned"]) for k in ("K1", "K2")] == [1, 1]
     assert [len(launches[k]["raw"]) for k in ("K1", "K2")] == [1, 1]  # only the earlier "0" launches
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "off")
-    with pytest.raises(ValueError, match=backends.AUTOTUNE_ENV):
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "off")
+    with pytest.raises(ValueError, match=settings.AUTOTUNE_ENV):
         bottleneck_inference_triton(*inputs, *block.conv)
 
 
@@ -519,7 +525,7 @@ def test_kernels_compile_for_sm90(dtype, shapes):
     + the bundled ptxas, no GPU needed) with zero spill stores, shared memory
     within 227 KB, and tensor-core MMAs. Run in a subprocess because the
     kernels must not be interpreted there."""
-    cmd = [sys.executable, "-m", "resnext_kernels.triton_kernels.compile_check", "--json", "--dtype", dtype, *shapes]
+    cmd = [sys.executable, "-m", "resnext_kernels.bench.triton_compile", "--json", "--dtype", dtype, *shapes]
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     res = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -527,7 +533,7 @@ def test_kernels_compile_for_sm90(dtype, shapes):
     assert {r["shape"] for r in results} == set(shapes)
     for shape in shapes:  # split kernels for identity blocks only
         kernels = {r["kernel"] for r in results if r["shape"] == shape}
-        assert kernels == {"K1", "K2"} | (set() if compile_check.SHAPES[shape][6] else {"K2a", "K2b"}), shape
+        assert kernels == {"K1", "K2"} | (set() if compile_check.SHAPES[shape].projection else {"K2a", "K2b"}), shape
     bad = [r for r in results
            if r["spill_stores"] or r["shared"] > compile_check.SM90_MAX_SHARED or not r["tensor_cores"]]
     assert not bad, bad
@@ -536,12 +542,12 @@ def test_kernels_compile_for_sm90(dtype, shapes):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error outside the interpreter; this machine has CUDA")
 def test_cpu_tensors_rejected_without_interpreter():
     code = (
-        "import torch, resnext_kernels.backends as b\n"
-        "from resnext_kernels.triton_kernels import bottleneck_inference_triton as f\n"
+        "import torch, resnext_kernels as rk\n"
         "x = torch.randn(1, 4, 3, 3)\n"
+        "w1, w2, w3, b = torch.randn(4, 4, 1, 1), torch.randn(4, 4, 3, 3), torch.randn(4, 4, 1, 1), torch.randn(4)\n"
         "try:\n"
-        "    f(x, None, None, None, None, None, None, None, None, 1, 1, 1)\n"
-        "except b.BackendUnavailableError as e:\n"
+        "    rk.bottleneck_inference(x, w1, b, w2, b, w3, b, backend='triton')\n"
+        "except rk.BackendUnavailableError as e:\n"
         "    print('RAISED', e)\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -552,7 +558,7 @@ def test_cpu_tensors_rejected_without_interpreter():
 
 # ---------------------------------------------------------------- GPU only
 # Same regimes at realistic-ish sizes, plus the canonical ResNeXt-50 32x4d
-# shapes of DESIGN.md sec. 5 at batch 2.
+# shapes (bench.shapes.SHAPES) at batch 2.
 GPU_BLOCKS = [
     Block(4, 64, 128, 256, 32, 28, 28, projection=True),               # s1_first, 28x28
     Block(2, 256, 128, 256, 32, 56, 56),                               # s1
@@ -588,7 +594,7 @@ def test_gpu_heuristic_configs_match_fp64_reference(block, dtype, tf32, monkeypa
     """RESNEXT_KERNELS_AUTOTUNE=0 on the GPU: each kernel compiled and run
     once with its heuristic config (num_warps/num_stages included), y written
     completely into a NaN-filled out= and within the fp64 bound."""
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
     _check_block(block, dtype, tf32, "cuda", allow_tf32, poisoned_empty, nan_out=True)
     _assert_heuristic_launches(launches)
 
@@ -616,7 +622,7 @@ def test_batch_chunk_rejects_bad_values(bad):
 
 
 def test_chunk_candidates_fill_fractions_of_l2():
-    from resnext_kernels.triton_kernels import chunk_candidates
+    from resnext_kernels.backends.triton import chunk_candidates
 
     s1_t1 = 56 * 56 * 128 * 2  # bytes of one image's t1 at stage 1, bf16
     l2 = 50 * 2**20
@@ -629,14 +635,14 @@ def test_chunk_candidates_fill_fractions_of_l2():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
 def test_strategy_and_chunk_are_tuned_on_gpu(monkeypatch, allow_tf32):
-    from resnext_kernels import triton_kernels
+    from resnext_kernels.backends import triton as triton_kernels
 
     monkeypatch.setattr(triton_kernels, "CHOICES", {})
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     block = Block(32, 256, 128, 256, 32, 56, 56)  # stage 1 at batch 32: chunks and split are candidates
     _check_block(block, torch.bfloat16, None, "cuda", allow_tf32, nan_out=True)
     (choice,) = triton_kernels.CHOICES.values()
-    assert choice in triton_kernels.candidates(32, 56 * 56 * 128 * 2, bench.cache_bytes(torch.device("cuda")), True)
+    assert choice in triton_kernels.candidates(32, 56 * 56 * 128 * 2, cache_bytes(torch.device("cuda")), True)
 
 
 # ------------------------------------------------ split path (identity blocks)
@@ -679,7 +685,7 @@ def test_split_refused_for_projection_blocks():
 
 
 def test_candidates_split_for_identity_blocks_only():
-    from resnext_kernels.triton_kernels import candidates, choose_candidate
+    from resnext_kernels.backends.triton import candidates, choose_candidate
 
     l2 = 50 * 2**20
     s1_t1 = 56 * 56 * 128 * 2  # bytes of one image's t1 at stage 1, bf16
@@ -709,7 +715,7 @@ def test_split_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatc
     raw with their heuristic configs and fills a NaN out= correctly; no
     strategy (and no timing) is the fused path; "1" autotunes all three."""
     monkeypatch.setattr(_common, "interpreting", lambda: False)  # the launch rule's GPU branches
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
     _check_block(block, dtype, tf32, DEVICE, allow_tf32, poisoned_empty, nan_out=True, strategy="split")
     _assert_heuristic_launches(launches, "split")
 
@@ -720,7 +726,7 @@ def test_split_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatc
     bottleneck_inference_triton(*inputs, *block.conv)
     _assert_heuristic_launches(launches, "fused")
 
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     bottleneck_inference_triton(*inputs, *block.conv, strategy="split")
     assert {k: len(rec["tuned"]) for k, rec in launches.items()} == STRATEGY_LAUNCHES["split"]
     assert [call["RESIDUAL"] for call in launches["K1"]["tuned"]] == [False, True]
@@ -728,8 +734,8 @@ def test_split_autotune_switch_in_gpu_launch_path(block, dtype, tf32, monkeypatc
 
 # Identity shapes of HEURISTIC_SHAPES plus an interpreter-sized unaligned one
 # (Cout 24: no K2b tile fits, the prune falls back to its smallest).
-SPLIT_HEURISTIC_SHAPES = {**{name: shape for name, shape in HEURISTIC_SHAPES.items() if not shape[6]},
-                          "tiny_odd_id": (24, 32, 24, 8, 9, 1, False)}
+SPLIT_HEURISTIC_SHAPES = {**{name: shape for name, shape in HEURISTIC_SHAPES.items() if not shape.projection},
+                          "tiny_odd_id": BlockShape("tiny_odd_id", 9, 24, 32, 8, 24, 1)}
 
 # Spot checks (K2a, K2b) with RESNEXT_KERNELS_AUTOTUNE=0: K2a's 128-pixel
 # tile; K2b K1's 128x128 tile (64 accumulators per thread), BLOCK_M 64 for
@@ -772,7 +778,7 @@ def test_split_heuristic_configs_without_autotuning(name, cls):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")
 def test_gpu_split_matches_fp64_reference(block, autotune, request, monkeypatch, allow_tf32, poisoned_empty):
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, autotune)
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, autotune)
     records = request.getfixturevalue("launches") if autotune == "0" else None  # spies would stop autotuning
     _check_block(block, torch.bfloat16, None, "cuda", allow_tf32, poisoned_empty, nan_out=True, strategy="split")
     if records is not None:

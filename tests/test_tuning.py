@@ -6,8 +6,10 @@ CUDA kernel (on a GPU they are cuda and triton)."""
 import pytest
 import torch
 
-from resnext_kernels import backends, ops, tuning
-from resnext_kernels.reference import bottleneck_inference_reference
+from resnext_kernels.backends import registry
+from resnext_kernels.common import settings, tuning
+from resnext_kernels.ops import inference
+from resnext_kernels.backends.reference import bottleneck_inference_reference
 from helpers import Block, assert_close_to_reference, fake_timer
 
 
@@ -71,7 +73,7 @@ def test_tune_key_separates_layout_alignment_and_problem():
 
 
 def _emulation_or_skip():
-    reason = backends.unavailable_reason("cuda_emulated", "cpu")
+    reason = registry.unavailable_reason("cuda_emulated", "cpu")
     if reason is not None:
         pytest.skip(f"cuda_emulated unusable: {reason}")
 
@@ -80,15 +82,15 @@ def _emulation_or_skip():
 def two_candidates(monkeypatch):
     """auto on CPU chooses between the reference and the emulated CUDA kernel."""
     _emulation_or_skip()
-    monkeypatch.setattr(backends, "auto_candidates", lambda device: ("cuda_emulated", "reference"))
-    monkeypatch.setattr(ops, "AUTO_CHOICES", {})
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(registry, "auto_candidates", lambda device: ("cuda_emulated", "reference"))
+    monkeypatch.setattr(inference, "AUTO_CHOICES", {})
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
     # Full fp32 in the emulated kernel, so the fp32 tolerance (2x eager's error) applies.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def _check(block, args):
-    y = ops.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups)
+    y = inference.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups)
     ref = bottleneck_inference_reference(*[None if t is None else t.double() for t in args], *block.conv)
     eager = bottleneck_inference_reference(*args, *block.conv)
     assert_close_to_reference(y, ref, eager)
@@ -100,12 +102,12 @@ def test_auto_keeps_the_faster_backend_measured(two_candidates):
     block = Block(1, 16, 32, 24, 4, 5, 6, stride=2, projection=True)
     args = block.make(torch.float32)
     _check(block, args)
-    assert list(ops.AUTO_CHOICES.values()) == ["reference"]
+    assert list(inference.AUTO_CHOICES.values()) == ["reference"]
 
 
 def test_auto_runs_the_cached_choice_and_retunes_per_problem(two_candidates, monkeypatch):
     runs = []
-    real_kernel = backends.kernel
+    real_kernel = registry.kernel
 
     def spy_kernel(name):
         def run(*args):
@@ -114,7 +116,7 @@ def test_auto_runs_the_cached_choice_and_retunes_per_problem(two_candidates, mon
 
         return run
 
-    monkeypatch.setattr(backends, "kernel", spy_kernel)
+    monkeypatch.setattr(registry, "kernel", spy_kernel)
     time_candidate, timed = fake_timer({"cuda_emulated": 1.0, "reference": 2.0})
     # Time by the name the timed call runs: the spy records it.
     monkeypatch.setattr(tuning, "seconds_per_call", lambda fn, device: (fn(), time_candidate(runs[-1]))[1])
@@ -127,41 +129,41 @@ def test_auto_runs_the_cached_choice_and_retunes_per_problem(two_candidates, mon
     _check(block, args)
     assert runs == ["cuda_emulated"] and len(timed) == 2  # cached
     _check(block, block.make(torch.float32, channels_last=False))  # another layout: another problem
-    assert len(timed) == 4 and len(ops.AUTO_CHOICES) == 2
+    assert len(timed) == 4 and len(inference.AUTO_CHOICES) == 2
 
 
 def test_auto_without_autotuning_takes_the_first_candidate_untimed(two_candidates, monkeypatch):
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "0")
     monkeypatch.setattr(tuning, "seconds_per_call", lambda fn, device: pytest.fail("timed with autotuning off"))
     block = Block(1, 8, 16, 8, 2, 4, 5)
     _check(block, block.make(torch.float32))
-    assert ops.AUTO_CHOICES == {}
+    assert inference.AUTO_CHOICES == {}
 
 
 def test_auto_on_cpu_is_the_reference_untimed(monkeypatch):
-    monkeypatch.setattr(ops, "AUTO_CHOICES", {})
+    monkeypatch.setattr(inference, "AUTO_CHOICES", {})
     monkeypatch.setattr(tuning, "seconds_per_call", lambda fn, device: pytest.fail("nothing to choose from"))
-    assert backends.auto_candidates("cpu") == ("reference",)
+    assert registry.auto_candidates("cpu") == ("reference",)
     block = Block(1, 8, 16, 8, 2, 4, 5)
     _check(block, block.make(torch.float64))
-    assert ops.AUTO_CHOICES == {}
+    assert inference.AUTO_CHOICES == {}
 
 
 @pytest.mark.cuda
 def test_auto_on_gpu_chooses_among_the_usable_fused_backends(monkeypatch):
-    monkeypatch.setattr(ops, "AUTO_CHOICES", {})
-    monkeypatch.setenv(backends.AUTOTUNE_ENV, "1")
-    candidates = backends.auto_candidates("cuda")
+    monkeypatch.setattr(inference, "AUTO_CHOICES", {})
+    monkeypatch.setenv(settings.AUTOTUNE_ENV, "1")
+    candidates = registry.auto_candidates("cuda")
     block = Block(2, 64, 64, 64, 8, 9, 11)
     for dtype in (torch.bfloat16, torch.float16):
         args = block.make(dtype, device="cuda")
-        y = ops.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups)
+        y = inference.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups)
         cpu = [None if t is None else t.cpu() for t in args]
         ref = bottleneck_inference_reference(*[None if t is None else t.double() for t in cpu], *block.conv)
         eager = bottleneck_inference_reference(*args, *block.conv).cpu()
         assert_close_to_reference(y.cpu(), ref, eager)
-    choices = set(ops.AUTO_CHOICES.values())
+    choices = set(inference.AUTO_CHOICES.values())
     if len(candidates) > 1:
-        assert len(ops.AUTO_CHOICES) == 2 and choices <= set(candidates)
+        assert len(inference.AUTO_CHOICES) == 2 and choices <= set(candidates)
     else:
-        assert ops.AUTO_CHOICES == {}
+        assert inference.AUTO_CHOICES == {}

@@ -4,9 +4,9 @@ For a block shape, dtype and TF32 setting this builds the kernel arguments
 exactly as the launchers do (on meta tensors), asks the autotune prune
 callbacks which configs a GPU would benchmark, compiles each of them with
 Triton for an sm_90 target and runs the bundled ptxas on the PTX to read
-registers and spill stores. Used by tests/test_triton_backend.py and by hand:
+registers and spill stores. Used by the Triton tests and by hand:
 
-    TRITON_INTERPRET=0 python -m resnext_kernels.triton_kernels.compile_check
+    TRITON_INTERPRET=0 python -m resnext_kernels.bench.triton_compile
 
 It must run with the Triton interpreter off (the kernels are then real
 JITFunctions). It relies on triton.compile / ASTSource / GPUTarget as found
@@ -27,28 +27,24 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import conv1x1_bias_relu as k1
-from . import grouped_conv_bias_relu as k2a
-from . import grouped_conv_conv3 as k2
-from . import packing
-from ._common import MAX_SHARED, interpreting, nhwc_view, pixel_rows
+from ..backends.triton import conv1x1_bias_relu as k1
+from ..backends.triton import grouped_conv_bias_relu as k2a
+from ..backends.triton import grouped_conv_conv3 as k2
+from ..backends.triton import packing
+from ..backends.triton._common import MAX_SHARED, interpreting, nhwc_view, pixel_rows
+from ..common.sizes import conv_output_size
+from . import shapes as canonical
+from .shapes import BlockShape
 
 SM90_MAX_SHARED = MAX_SHARED  # 227 KB, H100/H200
 
-# (Cin, width, Cout, groups, H=W, stride, projection); batch 128. The
-# ResNeXt-50 32x4d stages of DESIGN.md sec. 5, CIFAR ResNeXt-29 8x64d (d=64),
-# a d=128 block (a group spans two 64-channel tiles) and an unaligned one.
+# The canonical shapes (batch 128), a d=128 block (a group spans two
+# 64-channel tiles) and channel counts that are not multiples of 16
+# (unaligned rows) with d = 14.
 SHAPES = {
-    "s1_first": (64, 128, 256, 32, 56, 1, True),
-    "s1": (256, 128, 256, 32, 56, 1, False),
-    "s2_first": (256, 256, 512, 32, 56, 2, True),
-    "s2": (512, 256, 512, 32, 28, 1, False),
-    "s3": (1024, 512, 1024, 32, 14, 1, False),
-    "s4": (2048, 1024, 2048, 32, 7, 1, False),
-    "cifar29_s1": (256, 512, 256, 8, 32, 1, False),
-    "d128": (1024, 2048, 1024, 16, 14, 1, False),
-    # Channel counts that are not multiples of 16 (unaligned rows), d = 14.
-    "odd_d14": (200, 280, 328, 20, 15, 2, True),
+    **canonical.SHAPES,
+    "d128": BlockShape("d128", 14, 1024, 2048, 16, 1024, 1),
+    "odd_d14": BlockShape("odd_d14", 15, 200, 280, 20, 328, 2),
 }
 
 _PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -109,8 +105,9 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
     the launchers build them for `shape` (a SHAPES value), on meta tensors:
     K1 and K2 (fused) and, for identity blocks, K2a and K2b (split; K2b is
     K1's kernel with RESIDUAL, so its module is K1's)."""
-    cin, width, cout, groups, h, stride, proj = shape
-    ho = (h - 1) // stride + 1
+    cin, width, cout, groups, h = shape.cin, shape.width, shape.cout, shape.groups, shape.hw
+    stride, proj = shape.stride, shape.projection
+    ho = conv_output_size(h, stride)
 
     def meta(*shape):
         return torch.empty(*shape, device="meta", dtype=dtype)
@@ -144,7 +141,7 @@ def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
     """Compile every config the prune callbacks keep for this shape, for
     every kernel launched on it; list of result dicts."""
     if interpreting():
-        raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
+        raise RuntimeError("triton_compile needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
     _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch)
     results = []
     for kname, (fn, mod, args, consts) in launches.items():

@@ -18,43 +18,54 @@ backward is composed of ATen ops (it recomputes t1, t2 from the saved x and
 weights, so the forward saves no intermediates) and gives gradients for x and
 every weight and bias.
 
-Training ops (batch statistics inside fused kernels) are future work; they will
-be added here beside this op, with their own schemas.
+Validation happens once per call: the Python wrapper ``bottleneck_inference``
+checks only the Python types of its arguments (which the op's schema would
+otherwise reject with a less helpful message); the op itself (its real and
+its fake kernel) resolves the backend once and checks every value
+(``resolve_and_check``), so direct ``torch.ops.resnext_kernels`` callers get
+the same errors.
 """
 
 import contextlib
 
 import torch
 
-from . import backends, tuning
+from ..backends import registry
+from ..common import settings, tuning
+from ..common.sizes import conv_output_size
+from ..common.validation import check_positive_int
 
 _NS = "resnext_kernels"
 
 
-def _is_tensor(t):
-    return isinstance(t, torch.Tensor)
-
-
-def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend="reference"):
-    """Validate the op's arguments; raise TypeError/ValueError naming the argument."""
-    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
-    for name, t in named.items():
-        if not _is_tensor(t):
+def check_argument_types(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
+    """The Python types the op's schema needs, checked before the dispatcher
+    sees them: TypeError naming the argument unless the tensors are tensors
+    (wd, bd: or None) and stride, dilation, groups are ints."""
+    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3)):
+        if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if (wd is None) != (bd is None):
-        raise ValueError("wd and bd must both be given (projection shortcut) or both be None")
-    if wd is not None:
-        for name, t in (("wd", wd), ("bd", bd)):
-            if not _is_tensor(t):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        named.update(wd=wd, bd=bd)
+    for name, t in (("wd", wd), ("bd", bd)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     for name, v in (("stride", stride), ("dilation", dilation), ("groups", groups)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
 
-    allowed = backends.supported_dtypes(backend)
+
+def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend="reference"):
+    """Validate the values of the op's arguments (their types are the
+    schema's) for `backend`, a concrete backend name; raise
+    TypeError/ValueError naming the argument."""
+    if (wd is None) != (bd is None):
+        raise ValueError("wd and bd must both be given (projection shortcut) or both be None")
+    for name, v in (("stride", stride), ("dilation", dilation), ("groups", groups)):
+        check_positive_int(name, v)
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3, "b3": b3}
+    if wd is not None:
+        named.update(wd=wd, bd=bd)
+
+    allowed = registry.supported_dtypes(backend)
     if x.dtype not in allowed:
         raise TypeError(f"x has dtype {x.dtype}; backend {backend!r} supports {[str(d) for d in allowed]}")
     for name, t in named.items():
@@ -104,7 +115,22 @@ def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, ba
 
 def output_shape(x, w3, stride):
     n, _, h, w = x.shape
-    return (n, w3.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+    return (n, w3.shape[0], conv_output_size(h, stride), conv_output_size(w, stride))
+
+
+def resolve_and_check(args, backend):
+    """The backends this call may run (one, or auto's candidates), after
+    checking the op's `args` (x, w1, ..., groups) against the first of them.
+    Raises BackendUnavailableError for an explicit backend that cannot run on
+    x's device, TypeError/ValueError for bad arguments."""
+    registry.check_backend_name(backend)
+    x = args[0]
+    if backend == "auto":
+        candidates = registry.auto_candidates(x.device)
+    else:
+        candidates = (registry.resolve_backend(backend, x.device),)
+    check_inputs(*args, candidates[0])
+    return candidates
 
 
 @torch.library.custom_op(f"{_NS}::bottleneck_inference", mutates_args=())
@@ -123,13 +149,10 @@ def _bottleneck_inference_op(
     groups: int,
     backend: str,
 ) -> torch.Tensor:
-    candidates = backends.auto_candidates(x.device) if backend == "auto" else None
-    resolved = candidates[0] if candidates else backends.resolve_backend(backend, x.device)
-    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
     args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
-    if candidates and len(candidates) > 1:
-        resolved = choose_auto_backend(args, candidates)
-    return backends.kernel(resolved)(*args)
+    candidates = resolve_and_check(args, backend)
+    chosen = candidates[0] if len(candidates) == 1 else choose_auto_backend(args, candidates)
+    return registry.kernel(chosen)(*args)
 
 
 AUTO_CHOICES = {}  # tuning.tune_key -> the backend "auto" runs for that problem
@@ -137,8 +160,8 @@ AUTO_CHOICES = {}  # tuning.tune_key -> the backend "auto" runs for that problem
 
 def choose_auto_backend(args, candidates):
     """The backend "auto" runs for the op's `args` (already checked) among
-    several usable `candidates` (backends.auto_candidates: cuda and triton
-    on a GPU): while backends.autotune_enabled(), the first call of a
+    several usable `candidates` (registry.auto_candidates: cuda and triton
+    on a GPU): while settings.autotune_enabled(), the first call of a
     problem runs each candidate once to warm it up (its own tuning happens
     there) and times it (tuning.seconds_per_call), and AUTO_CHOICES keeps the
     faster for this and later calls; both are correct, so only speed
@@ -151,16 +174,15 @@ def choose_auto_backend(args, candidates):
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         return tuning.select_fastest(
             AUTO_CHOICES, key, lambda: candidates,
-            lambda name: tuning.seconds_per_call(lambda: backends.kernel(name)(*args), x.device),
-            enabled=backends.autotune_enabled(), capturing=tuning.capturing(x.device), default=candidates[0])
+            lambda name: tuning.seconds_per_call(lambda: registry.kernel(name)(*args), x.device),
+            enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=candidates[0])
 
 
 @_bottleneck_inference_op.register_fake
 def _(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend):
     # The same checks as the real kernel: "auto" is checked as the backend it
     # resolves to (the reference on CPU takes float64 too).
-    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups,
-                 backends.resolve_backend(backend, x.device))
+    resolve_and_check((x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups), backend)
     return x.new_empty(output_shape(x, w3, stride)).contiguous(memory_format=torch.channels_last)
 
 
@@ -219,11 +241,9 @@ def bottleneck_inference(x, w1, b1, w2, b2, w3, b3, wd=None, bd=None, *, stride=
     "cuda" or "cuda_emulated". An explicit backend that cannot run raises
     BackendUnavailableError with the reason.
     """
-    backends.check_backend_name(backend)
-    if not _is_tensor(x):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    resolved = backends.resolve_backend(backend, x.device)
-    check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, resolved)
-    # "auto" stays "auto": the op chooses at run time, with real tensors
-    # (under torch.compile this wrapper only ever sees fake ones).
+    registry.check_backend_name(backend)
+    check_argument_types(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
+    # The op resolves the backend and checks the values, once ("auto" stays
+    # "auto": the op chooses at run time, with real tensors; under
+    # torch.compile this wrapper only ever sees fake ones).
     return _bottleneck_inference_op(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend)

@@ -4,14 +4,14 @@
    block on the benchmark input; its max error on the first images vs the
    float64 CPU reference must be <= 2x eager PyTorch's own error at that dtype
    plus one ulp of the dtype at the output's largest magnitude
-   (bench.tolerance). Any failure (or exception) makes the exit status 1.
+   (common.tolerance.error_bound). Any failure (or exception) makes the exit status 1.
 2. Timing (progress bar on stderr): fused backends that passed, eager NCHW,
    eager channels_last and, for the chosen dtypes, torch.compile; then a
    table with speedups vs the faster eager layout and vs compile, achieved
    GB/s and TFLOP/s and % of the time floor.
 
 Defaults: quick on CPU (small shapes, short timing), thorough on CUDA; see
-bench.defaults. Helpers and definitions live in resnext_kernels.bench.
+measure.defaults. The harness lives in resnext_kernels.bench (shapes, measure, cases).
 """
 
 import json
@@ -21,7 +21,19 @@ import time
 
 import torch
 
-from . import bench, bench_report
+from ..common.timing import median
+from . import report
+from .cases import FUSED_IMPLS, IMPLS, Case, impl_unavailable_reason
+from .measure import (
+    Ceilings,
+    backend_settings,
+    default_device,
+    defaults,
+    device_name,
+    performance,
+    time_per_call,
+)
+from .shapes import SHAPES, dtype_name, parse_compile_dtypes, parse_dtype, parse_shapes
 
 
 def add_arguments(parser):
@@ -31,7 +43,7 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
-                        help=f"shape names ({', '.join(bench.SHAPES)}) or NAME=H:CIN:WIDTH:GROUPS:COUT:STRIDE; "
+                        help=f"shape names ({', '.join(SHAPES)}) or NAME=H:CIN:WIDTH:GROUPS:COUT:STRIDE; "
                              "default: all named shapes")
     parser.add_argument("--dtypes", nargs="+", default=None, metavar="DTYPE",
                         help="bfloat16 float16 float32 (default: all on CUDA thorough, bfloat16 on CUDA quick, "
@@ -76,17 +88,17 @@ def _progress(total):
 
 
 def _settings(args):
-    device = torch.device(args.device or bench.default_device().type)
+    device = torch.device(args.device or default_device().type)
     quick = args.quick or (device.type == "cpu" and not args.thorough)
-    d = bench.defaults(device, quick)
-    shapes = bench.parse_shapes(args.shapes or [",".join(bench.SHAPES)])
+    d = defaults(device, quick)
+    shapes = parse_shapes(args.shapes or [",".join(SHAPES)])
     max_hw = args.max_hw or d["max_hw"]
     return {
         "device": device,
         "quick": quick,
         "shapes": [s.with_max_hw(max_hw) for s in shapes],
-        "dtypes": [bench.parse_dtype(t) for t in args.dtypes] if args.dtypes else d["dtypes"],
-        "compile_dtypes": bench.parse_compile_dtypes(args.compile) if args.compile else d["compile_dtypes"],
+        "dtypes": [parse_dtype(t) for t in args.dtypes] if args.dtypes else d["dtypes"],
+        "compile_dtypes": parse_compile_dtypes(args.compile) if args.compile else d["compile_dtypes"],
         "batch": args.batch or d["batch"],
         "seconds": args.seconds or d["seconds"],
         "seed": args.seed if args.seed is not None else random.randrange(2**31 - 1),
@@ -98,12 +110,12 @@ def validate(s):
     results = []
     for shape in s["shapes"]:
         for dtype in s["dtypes"]:
-            usable = [b for b in bench.FUSED_IMPLS if bench.impl_unavailable_reason(b, s["device"], dtype) is None]
+            usable = [b for b in FUSED_IMPLS if impl_unavailable_reason(b, s["device"], dtype) is None]
             if not usable:
                 continue
-            case = bench.Case(shape, s["batch"], dtype, s["device"], s["seed"], n_inputs=1)
+            case = Case(shape, s["batch"], dtype, s["device"], s["seed"], n_inputs=1)
             for backend in usable:
-                r = {"shape": shape.name, "dtype": bench.dtype_name(dtype), "backend": backend,
+                r = {"shape": shape.name, "dtype": dtype_name(dtype), "backend": backend,
                      "eager_err": case.eager_error, "tolerance": case.tolerance}
                 try:
                     err = case.build(backend)[2]
@@ -126,25 +138,25 @@ def time_all(s, ceilings, failed):
     plan = []
     for shape in s["shapes"]:
         for dtype in s["dtypes"]:
-            impls = [i for i in bench.IMPLS
-                     if bench.impl_unavailable_reason(i, s["device"], dtype, s["compile_dtypes"]) is None
-                     and (shape.name, bench.dtype_name(dtype), i) not in failed]
+            impls = [i for i in IMPLS
+                     if impl_unavailable_reason(i, s["device"], dtype, s["compile_dtypes"]) is None
+                     and (shape.name, dtype_name(dtype), i) not in failed]
             plan.append((shape, dtype, impls))
     bar = _progress(sum(len(p[2]) for p in plan))
     rows = []
     for shape, dtype, impls in plan:
-        case = bench.Case(shape, s["batch"], dtype, s["device"], s["seed"])
+        case = Case(shape, s["batch"], dtype, s["device"], s["seed"])
         for impl in impls:
-            bar.set_description(f"{shape.name} {bench.dtype_name(dtype)} {impl}")
-            row = {"shape": shape.name, "spec": shape.spec(), "dtype": bench.dtype_name(dtype), "impl": impl,
+            bar.set_description(f"{shape.name} {dtype_name(dtype)} {impl}")
+            row = {"shape": shape.name, "spec": shape.spec(), "dtype": dtype_name(dtype), "impl": impl,
                    "batch": s["batch"], "n_inputs": case.n_inputs}
             try:
                 fn, info, err = case.build(impl)
                 inputs = case.inputs_for(impl)
-                times = bench.time_per_call(fn, inputs, s["device"], s["seconds"])
-                med = bench.median(times)
+                times = time_per_call(fn, inputs, s["device"], s["seconds"])
+                med = median(times)
                 row.update(info, median_s=med, rounds=len(times), error=None, **case.error_info(err),
-                           **bench.performance(shape, s["batch"], dtype, med, ceilings))
+                           **performance(shape, s["batch"], dtype, med, ceilings))
             except Exception as exc:
                 row.update(median_s=None, error=f"{type(exc).__name__}: {exc}")
             rows.append(row)
@@ -168,7 +180,7 @@ def plot(rows, path):
     for ax, dtype in zip(axes[:, 0], dtypes):
         sel = [r for r in rows if r["dtype"] == dtype and r.get("vs_eager")]
         shapes = list(dict.fromkeys(r["shape"] for r in sel))
-        impls = [i for i in bench.IMPLS if any(r["impl"] == i for r in sel)]
+        impls = [i for i in IMPLS if any(r["impl"] == i for r in sel)]
         width = 0.8 / max(1, len(impls))
         for k, impl in enumerate(impls):
             xs, ys = [], []
@@ -214,16 +226,16 @@ def _run(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    with bench.backend_settings(device) as flags:
+    with backend_settings(device) as flags:
         return _validate_and_time(args, s, flags)
 
 
 def _validate_and_time(args, s, backend_settings):
     device = s["device"]
     t0 = time.perf_counter()
-    print(f"resnext_kernels bench on {bench.device_name(device)} ({'quick' if s['quick'] else 'thorough'}): "
-          f"batch {s['batch']}, dtypes {[bench.dtype_name(d) for d in s['dtypes']]}, "
-          f"compile {[bench.dtype_name(d) for d in s['compile_dtypes']] or 'none'}, seed {s['seed']}")
+    print(f"resnext_kernels bench on {device_name(device)} ({'quick' if s['quick'] else 'thorough'}): "
+          f"batch {s['batch']}, dtypes {[dtype_name(d) for d in s['dtypes']]}, "
+          f"compile {[dtype_name(d) for d in s['compile_dtypes']] or 'none'}, seed {s['seed']}")
     for shape in s["shapes"]:
         print(f"  {shape.name:<14} {shape.describe()}")
     print("validation (fused backend vs float64 reference; tol = 2x eager error at dtype + 1 ulp):", flush=True)
@@ -232,14 +244,14 @@ def _validate_and_time(args, s, backend_settings):
     if not validation:
         print("  no usable fused backend on this device")
 
-    ceilings = bench.Ceilings(device)
+    ceilings = Ceilings(device)
     for dtype in s["dtypes"]:
         ceilings.matmul_flops_per_s(dtype)
-    print(bench_report._ceilings_line(ceilings.as_dict()), flush=True)
+    print(report._ceilings_line(ceilings.as_dict()), flush=True)
     rows = time_all(s, ceilings, failed)
     timed = [r for r in rows if r["median_s"] is not None]
-    bench_report.add_speedups(timed)
-    print(bench_report.block_table(timed))
+    report.add_speedups(timed)
+    print(report.block_table(timed))
     crashed = [r for r in rows if r["median_s"] is None]
     for r in crashed:
         print(f"timing failed: {r['shape']} {r['dtype']} {r['impl']}: {r['error']}")
@@ -252,12 +264,12 @@ def _validate_and_time(args, s, backend_settings):
 
     if args.json:
         doc = {
-            "format": bench_report.FORMAT,
-            "device": bench.device_name(device),
+            "format": report.FORMAT,
+            "device": device_name(device),
             "torch": torch.__version__,
             "settings": {"quick": s["quick"], "batch": s["batch"], "seed": s["seed"], "seconds": s["seconds"],
-                         "dtypes": [bench.dtype_name(d) for d in s["dtypes"]],
-                         "compile_dtypes": [bench.dtype_name(d) for d in s["compile_dtypes"]],
+                         "dtypes": [dtype_name(d) for d in s["dtypes"]],
+                         "compile_dtypes": [dtype_name(d) for d in s["compile_dtypes"]],
                          "shapes": {sh.name: sh.spec() for sh in s["shapes"]}, **backend_settings},
             "ceilings": ceilings.as_dict(),
             "validation": validation,
@@ -268,5 +280,5 @@ def _validate_and_time(args, s, backend_settings):
             json.dump(doc, f, indent=1)
     if args.plot:
         plot(timed, args.plot)
-    fused_crash = any(r["impl"] in bench.FUSED_IMPLS for r in crashed)
+    fused_crash = any(r["impl"] in FUSED_IMPLS for r in crashed)
     return 1 if failed or fused_crash else 0

@@ -15,8 +15,8 @@ ReLU and one rounding, as in K2.
 import triton
 import triton.language as tl
 
-from ._common import MAX_SHARED, autotuned, cdiv, dot_precision, first_kept_config, launch
-from .packing import next_pow2
+from ...common.sizes import cdiv, next_pow2
+from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def _prune(configs, nargs, **kwargs):
 
     ieee = args["PREC"] == "ieee" and itemsize == 4
     # Accumulator elements per thread that still compile without spills
-    # (ptxas, sm_90a; see compile_check.py): Cin (or, for K2b, Cout) not a
+    # (ptxas, sm_90a; see bench/triton_compile.py): Cin (or, for K2b, Cout) not a
     # multiple of 16 leaves the x (y, residual) rows unaligned (no vector
     # loads, per-element addresses) and "ieee" fp32 dots run on FMA units
     # with their operands in registers. K1's NOUT (width_p) is always aligned.

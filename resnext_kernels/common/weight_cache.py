@@ -1,7 +1,7 @@
 """A cache of packed weights, keyed on the identity and version of the
 weight tensors they were packed from.
 
-Used by the `triton` backend (triton_kernels/packing.py) and the `cuda` and
+Used by the `triton` backend (backends/triton/packing.py) and the `cuda` and
 `cuda_emulated` backends (cuda_backend.py).
 """
 

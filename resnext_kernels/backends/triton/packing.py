@@ -1,6 +1,6 @@
 """Weight packing for the Triton inference kernels, and its cache.
 
-Group packing (DESIGN.md sec. 4). ``tl.dot`` needs K, N >= 16, but the group
+Group packing (docs/triton_backend.md, "Group packing"). ``tl.dot`` needs K, N >= 16, but the group
 width d of a ResNeXt grouped conv is often 4 or 8 (or not a power of two at
 all: 14, 24, 40). Every group is padded to d_p = next_pow2(d) channels and the
 "packed" channel index of real channel c (group g = c // d, i = c % d) is
@@ -13,7 +13,7 @@ The packed channels are cut into tiles of GT channels:
     per tap is a block-diagonal GT x GT matrix (zeros between groups).
   * d_p > 16:  GT = min(d_p, 64), a group spans KCH = d_p / GT tiles. An output
     tile's inputs are the *whole* group, so every output tile has KCH input
-    chunks (the trap of DESIGN.md sec. 4: reading only the tile's own chunk is
+    chunks (the trap: reading only the tile's own chunk is
     right for d <= 16 and wrong for d = 64).
 
 Padded channels carry zero weights and zero biases, so t1 and t2 are exactly
@@ -35,17 +35,14 @@ width_p = n_tiles * GT (>= groups * d_p; the tail tile may hold padding groups).
 
 import torch
 
-from ..weight_cache import WeightCache
+from ...common.sizes import cdiv, next_pow2
+from ...common.weight_cache import WeightCache
 
 # Largest tile of the grouped conv for d > 16. 64 keeps one tap's weight tile
 # (64 x 64) and the t2 accumulator [BLOCK_P, 64] inside the register budget
 # (docs/triton_backend.md, "Config heuristics").
 MAX_GT = 64
 MIN_GT = 16  # tl.dot (and the tensor-core MMAs) need K, N >= 16
-
-
-def next_pow2(n):
-    return 1 << (int(n) - 1).bit_length()
 
 
 class GroupTiling:
@@ -60,7 +57,7 @@ class GroupTiling:
             self.gt = MIN_GT
             self.kch = 1
             groups_per_tile = MIN_GT // self.d_p
-            self.n_tiles = -(-groups // groups_per_tile)
+            self.n_tiles = cdiv(groups, groups_per_tile)
         else:
             self.gt = min(self.d_p, MAX_GT)
             self.kch = self.d_p // self.gt
@@ -128,7 +125,7 @@ def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
 
 
 # Packed weights are cached under the same rules as the cuda backend's
-# (identity + _version of every weight; see weight_cache.WeightCache).
+# (identity + _version of every weight; see common.weight_cache.WeightCache).
 PACK_CACHE = WeightCache()
 
 

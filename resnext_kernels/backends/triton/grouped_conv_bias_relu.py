@@ -12,8 +12,8 @@ implementation of the grouped conv; K2 calls it too.
 import triton
 import triton.language as tl
 
-from ._common import MAX_SHARED, autotuned, cdiv, dot_precision, first_kept_config, launch
-from .packing import next_pow2
+from ...common.sizes import cdiv, next_pow2
+from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch
 
 
 @triton.jit

@@ -5,7 +5,11 @@ import copy
 import torch
 from torch import nn
 
-from . import backends, folding, ops
+from . import folding
+from .backends import registry
+from .common.settings import REFERENCE_DTYPES
+from .common.validation import check_positive_int
+from .ops import inference
 
 
 def _conv1x1(in_planes, out_planes, stride=1):
@@ -15,13 +19,6 @@ def _conv1x1(in_planes, out_planes, stride=1):
 def _conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
                      bias=False, dilation=dilation)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class FusedResNeXtBlock(nn.Module):
@@ -63,8 +60,8 @@ class FusedResNeXtBlock(nn.Module):
         super().__init__()
         for name, value in (("inplanes", inplanes), ("planes", planes), ("stride", stride), ("groups", groups),
                             ("base_width", base_width), ("dilation", dilation)):
-            _check_positive_int(name, value)
-        backends.check_backend_name(backend)
+            check_positive_int(name, value)
+        registry.check_backend_name(backend)
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -135,7 +132,7 @@ class FusedResNeXtBlock(nn.Module):
             return self._forward_batch_statistics(x)
         folded = self.folded_parameters(x.dtype)
         c2 = self.conv2
-        return ops.bottleneck_inference(x, *folded, stride=c2.stride[0], dilation=c2.dilation[0],
+        return inference.bottleneck_inference(x, *folded, stride=c2.stride[0], dilation=c2.dilation[0],
                                         groups=c2.groups, backend=self.backend)
 
     def _forward_batch_statistics(self, x):
@@ -153,8 +150,8 @@ class FusedResNeXtBlock(nn.Module):
 
     def _check_input(self, x):
         w = self.conv1.weight
-        if x.dtype not in backends.REFERENCE_DTYPES:
-            raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype {[str(d) for d in backends.REFERENCE_DTYPES]}")
+        if x.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype {[str(d) for d in REFERENCE_DTYPES]}")
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the block's parameters are on {w.device}")
         if x.dim() != 4:
@@ -229,7 +226,7 @@ class FusedResNeXtBlock(nn.Module):
     @classmethod
     def from_modules(cls, conv1, bn1, conv2, bn2, conv3, bn3, downsample, *, backend="auto", training=True):
         """A block made of the given submodules (used as they are, not copied); checks the structure."""
-        backends.check_backend_name(backend)
+        registry.check_backend_name(backend)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.conv1, new.bn1, new.conv2, new.bn2, new.conv3, new.bn3 = conv1, bn1, conv2, bn2, conv3, bn3

@@ -24,9 +24,9 @@ once, where eager PyTorch rounds twice.
 import triton
 import triton.language as tl
 
-from ._common import autotuned, cdiv, dot_precision, first_kept_config, launch
+from ...common.sizes import cdiv, next_pow2
+from ._common import autotuned, dot_precision, first_kept_config, launch
 from .grouped_conv_bias_relu import grouped_conv_tile
-from .packing import next_pow2
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _grouped_conv_conv3_kernel(
 # (BLOCK_P, BLOCK_CO, num_warps, num_stages) per operand class and group
 # tile width: the tiles that ptxas compiles for sm_90a without a single spill
 # for every shape of compile_check.SHAPES and projection variants of them
-# (measured with compile_check.py, triton 3.8). Large pixel tiles feed Hopper
+# (measured with bench/triton_compile.py, triton 3.8). Large pixel tiles feed Hopper
 # wgmma; BLOCK_CO up to 256 so Cout <= 256 needs no t2 recompute and stage 4
 # (Cout 2048) recomputes t2 8x, not 16x. fp32 operands take twice the
 # registers of 16-bit ones, and "ieee" dots run on FMA units with their

@@ -1,35 +1,41 @@
 """Backend registry and selection.
 
 A backend is an implementation of the inference op
-``resnext_kernels::bottleneck_inference`` (BN folded into the convs):
+``resnext_kernels::bottleneck_inference`` (BN folded into the convs), one room
+of this package each:
 
-  reference      ATen composite ops; any device, any floating dtype (float64
-                 included). The CPU path and the ground truth.
-  triton         Triton kernels (resnext_kernels/triton_kernels). CUDA tensors;
+  reference      backends/reference.py: ATen composite ops; any device, any
+                 floating dtype (float64 included). The CPU path and the
+                 ground truth.
+  triton         backends/triton/: Triton kernels. CUDA tensors;
                  CPU tensors only when TRITON_INTERPRET=1 was set before
                  triton was first imported (that is how CI tests them).
-  cuda           The C++/CUDA extension (csrc/*.cu). CUDA tensors.
-  cuda_emulated  Testing only: the same CUDA source compiled for the CPU
-                 against an emulation header. CPU tensors; slow.
+  cuda           backends/cuda/: the C++/CUDA extension (csrc/*.cu). CUDA
+                 tensors.
+  cuda_emulated  backends/cuda/ too, testing only: the same CUDA source
+                 compiled for the CPU against an emulation header. CPU
+                 tensors; slow.
+
+The registry imports the rooms (lazily, when a kernel is first asked for);
+no room imports the registry.
 
 ``auto`` runs the fastest usable fused backend for the input's device: with
 more than one (cuda and triton on a GPU) the first call of each problem times
-them and keeps the faster (``ops.choose_auto_backend``; with autotuning off,
+them and keeps the faster (``ops.inference.choose_auto_backend``; with autotuning off,
 the first usable one in AUTO_ORDER). On CPU it is the reference.
 An explicitly requested backend that cannot run raises BackendUnavailableError
 naming the backend and the reason; there is no silent fallback.
 
 Each backend kernel has the signature of ``reference.bottleneck_inference_reference``:
 (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups) -> y, where the
-inputs were already validated by ``ops.check_inputs``.
+inputs were already validated by ``ops.inference.check_inputs``.
 """
 
 import importlib
-import os
 
 import torch
 
-from . import _extension
+from ..common import extension, settings
 
 BACKENDS = ("reference", "triton", "cuda", "cuda_emulated")
 TESTING_BACKENDS = ("cuda_emulated",)
@@ -40,8 +46,6 @@ AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("reference",),
 }
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -49,30 +53,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def supported_dtypes(backend):
-    return REFERENCE_DTYPES if backend == "reference" else KERNEL_DTYPES
-
-
-def triton_interpreter_enabled():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-AUTOTUNE_ENV = "RESNEXT_KERNELS_AUTOTUNE"
-
-
-def autotune_enabled():
-    """Whether the GPU backends tune their tile configuration by timing it.
-
-    Read at every call from the environment variable RESNEXT_KERNELS_AUTOTUNE:
-    "1" (the default) lets the first call of each shape time a few candidate
-    configurations on the GPU and keep the fastest (triton: its autotuner;
-    cuda: the top-ranked tile plans); "0" takes the heuristic's first choice
-    with no timing (deterministic, no first-call cost; the GPU check's tests
-    use it). The interpreter and the emulation never tune.
-    """
-    value = os.environ.get(AUTOTUNE_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV} must be '0' or '1', got {value!r}")
-    return value == "1"
+    return settings.REFERENCE_DTYPES if backend == "reference" else settings.KERNEL_DTYPES
 
 
 def _triton_reason(device_type):
@@ -83,20 +64,20 @@ def _triton_reason(device_type):
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-        if triton_interpreter_enabled():
+        if settings.triton_interpreter_enabled():
             return "TRITON_INTERPRET=1 is set, kernels run in the interpreter (CPU tensors only)"
         return None
     if device_type == "cpu":
-        if not triton_interpreter_enabled():
+        if not settings.triton_interpreter_enabled():
             return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
         return None
     return f"device type {device_type!r} is not supported"
 
 
 def _cuda_reason(device_type):
-    if _extension.extension() is None:
-        return _extension.extension_error()
-    if not _extension.built_with_cuda():
+    if extension.extension() is None:
+        return extension.extension_error()
+    if not extension.built_with_cuda():
         return "resnext_kernels._C was built without CUDA kernels (no nvcc or CPU-only torch at build time)"
     if device_type != "cuda":
         return f"needs CUDA tensors, got device type {device_type!r}"
@@ -111,11 +92,9 @@ def _cuda_reason(device_type):
 def _cuda_emulated_reason(device_type):
     if device_type != "cpu":
         return f"testing backend for CPU tensors, got device type {device_type!r}"
-    try:
-        cuda_backend = importlib.import_module("resnext_kernels.cuda_backend")
-    except Exception as exc:
-        return f"resnext_kernels.cuda_backend cannot be imported: {type(exc).__name__}: {exc}"
-    return cuda_backend.emulated_unavailable_reason()
+    from .cuda import emulation
+
+    return emulation.unavailable_reason()
 
 
 def _reference_reason(device_type):
@@ -176,15 +155,15 @@ def kernel(backend):
 
         return bottleneck_inference_reference
     if backend == "triton":
-        from .triton_kernels import bottleneck_inference_triton
+        from .triton import bottleneck_inference_triton
 
         return bottleneck_inference_triton
     if backend == "cuda":
-        from .cuda_backend import bottleneck_inference_cuda
+        from .cuda import bottleneck_inference_cuda
 
         return bottleneck_inference_cuda
     if backend == "cuda_emulated":
-        from .cuda_backend import bottleneck_inference_cuda_emulated
+        from .cuda import bottleneck_inference_cuda_emulated
 
         return bottleneck_inference_cuda_emulated
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -202,6 +181,6 @@ def available_backends():
         info[name] = {
             "usable": {dev: r is None for dev, r in reasons.items()},
             "reason": reasons,
-            "testing": name in TESTING_BACKENDS or (name == "triton" and triton_interpreter_enabled()),
+            "testing": name in TESTING_BACKENDS or (name == "triton" and settings.triton_interpreter_enabled()),
         }
     return info

@@ -1,9 +1,11 @@
 """Choosing among correct alternatives by timing them on the first call.
 
-Two choices are made this way while ``backends.autotune_enabled()``:
-the ``cuda`` backend's tile plan (cuda_backend.select_plan_rank) and the
-backend that ``auto`` runs when more than one fused backend is usable
-(ops.choose_auto_backend). Both follow ``select_fastest``: the first call for
+Three choices are made this way while ``settings.autotune_enabled()``:
+the ``cuda`` backend's tile plan (backends/cuda/planner.select_plan_rank),
+the ``triton`` backend's (strategy, batch chunk) (backends/triton
+choose_candidate) and the backend that ``auto`` runs when more than one fused
+backend is usable (ops/inference.choose_auto_backend). All follow
+``select_fastest``: the first call for
 a tune key times every candidate once (a warm-up call, then the median of
 REPEATS calls), the fastest is cached per key, and nothing is timed while a
 CUDA graph is being captured (the timing runs would be recorded instead of
@@ -12,7 +14,7 @@ run, and waiting for their events is not allowed there).
 
 import torch
 
-from . import bench
+from . import timing
 
 REPEATS = 5  # timed calls per candidate, after one warm-up call
 
@@ -47,12 +49,12 @@ def select_fastest(cache, key, candidates, time_candidate, *, enabled, capturing
 def seconds_per_call(fn, device):
     """One warm-up call of fn() (it absorbs first-call work such as a
     backend's own tuning), then the median of REPEATS calls, timed with CUDA
-    events on a CUDA device (bench.round_seconds); outputs are discarded."""
+    events on a CUDA device (timing.round_seconds); outputs are discarded."""
     def run(_):
         fn()
 
-    bench.round_seconds(run, [None], device, 1)
-    return bench.median(bench.round_seconds(run, [None], device, REPEATS))
+    timing.round_seconds(run, [None], device, 1)
+    return timing.median(timing.round_seconds(run, [None], device, REPEATS))
 
 
 def capturing(device):

@@ -3,12 +3,11 @@
 import torch
 import triton
 
-from .. import backends
-
+from ...common import settings
 
 # Largest dynamic shared memory per block on H100/H200 (227 KB). The
 # pipeliner keeps num_stages copies of a loop's operand tiles there.
-MAX_SHARED = 232448
+MAX_SHARED = settings.H100_SMEM_OPTIN
 
 
 def interpreting():
@@ -17,7 +16,7 @@ def interpreting():
     The interpreter runs every program sequentially in numpy, so the launchers
     use one fixed, large-tile config there instead of autotuning.
     """
-    return backends.triton_interpreter_enabled()
+    return settings.triton_interpreter_enabled()
 
 
 def dot_precision(dtype):
@@ -34,17 +33,13 @@ def dot_precision(dtype):
     return "tf32"
 
 
-def cdiv(a, b):
-    return -(-a // b)
-
-
 def first_kept_config(configs, prune, args):
-    """The config launched when autotuning is off (backends.autotune_enabled()).
+    """The config launched when autotuning is off (settings.autotune_enabled()).
 
     `configs` is a launcher's autotune list in its documented preference
     order and `prune` its early_config_prune, which keeps that order. Taking
     the first kept config makes the choice deterministic and always one the
-    autotuner would also benchmark (and compile_check compiles). `args`:
+    autotuner would also benchmark (and bench/triton_compile compiles). `args`:
     kernel argument name -> value, as the autotuner passes them to `prune`
     (tensors may be on the meta device: only dtypes are read).
     """
@@ -61,13 +56,13 @@ def launch(kernel, tuned, grid, args, consts, interpret_config, pick_config):
     """Launch one of the kernels, by the rule they all follow: the
     interpreter runs the raw @triton.jit `kernel` with its fixed
     interpret_config; on a GPU `tuned` (its autotuned() wrapper) autotunes,
-    or, with backends.autotune_enabled() off, `kernel` runs once with the
+    or, with settings.autotune_enabled() off, `kernel` runs once with the
     config pick_config(kernel argument name -> value) returns (its
     meta-parameters, num_warps and num_stages), untimed. grid(meta) -> the
     launch grid for a config's meta-parameters."""
     if interpreting():
         kernel[grid(interpret_config)](*args, **consts, **interpret_config)
-    elif backends.autotune_enabled():
+    elif settings.autotune_enabled():
         tuned[grid](*args, **consts)
     else:
         config = pick_config({**dict(zip(kernel.arg_names, args)), **consts})

@@ -18,7 +18,9 @@ import contextlib
 
 import torch
 
-from .. import backends, bench, tuning
+from ...common import settings, timing, tuning
+from ...common.sizes import conv_output_size
+
 # Modules, not their launchers, so the submodule names stay importable.
 from . import conv1x1_bias_relu as _k1
 from . import grouped_conv_bias_relu as _k2a
@@ -33,7 +35,8 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
                                 strategy=None, batch_chunk=None):
     """y for the folded block; same contract as reference.bottleneck_inference_reference.
 
-    Inputs are validated by ops.check_inputs. x may be channels_last or
+    The op (ops/inference.py) validated the inputs and checked that triton
+    can run on x's device before calling this; it does neither again. x may be channels_last or
     NCHW-contiguous: NCHW is converted to channels_last once here (one copy of
     x, used by both kernels); channels_last input is used in place. Weights
     are packed once and cached (packing.PACK_CACHE). CUDA tensors; CPU tensors
@@ -48,11 +51,10 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     is "fused" / the whole batch.
     Returns y, [N, Cout, Ho, Wo] channels_last contiguous, x's dtype.
     """
-    backends.resolve_backend("triton", x.device)  # raises with the reason if unusable
     x = x.contiguous(memory_format=torch.channels_last)  # no-op for channels_last input
     n, _, h, w = x.shape
     cout = w3.shape[0]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ho, wo = conv_output_size(h, stride), conv_output_size(w, stride)
     if out is None:
         out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     elif (
@@ -160,9 +162,9 @@ def choose_candidate(key, x, width_p, identity, run):
         return "fused", n
     t1_per_image = h * w * width_p * x.element_size()
     return tuning.select_fastest(
-        CHOICES, key, lambda: candidates(n, t1_per_image, bench.cache_bytes(x.device), identity),
+        CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), identity),
         lambda c: tuning.seconds_per_call(lambda: run(c), x.device),
-        enabled=backends.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n))
+        enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n))
 
 
 __all__ = ["bottleneck_inference_triton", "candidates", "chunk_candidates"]

@@ -1,0 +1,97 @@
+"""The CUDA kernel's tile plans, seen from Python: padded sizes, the
+candidate plans of a problem (the C++ planner of csrc/fused_block_plan.h,
+no GPU needed) and the choice among them by timing.
+
+The planner ranks every plan that fits in shared memory by an estimated
+cost whose constants were never checked on a GPU, so while
+``settings.autotune_enabled()`` the first call of a problem (``tune_key``)
+times the first AUTOTUNE_TOP_K ranks with CUDA events and TUNED_PLAN_RANKS
+keeps the fastest for that and every later call (``select_plan_rank``).
+Nothing is timed while a CUDA graph is being captured. With autotuning off,
+and always on ``cuda_emulated``, rank 0 runs.
+"""
+
+import collections
+
+import torch
+
+from ...common import extension, settings, tuning
+from ...common.sizes import next_pow2, round_up
+from . import emulation
+
+PaddedDims = collections.namedtuple("PaddedDims", "cin_p wp cout_p d_p kt")
+
+
+def padded_dims(cin, width, cout, groups):
+    """The kernel's padded sizes; mirrors set_padded_dims in
+    csrc/fused_block_host.h (opcheck compares the fake packing with it)."""
+    d = width // groups
+    d_p = round_up(d, 16) if d > 16 else next_pow2(d)
+    return PaddedDims(round_up(cin, 16), round_up(groups * d_p, 16), round_up(cout, 16), d_p, max(1, d_p // 16))
+
+
+# Columns of the planner's table (rk::plan_table in csrc/fused_block_plan.h)
+# after the rank: tile height, width chunk, Cout slice, input-channel chunk,
+# x chunk buffers, dynamic shared-memory bytes, estimated cost, grid.
+TilePlan = collections.namedtuple("TilePlan", "rank TH WC CS KC nbuf smem cost grid_x grid_y")
+
+
+def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, smem_limit, emulated=False):
+    """The tile plans that fit in smem_limit bytes (> 0), in plan_rank order
+    (the planner's cost estimate, cheapest first), as TilePlan tuples; []
+    when none fits. No GPU needed: the planner of ``resnext_kernels._C``, or
+    with emulated=True the one compiled into the emulation library."""
+    if dtype not in settings.KERNEL_DTYPES:
+        raise ValueError(f"dtype must be one of {settings.KERNEL_DTYPES}, got {dtype}")
+    if emulated:
+        emulation.load()
+        op = getattr(torch.ops, emulation.NAMESPACE).fused_block_plans
+    else:
+        if extension.extension() is None:
+            raise RuntimeError(f"resnext_kernels._C is needed to list tile plans: {extension.extension_error()}")
+        op = torch.ops.resnext_kernels.fused_block_plans
+    elem_bytes = torch.empty((), dtype=dtype).element_size()
+    table = op(n, h, w, cin, width, cout, groups, stride, dilation, elem_bytes, smem_limit)
+    return [TilePlan(rank, *map(int, row[:6]), row[6], int(row[7]), int(row[8]))
+            for rank, row in enumerate(table.tolist())]
+
+
+AUTOTUNE_TOP_K = 4  # plan ranks timed on a tune key's first call
+TUNED_PLAN_RANKS = {}  # tune key -> fastest plan rank
+
+
+def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, top_k=AUTOTUNE_TOP_K):
+    """The plan rank a call runs with (tuning.select_fastest over ranks).
+
+    enabled False: 0, the cost model's choice. Else the rank cached for key;
+    on a miss, ranks 0 .. min(top_k, count_plans()) - 1 are timed with
+    time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
+    cached and returned (0, untimed, when fewer than two plans fit; with no
+    plan at all the op reports it). While a CUDA graph is being captured
+    (capturing) a miss returns 0 and caches nothing.
+    """
+    return tuning.select_fastest(cache, key, lambda: range(min(top_k, count_plans())), time_rank,
+                                 enabled=enabled, capturing=capturing, default=0)
+
+
+def autotuned_rank(forward_op, args):
+    """select_plan_rank for a call of forward_op(*args, plan_rank) on CUDA;
+    args = (x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride,
+    dilation, groups, allow_tf32, smem_limit)."""
+    x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
+    n, cin, h, w = x.shape
+
+    def count_plans():
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        return len(candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit))
+
+    # Capture state, events and timing runs all belong to x's device.
+    with torch.cuda.device(x.device):
+        return select_plan_rank(
+            TUNED_PLAN_RANKS,
+            tuning.tune_key(x, width, cout, stride, dilation, groups, wdp is not None, allow_tf32),
+            lambda rank: tuning.seconds_per_call(lambda: forward_op(*args, rank), x.device),
+            count_plans,
+            enabled=settings.autotune_enabled(),
+            capturing=torch.cuda.is_current_stream_capturing(),
+        )
