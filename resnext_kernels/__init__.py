@@ -8,6 +8,9 @@ Public API:
 
 Importing never fails because the compiled extension is missing or stale; the
 reason is reported by available_backends() and ``python -m resnext_kernels info``.
+
+The package is layered (README, "Where things are"): tooling (bench/, the
+command line) > public API (block, convert, forms) > ops > backends > common.
 """
 
 from . import forms

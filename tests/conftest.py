@@ -32,3 +32,90 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+# -- fixtures shared by several test files ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The CPU emulation library of the CUDA kernel (built on first use): torch.ops.resnext_kernels_emu."""
+    from resnext_kernels.backends.cuda import emulation
+
+    emulation.load()
+    return torch.ops.resnext_kernels_emu
+
+
+@pytest.fixture
+def allow_tf32():
+    """A setter for PyTorch's two TF32 flags; both are restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield lambda flag: (setattr(torch.backends.cudnn, "allow_tf32", flag),
+                        setattr(torch.backends.cuda.matmul, "allow_tf32", flag))
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make torch.empty return NaN-filled floating tensors during the test.
+
+    The launchers allocate their outputs and intermediates with torch.empty,
+    so any element a kernel fails to write stays NaN and fails the
+    finiteness check. Returns the list of poisoned allocations so a test can
+    assert the poisoning happened.
+    """
+    real_empty = torch.empty
+    made = []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return made
+
+
+class _LaunchSpy:
+    """Stands in for a kernel object (`kernel[grid](...)`): records each
+    launch's keyword arguments, then forwards the launch to `kernel` if given."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+        self.arg_names = getattr(kernel, "arg_names", None)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record.append(kwargs)
+            if self.kernel is not None:
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records, per Triton kernel ("K1", "K2", "K2a"; K2b is K1's kernel, so
+    under "K1"), the launchers' GPU-branch launches: "tuned" (the
+    triton.autotune wrapper, replaced: nothing runs, as the CPU cannot
+    autotune and a GPU test must not), "raw" (the @triton.jit kernel,
+    forwarded) and "picked" (the configs heuristic_config returned)."""
+    from resnext_kernels.backends.triton import conv1x1_bias_relu as k1
+    from resnext_kernels.backends.triton import grouped_conv_bias_relu as k2a
+    from resnext_kernels.backends.triton import grouped_conv_conv3 as k2
+
+    records = {}
+    for name, mod, raw, tuned in (("K1", k1, "_conv1x1_bias_relu_kernel", "_conv1x1_bias_relu_tuned"),
+                                  ("K2", k2, "_grouped_conv_conv3_kernel", "_grouped_conv_conv3_tuned"),
+                                  ("K2a", k2a, "_grouped_conv_bias_relu_kernel", "_grouped_conv_bias_relu_tuned")):
+        rec = records[name] = {"tuned": [], "raw": [], "picked": []}
+        monkeypatch.setattr(mod, tuned, _LaunchSpy(None, rec["tuned"]))
+        monkeypatch.setattr(mod, raw, _LaunchSpy(getattr(mod, raw), rec["raw"]))
+
+        def pick(args, real=mod.heuristic_config, picked=rec["picked"]):
+            picked.append(real(args))
+            return picked[-1]
+
+        monkeypatch.setattr(mod, "heuristic_config", pick)
+    return records

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from resnext_kernels.common import tolerance
+
 
 def randomize_norms(module, generator=None):
     """Give every BatchNorm/FrozenBatchNorm random affine params and running stats.
@@ -26,17 +28,21 @@ def max_rel_error(actual, expected):
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
-def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=2.0, floor=1e-6):
-    """The fused result's error vs fp64 is at most `factor` x eager PyTorch's error at the same dtype.
+def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=tolerance.FACTOR,
+                              floor=tolerance.FLOOR):
+    """The fused result's error vs fp64 is within the package's one tolerance
+    rule (resnext_kernels.common.tolerance): at most `factor` x eager
+    PyTorch's error at the same dtype, plus `floor` (relative to the
+    reference's largest magnitude) for when PyTorch happens to be exact.
 
     `expected_fp64` is the fp64 reference; `eager_at_dtype` is PyTorch's own
-    result at the tested dtype (its error sets the scale). `floor` is a
-    relative floor for when PyTorch happens to be (nearly) exact.
+    result at the tested dtype (its error sets the scale). Errors are taken
+    relative to max |expected|, so the bound is error_bound(eager, scale=1).
     """
     assert torch.isfinite(actual).all(), "output has NaN/Inf (unwritten or overflowed elements)"
     err = max_rel_error(actual, expected_fp64)
     eager_err = max_rel_error(eager_at_dtype, expected_fp64)
-    bound = factor * eager_err + floor
+    bound = tolerance.error_bound(eager_err, 1.0, factor, floor)
     assert err <= bound, f"max rel error {err:.3e} > {factor} x eager error {eager_err:.3e} + {floor:.0e}"
     return err, eager_err
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_norms
 from torchvision.models.resnet import Bottleneck, ResNet
 
 import resnext_kernels as rk
-from helpers import randomize_norms
 
 
 def _small_converted_resnext():
@@ -53,6 +53,7 @@ def test_compile_auto_float64_on_cpu():
     fake kernel must check it as the backend it resolves to: the reference,
     which takes float64 on CPU."""
     from helpers import Block
+
     from resnext_kernels.backends.reference import bottleneck_inference_reference
 
     block = Block(1, 8, 16, 8, 2, 4, 5)

@@ -6,10 +6,10 @@ exact converters), same running-stat updates.
 
 import pytest
 import torch
+from helpers import randomize_norms
 from torch import nn
 
 from resnext_kernels import FusedResNeXtBlock, forms
-from helpers import randomize_norms
 
 CASES = [
     # inplanes, planes, stride, groups, base_width, dilation, projection

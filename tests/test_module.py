@@ -6,13 +6,13 @@ import warnings
 import pytest
 import torch
 import torchvision
+from helpers import randomize_norms
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnext_kernels as rk
 from resnext_kernels import FusedResNeXtBlock
-from helpers import randomize_norms
 
 F64 = torch.float64
 

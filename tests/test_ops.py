@@ -212,10 +212,14 @@ def test_available_backends_structure():
 
 
 def test_info_command_runs():
-    out = subprocess.run([sys.executable, "-m", "resnext_kernels", "info"], capture_output=True, text=True,
-                         check=True).stdout
+    res = subprocess.run([sys.executable, "-m", "resnext_kernels", "info"], capture_output=True, text=True,
+                         check=True)
     for word in ("torch", "triton", "GPU", "reference", "triton", "cuda"):
-        assert word in out
+        assert word in res.stdout
+    # No torch warnings (e.g. torch.utils.cpp_extension's "No CUDA runtime is
+    # found, using CUDA_HOME=..." on import): asking must not import the builder.
+    assert res.stderr == "", res.stderr
+    assert not res.stdout.startswith("W"), res.stdout
 
 
 def test_import_without_compiled_extension():

@@ -5,12 +5,12 @@ CUDA kernel (on a GPU they are cuda and triton)."""
 
 import pytest
 import torch
+from helpers import Block, assert_close_to_reference, fake_timer
 
 from resnext_kernels.backends import registry
+from resnext_kernels.backends.reference import bottleneck_inference_reference
 from resnext_kernels.common import settings, tuning
 from resnext_kernels.ops import inference
-from resnext_kernels.backends.reference import bottleneck_inference_reference
-from helpers import Block, assert_close_to_reference, fake_timer
 
 
 def test_select_fastest_times_once_per_key_and_caches_the_fastest():
