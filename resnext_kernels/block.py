@@ -4,11 +4,13 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import folding
 from .backends import registry
 from .common.settings import REFERENCE_DTYPES
 from .common.validation import check_positive_int
+from .common.weight_cache import TensorSnapshot, cacheable
 from .ops import inference
 
 
@@ -161,35 +163,47 @@ class FusedResNeXtBlock(nn.Module):
 
     # -- folding -----------------------------------------------------------
 
-    def _state_key(self, dtype):
-        tensors = list(self.parameters()) + list(self.buffers())
-        return (dtype,) + tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+    def _folded_modules(self):
+        """The submodules whose parameters and buffers the fold reads."""
+        mods = [self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3]
+        if self.downsample is not None:
+            mods += [self.downsample[0], self.downsample[1]]
+        return mods
 
     def folded_parameters(self, dtype):
         """(w1, b1, w2, b2, w3, b3, wd, bd) with BN folded, in `dtype`.
 
-        Cached when no autograd graph is being recorded (a cached tensor that
-        is part of a graph could not be backpropagated twice) and when not
-        tracing under torch.compile (the compiled graph folds by itself).
+        Cached (one entry) while the parameters and buffers the fold reads
+        are the very same tensor objects, unmodified (common.weight_cache.
+        TensorSnapshot: identity, version counter, storage address), and
+        `dtype` is the same. Not cached: while an autograd graph is being
+        recorded (a cached tensor that is part of a graph could not be
+        backpropagated twice), while tracing under torch.compile (the
+        compiled graph folds by itself), for parametrized submodules
+        (torch.nn.utils.parametrize, e.g. weight_norm: their weight is
+        recomputed on every access), and for inference-mode parameters (no
+        version counter).
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"x has dtype {dtype}; expected a floating dtype")
-        records_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        cacheable = not records_grad and not torch.compiler.is_compiling()
-        if cacheable:
-            key = self._state_key(dtype)
-            if self._fold_cache is not None and self._fold_cache[0] == key:
-                return self._fold_cache[1]
-        if cacheable:
-            # Fold outside inference mode: inference tensors have no version
-            # counter, so the backends' packed-weight caches (keyed on it)
-            # would repack them on every call.
-            with torch.inference_mode(False), torch.no_grad():
-                folded = self._fold(dtype)
-            self._fold_cache = (key, folded)
-        else:
-            folded = self._fold(dtype)
+        mods = self._folded_modules()
+        if any(parametrize.is_parametrized(m) for m in mods):
             self._fold_cache = None
+            return self._fold(dtype)
+        tensors = [t for m in mods for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if records_grad or torch.compiler.is_compiling() or not cacheable(tensors):
+            self._fold_cache = None
+            return self._fold(dtype)
+        cached = self._fold_cache
+        if cached is not None and cached[0] == dtype and cached[1].matches(tensors):
+            return cached[2]
+        # Fold outside inference mode: inference tensors have no version
+        # counter, so the backends' packed-weight caches (keyed on it) would
+        # repack them on every call.
+        with torch.inference_mode(False), torch.no_grad():
+            folded = self._fold(dtype)
+        self._fold_cache = (dtype, TensorSnapshot(tensors), folded)
         return folded
 
     def _fold(self, dtype):
@@ -200,6 +214,13 @@ class FusedResNeXtBlock(nn.Module):
         if self.downsample is not None:
             wd, bd = folding.fold_conv_bn(self.downsample[0].weight, self.downsample[1], dtype)
         return (w1, b1, w2, b2, w3, b3, wd, bd)
+
+    def __getstate__(self):
+        # The fold cache refers to tensor identities (weak references): not
+        # picklable, and meaningless in a copy (copy.deepcopy, torch.save).
+        state = self.__dict__.copy()
+        state["_fold_cache"] = None
+        return state
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() replace parameters; drop the cache eagerly so it
