@@ -3,6 +3,8 @@
 Public API:
   FusedResNeXtBlock      drop-in for torchvision's / timm's Bottleneck
   convert(model, backend) swap every convertible Bottleneck of a model in place
+  unconvert(model)       back to torchvision's Bottleneck (plain torchvision modules)
+  models                 builders: resnext29_8x64d / _16x64d (CIFAR), resnext50_32x4d, resnext101_*
   available_backends()   which backends can run here, and why not
   bottleneck_inference   the folded inference op (functional form)
 
@@ -17,7 +19,8 @@ from . import forms
 from .backends.registry import BACKENDS, BackendUnavailableError, available_backends
 from .block import FusedResNeXtBlock
 from .common.extension import extension_error
-from .convert import ConversionWarning, convert
+from . import models
+from .convert import ConversionWarning, convert, unconvert
 from .ops import bottleneck_inference
 
 __version__ = "0.1.0"
@@ -32,4 +35,6 @@ __all__ = [
     "convert",
     "extension_error",
     "forms",
+    "models",
+    "unconvert",
 ]

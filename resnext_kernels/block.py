@@ -259,6 +259,19 @@ class FusedResNeXtBlock(nn.Module):
         new._check_structure()
         return new.train(training)
 
+    def to_bottleneck(self):
+        """A torchvision ``Bottleneck`` with a deep copy of this block's
+        submodules (same parameters, buffers, state_dict keys and mode)."""
+        from torchvision.models.resnet import Bottleneck
+
+        block = Bottleneck.__new__(Bottleneck)
+        nn.Module.__init__(block)
+        for name in _SUBMODULES:
+            setattr(block, name, copy.deepcopy(getattr(self, name)))
+        block.relu = nn.ReLU(inplace=True)
+        block.stride = self.stride
+        return block.train(self.training)
+
 
 _SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
 

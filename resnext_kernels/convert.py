@@ -1,4 +1,5 @@
-"""Swap torchvision/timm Bottleneck blocks of a model for FusedResNeXtBlock."""
+"""Swap torchvision/timm Bottleneck blocks of a model for FusedResNeXtBlock
+(convert), and back to torchvision's Bottleneck (unconvert)."""
 
 import warnings
 
@@ -46,4 +47,21 @@ def convert(model, backend="auto"):
         warnings.warn(f"resnext_kernels.convert left {len(skipped)} Bottleneck block(s) unconverted "
                       f"({converted} converted):\n{lines}", ConversionWarning, stacklevel=2)
     model.resnext_kernels_skipped = skipped
+    return model
+
+
+def unconvert(model):
+    """Replace every FusedResNeXtBlock in `model` by torchvision's Bottleneck, in place.
+
+    The blocks keep their parameters and buffers (copied, as convert copies
+    them) and the module tree its state_dict keys, so the model runs, trains
+    and saves with torchvision alone. Returns `model`; a FusedResNeXtBlock
+    itself has ``to_bottleneck()``.
+    """
+    if isinstance(model, FusedResNeXtBlock):
+        raise ValueError("model is itself a FusedResNeXtBlock; use model.to_bottleneck()")
+    for _, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, FusedResNeXtBlock):
+                setattr(parent, child_name, child.to_bottleneck())
     return model
