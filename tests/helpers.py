@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from resnext_kernels.backends.reference import bottleneck_inference_reference
 from resnext_kernels.common import tolerance
 
 
@@ -66,6 +67,22 @@ def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=tole
             f"mean signed rel error {bias:+.3e} (a rounding bias): bound {bias_bound:.3e} from eager's mean "
             f"{eager_bias:+.3e} and mean abs error {eager_mae:.3e}")
     return err, eager_err
+
+
+def fp64_cpu(tensors):
+    """The tensors (None kept) as float64 CPU copies: the reference's inputs."""
+    return [None if t is None else t.detach().to("cpu", torch.float64) for t in tensors]
+
+
+def assert_op_matches_reference(y, inputs, conv, **kwargs):
+    """y, the op's output for `inputs` ([x, w1, b1, w2, b2, w3, b3, wd, bd]
+    on any device) and conv = (stride, dilation, groups), within the
+    tolerance rule (assert_close_to_reference, kwargs passed on): the
+    reference is the block in float64 on CPU, the yardstick eager PyTorch
+    (the reference backend) at the inputs' dtype on their device."""
+    expected = bottleneck_inference_reference(*fp64_cpu(inputs), *conv)
+    eager = bottleneck_inference_reference(*inputs, *conv)
+    return assert_close_to_reference(y.detach().cpu(), expected, eager.cpu(), **kwargs)
 
 
 class Block:

@@ -69,3 +69,31 @@ def test_mean_error_rule_refuses_small_outputs():
     expected = torch.rand(100, dtype=F64)
     with pytest.raises(AssertionError, match="too few"):
         assert_close_to_reference(expected.float(), expected, expected.half(), mean_error=True)
+
+
+def _round_to_tf32(t):
+    """fp32 -> the nearest TF32 value (10 mantissa bits), as tensor cores read fp32 operands in TF32 mode."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("block", [Block(2, 64, 128, 64, 32, 9, 9), Block(1, 48, 64, 96, 2, 7, 7, projection=True)],
+                         ids=repr)
+def test_max_error_rule_catches_a_tf32_grouped_conv(block):
+    """The GPU tests' "TF32 leak" (the grouped conv run in TF32 while full
+    fp32 was asked for): simulated here by rounding the grouped conv's
+    operands to TF32, the fp32 block's error is far over the max-error bound
+    set by eager fp32 (d = 4 and d = 32)."""
+    f = torch.nn.functional
+    x, w1, b1, w2, b2, w3, b3, wd, bd = block.make(torch.float32)
+    stride, dilation, groups = block.conv
+    expected = bottleneck_inference_reference(*[None if t is None else t.double() for t in
+                                                (x, w1, b1, w2, b2, w3, b3, wd, bd)], *block.conv)
+    eager = bottleneck_inference_reference(x, w1, b1, w2, b2, w3, b3, wd, bd, *block.conv)
+    t1 = f.relu(f.conv2d(x, w1, b1))
+    t2 = f.relu(f.conv2d(_round_to_tf32(t1), _round_to_tf32(w2), b2, stride, dilation, dilation, groups))
+    shortcut = x if wd is None else f.conv2d(x, wd, bd, stride)
+    leaked = f.relu(f.conv2d(t2, w3, b3) + shortcut)
+    assert_close_to_reference(eager, expected, eager)
+    with pytest.raises(AssertionError, match="max rel error"):
+        assert_close_to_reference(leaked, expected, eager)
