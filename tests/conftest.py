@@ -3,16 +3,33 @@
 TRITON_INTERPRET must be set before triton is first imported, so it is set
 here, at collection start, when no GPU is visible: that is how the Triton
 kernels are exercised on CPU in CI.
+
+Randomness: every test runs with a fresh seed (torch, Python's random and
+numpy's global generator), drawn per test. A failing test prints it in its
+failure report, as the command that replays it
+(RESNEXT_KERNELS_TEST_SEED=<seed> python -m pytest <test id>); the seed also
+goes to the junit XML as a property. tests/test_seed_replay.py checks both.
 """
 
 import os
+import random
 
+import numpy
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+SEED_ENV = "RESNEXT_KERNELS_TEST_SEED"
+_SEED = pytest.StashKey[int]()
+
+
+def pytest_report_header(config):
+    if SEED_ENV in os.environ:
+        return f"{SEED_ENV}={os.environ[SEED_ENV]}: every test replays this seed"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,12 +43,36 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run, yet a failing case can be replayed with
-    # RESNEXT_KERNELS_TEST_SEED=<printed seed>.
-    seed = int(os.environ.get("RESNEXT_KERNELS_TEST_SEED", torch.seed() % 2**31))
-    torch.manual_seed(seed)
+    """Seed every generator a test may draw from, fresh per test unless
+    RESNEXT_KERNELS_TEST_SEED replays one."""
+    replay = os.environ.get(SEED_ENV)
+    seed = int(replay) if replay is not None else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    numpy.random.seed(seed)
+    request.node.stash[_SEED] = seed
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Add the seed to a failed test's report, as the command that replays it.
+
+    A section of the failure's longrepr is printed with the traceback
+    whatever --show-capture says (and travels through pytest-xdist); a
+    failure without a traceback (e.g. pytest.fail(pytrace=False)) gets a
+    report section instead."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = item.stash.get(_SEED, None)
+    if not report.failed or seed is None:
+        return
+    line = f"{SEED_ENV}={seed} python -m pytest '{item.nodeid}'"
+    if hasattr(report.longrepr, "addsection"):
+        report.longrepr.addsection("replay with the same random inputs", line)
+    else:
+        report.sections.append(("replay with the same random inputs", line))
 
 
 # -- fixtures shared by several test files ---------------------------------------

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from resnext_kernels.backends.reference import bottleneck_inference_reference
 from resnext_kernels.common import tolerance
 
 
@@ -28,23 +29,60 @@ def max_rel_error(actual, expected):
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
 
 
+def mean_rel_errors(actual, expected):
+    """(mean signed error, mean abs error) of actual vs expected, both
+    divided by max |expected|, in float64."""
+    diff = actual.double() - expected.double()
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return (diff.mean() / scale).item(), (diff.abs().mean() / scale).item()
+
+
 def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=tolerance.FACTOR,
-                              floor=tolerance.FLOOR):
+                              floor=tolerance.FLOOR, mean_error=False):
     """The fused result's error vs fp64 is within the package's one tolerance
-    rule (resnext_kernels.common.tolerance): at most `factor` x eager
-    PyTorch's error at the same dtype, plus `floor` (relative to the
+    rule (resnext_kernels.common.tolerance): its max error at most `factor`
+    x eager PyTorch's error at the same dtype, plus `floor` (relative to the
     reference's largest magnitude) for when PyTorch happens to be exact.
+    mean_error: also bound the mean signed error (tolerance.mean_error_bound:
+    a systematic rounding bias fails even where the max error passes); for
+    outputs of at least tolerance.MIN_MEAN_ERROR_ELEMENTS elements (the GPU
+    tests).
 
     `expected_fp64` is the fp64 reference; `eager_at_dtype` is PyTorch's own
     result at the tested dtype (its error sets the scale). Errors are taken
-    relative to max |expected|, so the bound is error_bound(eager, scale=1).
+    relative to max |expected|, so the bounds use scale=1.
     """
     assert torch.isfinite(actual).all(), "output has NaN/Inf (unwritten or overflowed elements)"
     err = max_rel_error(actual, expected_fp64)
     eager_err = max_rel_error(eager_at_dtype, expected_fp64)
     bound = tolerance.error_bound(eager_err, 1.0, factor, floor)
     assert err <= bound, f"max rel error {err:.3e} > {factor} x eager error {eager_err:.3e} + {floor:.0e}"
+    if mean_error:
+        assert actual.numel() >= tolerance.MIN_MEAN_ERROR_ELEMENTS, \
+            f"{actual.numel()} elements: too few for the mean-error rule (>= {tolerance.MIN_MEAN_ERROR_ELEMENTS})"
+        bias, _ = mean_rel_errors(actual, expected_fp64)
+        eager_bias, eager_mae = mean_rel_errors(eager_at_dtype, expected_fp64)
+        bias_bound = tolerance.mean_error_bound(eager_bias, eager_mae, 1.0, factor, floor)
+        assert abs(bias) <= bias_bound, (
+            f"mean signed rel error {bias:+.3e} (a rounding bias): bound {bias_bound:.3e} from eager's mean "
+            f"{eager_bias:+.3e} and mean abs error {eager_mae:.3e}")
     return err, eager_err
+
+
+def fp64_cpu(tensors):
+    """The tensors (None kept) as float64 CPU copies: the reference's inputs."""
+    return [None if t is None else t.detach().to("cpu", torch.float64) for t in tensors]
+
+
+def assert_op_matches_reference(y, inputs, conv, **kwargs):
+    """y, the op's output for `inputs` ([x, w1, b1, w2, b2, w3, b3, wd, bd]
+    on any device) and conv = (stride, dilation, groups), within the
+    tolerance rule (assert_close_to_reference, kwargs passed on): the
+    reference is the block in float64 on CPU, the yardstick eager PyTorch
+    (the reference backend) at the inputs' dtype on their device."""
+    expected = bottleneck_inference_reference(*fp64_cpu(inputs), *conv)
+    eager = bottleneck_inference_reference(*inputs, *conv)
+    return assert_close_to_reference(y.detach().cpu(), expected, eager.cpu(), **kwargs)
 
 
 class Block:

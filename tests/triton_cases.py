@@ -26,7 +26,7 @@ from resnext_kernels.backends.reference import bottleneck_inference_reference  #
 from resnext_kernels.backends.triton import bottleneck_inference_triton  # noqa: E402
 from resnext_kernels.bench import triton_compile as compile_check  # noqa: E402
 from resnext_kernels.bench.shapes import BlockShape  # noqa: E402
-from resnext_kernels.common import settings  # noqa: E402
+from resnext_kernels.common import settings, tolerance  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -88,7 +88,10 @@ def _check_block(block, dtype, tf32, device, allow_tf32, poisoned=None, eager_de
     assert y.dtype == dtype and y.device == inputs[0].device
     assert y.is_contiguous(memory_format=torch.channels_last)
     floor = _TF32_FLOOR if (tf32 and device == "cuda") else 1e-6
-    assert_close_to_reference(y.cpu(), expected, eager.cpu(), floor=floor)
+    # On a GPU also the mean error (a rounding bias), where the output is
+    # large enough for that rule (interpreter-sized blocks are not).
+    mean_error = device == "cuda" and y.numel() >= tolerance.MIN_MEAN_ERROR_ELEMENTS
+    assert_close_to_reference(y.cpu(), expected, eager.cpu(), floor=floor, mean_error=mean_error)
 
 
 def _fp64_cpu(inputs):
