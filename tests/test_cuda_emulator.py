@@ -119,3 +119,88 @@ def test_async_copy_lands_at_wait(emu):
         emu.async_copy(x, 2)
     # A reported error leaves the emulator usable.
     torch.testing.assert_close(emu.async_copy(x, 0), expected, rtol=0, atol=0)
+
+
+# -- mma.sync / ldmatrix fragments (PTX ISA layouts, per lane and register) ---
+
+
+def _tf32_rna(t):
+    return _tf32(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_mma_fragment_layouts_match_matmul(emu, dtype):
+    """Fragments built by hand from the PTX ISA's tables (m16n8k16 for
+    f16/bf16, m16n8k8 for tf32): the emulated mma gives A @ B + C."""
+    k = 8 if dtype == torch.float32 else 16
+    a, b, c = torch.randn(16, k).to(dtype), torch.randn(k, 8).to(dtype), torch.randn(16, 8)
+    d = emu.mma_fragments(a, b, c, 0)
+    if dtype == torch.float32:
+        a, b = _tf32_rna(a), _tf32_rna(b)
+    expected = a.double() @ b.double() + c.double()
+    torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("wrong", [1, 2, 3], ids=["A_register", "B_register", "D_register"])
+def test_mma_wrong_fragment_index_gives_wrong_product(emu, dtype, wrong):
+    """The emulator really lays fragments out per lane and register: a
+    kernel that swaps two A, B or D registers gets a wrong product."""
+    k = 8 if dtype == torch.float32 else 16
+    a, b, c = torch.randn(16, k).to(dtype), torch.randn(k, 8).to(dtype), torch.randn(16, 8)
+    good = emu.mma_fragments(a, b, c, 0)
+    bad = emu.mma_fragments(a, b, c, wrong)
+    assert (bad - good).abs().max() > 0.1
+
+
+def _ldmatrix_expected(rows, num, trans):
+    """Lane l's register i per the PTX ISA: the b16 pair (row l/4, cols
+    2(l%4), 2(l%4)+1) of matrix i, or with .trans (rows 2(l%4), 2(l%4)+1,
+    col l/4); the first element in the low half."""
+    m = rows.view(num, 8, 8).to(torch.int64) & 0xFFFF
+    out = torch.empty(32, num, dtype=torch.int64)
+    for lane in range(32):
+        for i in range(num):
+            if trans:
+                lo, hi = m[i, 2 * (lane % 4), lane // 4], m[i, 2 * (lane % 4) + 1, lane // 4]
+            else:
+                lo, hi = m[i, lane // 4, 2 * (lane % 4)], m[i, lane // 4, 2 * (lane % 4) + 1]
+            out[lane, i] = lo | hi << 16
+    return out
+
+
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+def test_ldmatrix_lane_layout(emu, num, trans):
+    rows = torch.randint(-(2 ** 15), 2 ** 15, (num * 8, 8), dtype=torch.int16)
+    got = emu.ldmatrix_lanes(rows, num, trans).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(got, _ldmatrix_expected(rows, num, trans))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_ldmatrix_feeds_mma(emu, dtype):
+    """A through ldmatrix.x4 (row addresses per lane), B through
+    ldmatrix.x2.trans (16-bit) or by hand (tf32), then mma: A @ B. The
+    emulator counts the tile's multiply-accumulates."""
+    k = 8 if dtype == torch.float32 else 16
+    a, b = torch.randn(16, k).to(dtype), torch.randn(k, 8).to(dtype)
+    d = emu.ldmatrix_mma(a, b)
+    if dtype == torch.float32:
+        a, b = _tf32_rna(a), _tf32_rna(b)
+    torch.testing.assert_close(d.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
+    assert emu.mma_macs_of(a, b).item() == 16 * 8 * k
+
+
+@pytest.mark.parametrize("mode,message", [
+    (0, "ldmatrix: the row address of lane 0 is not 16-byte aligned"),
+    (1, "not in the block's shared memory"),
+    (2, "lanes issued different warp-collective instructions"),
+    (3, "lanes wait at different warp-level operations"),
+    (4, "needs all 32 lanes of the warp"),
+], ids=["misaligned", "global_address", "different_shapes", "syncwarp_vs_mma", "half_warp"])
+def test_collective_misuse_is_reported(emu, mode, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.collective_misuse(mode)
+    # The emulator stays usable.
+    a, b = torch.randn(16, 16).half(), torch.randn(16, 8).half()
+    torch.testing.assert_close(emu.ldmatrix_mma(a, b).double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)

@@ -1,13 +1,16 @@
 // Small kernels whose results are known, run through the CUDA emulator
 // (cuda_emu.h) by tests/test_cuda_emulator.py: barrier semantics, a
-// shared-memory tree reduction, wmma load/mma/store against matmul, cp.async
-// completion, and the
-// emulator's error reports (misalignment, divergent barriers, divergent
-// warp collectives). Ops live in namespace resnext_kernels_emu.
+// shared-memory tree reduction, the mma.sync / ldmatrix fragment layouts
+// against a plain matrix product, cp.async completion, and the emulator's
+// error reports (misalignment, divergent barriers, divergent warp
+// collectives). Ops live in namespace resnext_kernels_emu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 
 #include "rk_device.cuh"
 
@@ -64,6 +67,143 @@ __global__ void wmma_tf32_kernel(const float* a, const float* b, const float* c,
   wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
   wmma::mma_sync(fc, fa, fb, fc);
   wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+}
+
+// ---------------------------------------------------------------------------
+// mma.sync fragments built by hand from the PTX ISA's layout tables (not
+// from the emulator's code): D = A @ B + C for one m16n8k16 (T = half_t,
+// bf16_t) or m16n8k8 (T = float: tf32) tile, A [16, K] and B [K, 8] and C,
+// D [16, 8] row-major in global memory. `wrong` breaks one index on purpose
+// (1: A rows g+8 and columns +8 swapped between a[1] and a[2]; 2: B's two
+// registers swapped; 3: D's registers 1 and 2 swapped on the store), so a
+// test can show that a wrong fragment index gives a wrong product.
+
+template <class T>
+uint32_t pack2(const T* p) {  // two 16-bit elements, the first in the low half
+  uint16_t lo, hi;
+  std::memcpy(&lo, p, 2);
+  std::memcpy(&hi, p + 1, 2);
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+}
+
+template <class T>
+__global__ void mma_fragment_kernel(const T* A, const T* B, const float* C, float* D, int wrong) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  uint32_t a[4], b[2];
+  float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+  if constexpr (std::is_same_v<T, float>) {  // m16n8k8, K = 8
+    a[0] = rk::to_tf32(A[g * 8 + t]);
+    a[1] = rk::to_tf32(A[(g + 8) * 8 + t]);
+    a[2] = rk::to_tf32(A[g * 8 + t + 4]);
+    a[3] = rk::to_tf32(A[(g + 8) * 8 + t + 4]);
+    b[0] = rk::to_tf32(B[t * 8 + g]);
+    b[1] = rk::to_tf32(B[(t + 4) * 8 + g]);
+  } else {  // m16n8k16, K = 16
+    a[0] = pack2(A + g * 16 + 2 * t);
+    a[1] = pack2(A + (g + 8) * 16 + 2 * t);
+    a[2] = pack2(A + g * 16 + 2 * t + 8);
+    a[3] = pack2(A + (g + 8) * 16 + 2 * t + 8);
+    const T col[4] = {B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g], B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g]};
+    b[0] = pack2(col);
+    b[1] = pack2(col + 2);
+  }
+  if (wrong == 1) std::swap(a[1], a[2]);
+  if (wrong == 2) std::swap(b[0], b[1]);
+  if constexpr (std::is_same_v<T, float>) {
+    rk::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    rk::mma_m16n8k16<T>(d, a, b);
+  }
+  if (wrong == 3) std::swap(d[1], d[2]);
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// ldmatrix of `num` 8x8 b16 matrices: rows is [num*8, 8] b16 (matrix i row
+// j at row 8i+j), copied to shared memory in reverse row order with a
+// 24-element pitch (so the rows are neither contiguous nor in order: each
+// lane must bring its own row address); out[lane][i] = the lane's register i.
+template <int N, bool Trans>
+__global__ void ldmatrix_kernel(const uint16_t* rows, uint32_t* out) {
+  uint16_t* s = reinterpret_cast<uint16_t*>(rk::dynamic_smem());
+  constexpr int kPitch = 24, kRows = N * 8;
+  const int lane = threadIdx.x;
+  for (int r = lane; r < kRows; r += 32) {
+    for (int c = 0; c < 8; ++c) s[(kRows - 1 - r) * kPitch + c] = rows[r * 8 + c];
+  }
+  __syncwarp();
+  uint32_t r[N];
+  const int row = lane % kRows;  // lanes past the used ones give some valid address
+  rk::ldmatrix<N, Trans>(r, s + (kRows - 1 - row) * kPitch);
+  for (int i = 0; i < N; ++i) out[lane * N + i] = r[i];
+}
+
+// The way the fused kernel feeds the tensor cores: A [16, K] through
+// ldmatrix.x4 from shared memory (lane l gives row l%16 at column
+// (l/16)*K/2), B [K, 8] through ldmatrix.x2.trans from a k-major shared
+// tile (16-bit) or by hand (tf32), then mma; D [16, 8] = A @ B.
+template <class T>
+__global__ void ldmatrix_mma_kernel(const T* A, const T* B, float* D) {
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int K = kTf32 ? 8 : 16, kPitchA = K + 16 / sizeof(T), kPitchB = 8 + 16 / sizeof(T);
+  T* sa = reinterpret_cast<T*>(rk::dynamic_smem());
+  T* sb = sa + 16 * kPitchA;
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int i = lane; i < 16 * K; i += 32) sa[(i / K) * kPitchA + i % K] = A[i];
+  for (int i = lane; i < K * 8; i += 32) sb[(i / 8) * kPitchB + i % 8] = B[i];
+  __syncwarp();
+  uint32_t a[4], b[2];
+  rk::ldmatrix<4>(a, sa + (lane % 16) * kPitchA + (lane / 16) * (K / 2));
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (kTf32) {
+    for (uint32_t& v : a) {
+      float f;
+      std::memcpy(&f, &v, 4);
+      v = rk::to_tf32(f);
+    }
+    b[0] = rk::to_tf32(sb[t * kPitchB + g]);
+    b[1] = rk::to_tf32(sb[(t + 4) * kPitchB + g]);
+    rk::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    rk::ldmatrix<2, true>(b, sb + (lane % 16) * kPitchB);
+    rk::mma_m16n8k16<T>(d, a, b);
+  }
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// Misuses the emulator must report. mode 0: an ldmatrix row address 8
+// bytes past a 16-byte boundary; 1: an ldmatrix address in global memory;
+// 2: lane 0 issues ldmatrix.x2 while the others issue .x4; 3: lane 0 waits
+// at __syncwarp() while the others issue mma; 4: an mma in a block of 16
+// threads (half a warp).
+__global__ void collective_misuse_kernel(const rk::half_t* global, int mode) {
+  rk::half_t* s = reinterpret_cast<rk::half_t*>(rk::dynamic_smem());
+  const int lane = threadIdx.x % 32;
+  uint32_t r[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mode == 0) rk::ldmatrix<4>(r, s + (lane % 16) * 8 + 4);
+  if (mode == 1) rk::ldmatrix<4>(r, global + (lane % 16) * 8);
+  if (mode == 2) {
+    if (lane == 0) {
+      uint32_t r2[2];
+      rk::ldmatrix<2>(r2, s + lane * 8);
+    } else {
+      rk::ldmatrix<4>(r, s + lane * 8);
+    }
+  }
+  if (mode == 3) {
+    if (lane == 0) {
+      __syncwarp();
+    } else {
+      rk::mma_m16n8k16<rk::half_t>(d, r, b);
+    }
+  }
+  if (mode == 4) rk::mma_m16n8k16<rk::half_t>(d, r, b);
 }
 
 // Each warp stores a tile to its shared-memory slot and every lane reads all
@@ -188,6 +328,83 @@ at::Tensor wmma_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return d;
 }
 
+at::Tensor mma_fragments(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t wrong) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous() && c.scalar_type() == at::kFloat &&
+              a.scalar_type() == b.scalar_type());
+  const int K = a.scalar_type() == at::kFloat ? 8 : 16;
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, K}) && b.sizes() == at::IntArrayRef({K, 8}) &&
+              c.sizes() == at::IntArrayRef({16, 8}));
+  at::Tensor d = at::empty({16, 8}, c.options());
+  const float* pc = c.data_ptr<float>();
+  float* pd = d.data_ptr<float>();
+  const int w = static_cast<int>(wrong);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = static_cast<const T*>(a.data_ptr());
+    const T* pb = static_cast<const T*>(b.data_ptr());
+    launch(dim3(1), dim3(32), 0, [=]() { mma_fragment_kernel<T>(pa, pb, pc, pd, w); });
+  };
+  if (a.scalar_type() == at::kFloat) {
+    run(float{});
+  } else if (a.scalar_type() == at::kHalf) {
+    run(rk::half_t{});
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16);
+    run(rk::bf16_t{});
+  }
+  return d;
+}
+
+at::Tensor ldmatrix_lanes(const at::Tensor& rows, int64_t num, bool trans) {
+  TORCH_CHECK(rows.scalar_type() == at::kShort && rows.is_contiguous() && rows.numel() == num * 64);
+  at::Tensor out = at::empty({32, num}, rows.options().dtype(at::kInt));
+  const uint16_t* pr = reinterpret_cast<const uint16_t*>(rows.data_ptr());
+  uint32_t* po = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const size_t smem = num * 8 * 24 * 2;
+  auto go = [&](auto kernel) { launch(dim3(1), dim3(32), smem, [=]() { kernel(pr, po); }); };
+  if (num == 1) trans ? go(ldmatrix_kernel<1, true>) : go(ldmatrix_kernel<1, false>);
+  else if (num == 2) trans ? go(ldmatrix_kernel<2, true>) : go(ldmatrix_kernel<2, false>);
+  else {
+    TORCH_CHECK(num == 4);
+    trans ? go(ldmatrix_kernel<4, true>) : go(ldmatrix_kernel<4, false>);
+  }
+  return out;
+}
+
+at::Tensor ldmatrix_mma(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.scalar_type() == b.scalar_type());
+  at::Tensor d = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  float* pd = d.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = static_cast<const T*>(a.data_ptr());
+    const T* pb = static_cast<const T*>(b.data_ptr());
+    launch(dim3(1), dim3(32), 4096, [=]() { ldmatrix_mma_kernel<T>(pa, pb, pd); });
+  };
+  if (a.scalar_type() == at::kFloat) {
+    run(float{});
+  } else if (a.scalar_type() == at::kHalf) {
+    run(rk::half_t{});
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16);
+    run(rk::bf16_t{});
+  }
+  return d;
+}
+
+at::Tensor mma_macs_of(const at::Tensor& a, const at::Tensor& b) {
+  // The MAC count the emulator records for one ldmatrix_mma launch.
+  ldmatrix_mma(a, b);
+  return at::scalar_tensor(static_cast<int64_t>(rk_emu::mma_macs()), at::kLong);
+}
+
+void collective_misuse(int64_t mode) {
+  at::Tensor g = at::zeros({512}, at::TensorOptions().dtype(at::kHalf));
+  const rk::half_t* pg = static_cast<const rk::half_t*>(g.data_ptr());
+  const int m = static_cast<int>(mode);
+  launch(dim3(1), dim3(mode == 4 ? 16 : 32), 1024, [=]() { collective_misuse_kernel(pg, m); });
+}
+
 at::Tensor wmma_readback(const at::Tensor& c, int64_t sync) {
   TORCH_CHECK(c.dim() == 3 && c.size(1) == 16 && c.size(2) == 16 && c.is_contiguous() && c.scalar_type() == at::kFloat);
   const int warps = c.size(0);
@@ -245,6 +462,11 @@ TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
   m.def("block_reduce(Tensor x, int threads) -> Tensor", &block_reduce);
   m.def("wmma_mma(Tensor a, Tensor b, Tensor c, bool b_col_major) -> Tensor", &wmma_mma);
   m.def("wmma_readback(Tensor c, int sync) -> Tensor", &wmma_readback);
+  m.def("mma_fragments(Tensor a, Tensor b, Tensor c, int wrong) -> Tensor", &mma_fragments);
+  m.def("ldmatrix_lanes(Tensor rows, int num, bool trans) -> Tensor", &ldmatrix_lanes);
+  m.def("ldmatrix_mma(Tensor a, Tensor b) -> Tensor", &ldmatrix_mma);
+  m.def("mma_macs_of(Tensor a, Tensor b) -> Tensor", &mma_macs_of);
+  m.def("collective_misuse(int mode) -> ()", &collective_misuse);
   m.def("divergent_syncwarp() -> Tensor", &divergent_syncwarp);
   m.def("async_copy(Tensor x, int mode) -> Tensor", &async_copy);
   m.def("wmma_misaligned(Tensor a) -> Tensor", &wmma_misaligned);
