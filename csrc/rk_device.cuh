@@ -15,6 +15,7 @@
 //   to_tf32(v)                   cvt.rna.tf32.f32
 //   count_fma_macs(n)            no-op on the GPU; the emulation counts the
 //                                CUDA-core multiply-accumulates with it
+//   expect(ok, what)             no-op on the GPU; the emulation reports a broken invariant
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"),
 // for lane l, g = l / 4, t = l % 4:
@@ -66,6 +67,57 @@ __device__ __forceinline__ void async_copy16(void* dst_shared, const void* src_g
 __device__ __forceinline__ void async_commit() { __pipeline_commit(); }
 // Waits until at most `n` of this thread's newest commit groups are pending.
 __device__ __forceinline__ void async_wait_prior(int n) { __pipeline_wait_prior(n); }
+
+// Small typed loads and stores (the emulation checks their alignment):
+// 16-bit pairs packed into 32-bit registers, 8/16-byte vector loads, pairs
+// of adjacent elements converted to/from float.
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair(T lo, T hi) {
+  uint16_t a, b;
+  memcpy(&a, &lo, 2);
+  memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | static_cast<uint32_t>(b) << 16;
+}
+__device__ __forceinline__ float bits_to_float(uint32_t v) { return __uint_as_float(v); }
+template <class T>
+__device__ __forceinline__ void load_u32x2(uint32_t (&r)[2], const T* p) {
+  const uint2 v = *reinterpret_cast<const uint2*>(p);
+  r[0] = v.x;
+  r[1] = v.y;
+}
+template <int N>
+__device__ __forceinline__ void load_vec(float (&v)[N], const float* p) {
+  if constexpr (N == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    static_assert(N == 2, "8- or 16-byte vectors");
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x, v[1] = q.y;
+  }
+}
+template <class T>
+__device__ __forceinline__ void load_pair(float (&v)[2], const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    load_vec(v, reinterpret_cast<const float*>(p));
+  } else {
+    const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
+    T a, b;
+    const uint16_t lo = u & 0xFFFF, hi = u >> 16;
+    memcpy(&a, &lo, 2);
+    memcpy(&b, &hi, 2);
+    v[0] = to_float(a);
+    v[1] = to_float(b);
+  }
+}
+template <class T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<uint32_t*>(p) = pack_pair(from_float<T>(a), from_float<T>(b));
+  }
+}
 
 // Base of the block's dynamic shared memory (128-byte aligned).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
@@ -129,6 +181,9 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 }
 
 __device__ __forceinline__ void count_fma_macs(int) {}
+
+// An invariant of the plan the emulation reports when broken (no check on the GPU).
+__device__ __forceinline__ void expect(bool, const char*) {}
 }  // namespace rk
 
 #else  // CPU emulation build
@@ -151,6 +206,48 @@ inline T from_float(float v) {
 }
 
 inline unsigned char* dynamic_smem() { return ::rk_emu::dynamic_smem(); }
+
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    ::rk_emu::fail(std::string(what) + ": address not " + std::to_string(bytes) + "-byte aligned");
+  }
+}
+
+template <class T>
+inline uint32_t pack_pair(T lo, T hi) {
+  uint16_t a, b;
+  std::memcpy(&a, &lo, 2);
+  std::memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | static_cast<uint32_t>(b) << 16;
+}
+inline float bits_to_float(uint32_t v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+template <class T>
+inline void load_u32x2(uint32_t (&r)[2], const T* p) {
+  check_aligned(p, 8, "load_u32x2");
+  std::memcpy(r, p, 8);
+}
+template <int N>
+inline void load_vec(float (&v)[N], const float* p) {
+  static_assert(N == 2 || N == 4, "8- or 16-byte vectors");
+  check_aligned(p, 4 * N, "load_vec");
+  std::memcpy(v, p, 4 * N);
+}
+template <class T>
+inline void load_pair(float (&v)[2], const T* p) {
+  check_aligned(p, 2 * sizeof(T), "load_pair");
+  v[0] = to_float(p[0]);
+  v[1] = to_float(p[1]);
+}
+template <class T>
+inline void store_pair(T* p, float a, float b) {
+  check_aligned(p, 2 * sizeof(T), "store_pair");
+  p[0] = from_float<T>(a);
+  p[1] = from_float<T>(b);
+}
 
 // A 16-byte vector access faults on hardware unless both addresses are
 // 16-byte aligned; the emulator reports that instead.
@@ -186,6 +283,11 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 inline uint32_t to_tf32(float v) { return ::rk_emu::cvt_rna_tf32(v); }
 
 inline void count_fma_macs(int n) { ::rk_emu::count_fma_macs(n); }
+
+// An invariant of the plan the emulation reports when broken (no check on the GPU).
+inline void expect(bool ok, const char* what) {
+  if (!ok) ::rk_emu::fail(std::string("kernel invariant broken: ") + what);
+}
 
 // CUDA's integer min() is a global device function; kernels call it
 // unqualified from namespace rk.

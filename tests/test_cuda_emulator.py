@@ -2,8 +2,9 @@
 
 Small kernels with known results (csrc/emulation/emu_selftest.cpp) run
 through the emulator: barrier semantics, a shared-memory tree reduction,
-WMMA load/mma/store against matmul, cp.async completion, and the errors the
-emulator must report.
+the mma.sync / ldmatrix fragment layouts (per lane and register, as the
+PTX ISA documents them) against a plain matrix product, cp.async
+completion, and the errors the emulator must report.
 The first test in a fresh environment builds the emulation library (under a
 minute, cached afterwards).
 """
@@ -51,49 +52,13 @@ def _tf32(t):
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b_col_major", [False, True])
-def test_wmma_matches_matmul(emu, dtype, b_col_major):
-    a = torch.randn(16, 16).to(dtype)
-    b = torch.randn(16, 16).to(dtype)
-    c = torch.randn(16, 16)
-    b_mem = b.t().contiguous() if b_col_major else b
-    d = emu.wmma_mma(a, b_mem, c, b_col_major)
-    expected = a.double() @ b.double() + c.double()
-    # Products of fp16/bf16 values are exact in fp32; only the fp32 sums round.
-    torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-5)
-
-
-def test_wmma_tf32_rounds_operands(emu):
-    a = torch.randn(16, 8)
-    b = torch.randn(8, 16)
-    c = torch.randn(16, 16)
-    d = emu.wmma_mma(a, b, c, False)
-    expected = _tf32(a).double() @ _tf32(b).double() + c.double()
-    torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-5)
-    # And it differs from full fp32 (the operands really were rounded).
-    assert (d.double() - (a.double() @ b.double() + c.double())).abs().max() > 1e-5
-
-
 @pytest.mark.parametrize("sync", [1, 2], ids=["syncwarp", "syncthreads"])
-def test_wmma_store_then_read_needs_barrier(emu, sync):
-    c = torch.randn(3, 16, 16)  # one tile per warp
-    good = emu.wmma_readback(c, sync)
-    torch.testing.assert_close(good, c.reshape(3, 1, 256).expand(3, 32, 256).reshape(96, 256), rtol=0, atol=0)
+def test_mma_store_then_read_needs_barrier(emu, sync):
+    c = torch.randn(3, 16, 8)  # one tile per warp
+    good = emu.mma_readback(c, sync)
+    torch.testing.assert_close(good, c.reshape(3, 1, 128).expand(3, 32, 128).reshape(96, 128), rtol=0, atol=0)
     # Without a barrier a lane reads elements other lanes have not stored yet.
-    assert torch.isnan(emu.wmma_readback(c, 0)).any()
-
-
-def test_wmma_misaligned_pointer_is_reported(emu):
-    a = torch.randn(512).half()
-    with pytest.raises(RuntimeError, match="not 256-bit aligned"):
-        emu.wmma_misaligned(a)
-
-
-def test_wmma_divergent_lanes_are_reported(emu):
-    a = torch.randn(512).half()
-    with pytest.raises(RuntimeError, match="different sequences of warp-collective"):
-        emu.wmma_divergent(a)
+    assert torch.isnan(emu.mma_readback(c, 0)).any()
 
 
 def test_divergent_barrier_is_reported(emu):
@@ -124,10 +89,6 @@ def test_async_copy_lands_at_wait(emu):
 # -- mma.sync / ldmatrix fragments (PTX ISA layouts, per lane and register) ---
 
 
-def _tf32_rna(t):
-    return _tf32(t)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_mma_fragment_layouts_match_matmul(emu, dtype):
     """Fragments built by hand from the PTX ISA's tables (m16n8k16 for
@@ -136,7 +97,7 @@ def test_mma_fragment_layouts_match_matmul(emu, dtype):
     a, b, c = torch.randn(16, k).to(dtype), torch.randn(k, 8).to(dtype), torch.randn(16, 8)
     d = emu.mma_fragments(a, b, c, 0)
     if dtype == torch.float32:
-        a, b = _tf32_rna(a), _tf32_rna(b)
+        a, b = _tf32(a), _tf32(b)
     expected = a.double() @ b.double() + c.double()
     torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-5)
 
@@ -186,7 +147,7 @@ def test_ldmatrix_feeds_mma(emu, dtype):
     a, b = torch.randn(16, k).to(dtype), torch.randn(k, 8).to(dtype)
     d = emu.ldmatrix_mma(a, b)
     if dtype == torch.float32:
-        a, b = _tf32_rna(a), _tf32_rna(b)
+        a, b = _tf32(a), _tf32(b)
     torch.testing.assert_close(d.double(), a.double() @ b.double(), rtol=1e-6, atol=1e-5)
     assert emu.mma_macs_of(a, b).item() == 16 * 8 * k
 
