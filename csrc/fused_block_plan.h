@@ -203,11 +203,12 @@ inline size_t apply_plan(FusedBlockParams& p, const TilingStats& st, int wc, int
 // The multiply-accumulates the kernel's MMAs execute in the whole launch
 // with the plan in p (the loops of fused_block_kernel.cuh): per block and
 // Cout slice, conv1 on ceil(m1/16) 16-row tiles x Wp x Cin_p and the
-// grouped conv on ceil(mout/16) tiles x Wp x KS2*kK (both recomputed by
-// every Cout slice; only its Wg channels of real groups: t2 is zero past
-// them); per block, conv3 on ceil(mout/16) tiles x Cout_p x Wp and the
-// projection x Cout_p x Cin_p. The emulator counts the same
-// (tests/test_cuda_planner.py).
+// grouped conv on ceil(mout/16) tiles x Wg x KS2*kK (both recomputed by
+// every Cout slice; Wg: the channels of real groups, t2 is zero past them);
+// per block, conv3 on ceil(mout/16) tiles x Cout_p x Wp and the projection
+// x Cout_p x Cin_p. The emulator counts the same on every launch
+// (tests/test_cuda_kernel.py), and tests/cuda_cases.py re-derives it block
+// by block.
 inline double plan_mma_macs(const FusedBlockParams& p, const TilingStats& st) {
   const int slices = ceil_div(p.Cout_p, p.CS);
   double rows1 = 0, rowso = 0;
