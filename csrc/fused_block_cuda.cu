@@ -50,10 +50,10 @@ at::Tensor fused_block_forward(const at::Tensor& x, const at::Tensor& w1p, const
                                  [stream](rk::Math math, const rk::FusedBlockParams& p, dim3 grid, size_t smem) {
                                    switch (math) {
                                      case rk::Math::kHalf:
-                                       launch<rk::WmmaPolicy16<rk::half_t>>(p, grid, smem, stream);
+                                       launch<rk::Mma16Policy<rk::half_t>>(p, grid, smem, stream);
                                        break;
                                      case rk::Math::kBf16:
-                                       launch<rk::WmmaPolicy16<rk::bf16_t>>(p, grid, smem, stream);
+                                       launch<rk::Mma16Policy<rk::bf16_t>>(p, grid, smem, stream);
                                        break;
                                      case rk::Math::kTf32:
                                        launch<rk::Tf32Policy>(p, grid, smem, stream);

@@ -10,185 +10,205 @@
 
 namespace rk {
 
+// relu that propagates NaN as PyTorch's does (relu(NaN) = NaN; fmaxf and
+// max(v, 0) would return 0).
+__device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
 // ---------------------------------------------------------------------------
-// Warp-level 16x16 tile products. Each policy provides:
-//   Elem          element type of A/B operands in memory
-//   kK            K depth of one MMA step (16, or 8 for tf32)
-//   Acc           a 16x16 fp32 accumulator held by the warp
-//   FragA, FragB  operand tiles: A [16 x kK], B [kK x 16], row-major in memory
-//   zero(acc), load_acc(acc, p, ld), store_acc(p, ld, acc)   row-major fp32
-//   load_a(a, p, ld), load_b(b, p, ld), mma(acc, a, b): acc += a * b
-// All 32 lanes of a warp call every one of them with the same arguments.
+// Warp-level MMA policies. An MMA step is D[16 x 8] += A[16 x kK] B[kK x 8]
+// with fp32 accumulators held per lane in the mma C/D layout (acc[i] =
+// D[g + 8*(i/2)][2t + i%2], g = lane/4, t = lane%4; rk_device.cuh). Each
+// policy provides
+//   Elem, kK, FragA, FragB
+//   load_a(a, wide, a_at): a_at(slot, k) is the address of element (row of
+//     `slot`, k) of the A tile; slot 0 is row lane%16, slot 1 row g, slot 2
+//     row g+8. wide: runs of 16 bytes starting at k = 0 and kK/2 are
+//     contiguous and 16-byte aligned (ldmatrix), else each element is
+//     addressed on its own.
+//   load_b(b, tile): the B tile in fragment order (32 lanes x kK/4 elements,
+//     see FusedBlockParams)
+//   mma(acc, a, b): acc += a * b
+// All 32 lanes of a warp call every one of them.
 // ---------------------------------------------------------------------------
 
-namespace wmma = nvcuda::wmma;
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// The row of a 16-row tile that `slot` names for this lane (see above).
+__device__ __forceinline__ int slot_row(int slot) {
+  const int lane = lane_id();
+  return slot == 0 ? lane & 15 : (lane >> 2) + (slot == 2 ? 8 : 0);
+}
 
 template <class T>
-struct WmmaPolicy16 {  // fp16 / bf16 tensor cores, fp32 accumulation
+struct Mma16Policy {  // fp16 / bf16: mma.m16n8k16, fp32 accumulation
   using Elem = T;
   static constexpr int kK = 16;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-  static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
-  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
-    wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
-  }
-  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
-    wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
-  }
-  static __device__ __forceinline__ void load_a(FragA& a, const T* p, int ld) { wmma::load_matrix_sync(a, p, ld); }
-  static __device__ __forceinline__ void load_b(FragB& b, const T* p, int ld) { wmma::load_matrix_sync(b, p, ld); }
-  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
-    wmma::mma_sync(acc, a, b, acc);
-  }
-};
-
-struct Tf32Policy {  // fp32 data on TF32 tensor cores (allow_tf32)
-  using Elem = float;
-  static constexpr int kK = 8;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  static __device__ __forceinline__ void zero(Acc& a) { wmma::fill_fragment(a, 0.0f); }
-  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
-    wmma::load_matrix_sync(a, p, ld, wmma::mem_row_major);
-  }
-  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
-    wmma::store_matrix_sync(p, a, ld, wmma::mem_row_major);
-  }
-  // The programming guide requires tf32 operands to be converted after loading.
-  static __device__ __forceinline__ void load_a(FragA& a, const float* p, int ld) {
-    wmma::load_matrix_sync(a, p, ld);
-    for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
-  }
-  static __device__ __forceinline__ void load_b(FragB& b, const float* p, int ld) {
-    wmma::load_matrix_sync(b, p, ld);
-    for (int i = 0; i < b.num_elements; ++i) b.x[i] = wmma::__float_to_tf32(b.x[i]);
-  }
-  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
-    wmma::mma_sync(acc, a, b, acc);
-  }
-};
-
-struct Fp32FmaPolicy {  // full fp32 (allow_tf32 off): plain FMA on CUDA cores
-  using Elem = float;
-  static constexpr int kK = 16;
-  // Lane l owns row l/2, columns (l%2)*8 .. +8 of the 16x16 tile. Operand
-  // "fragments" only remember where the tile is; mma reads it from memory.
-  struct Acc {
-    float v[8];
-  };
   struct FragA {
-    const float* p;
-    int ld;
+    uint32_t r[4];
   };
-  using FragB = FragA;
-  static __device__ __forceinline__ int row() { return (threadIdx.x & 31) >> 1; }
-  static __device__ __forceinline__ int col0() { return (threadIdx.x & 1) * 8; }
-  static __device__ __forceinline__ void zero(Acc& a) {
-    for (int j = 0; j < 8; ++j) a.v[j] = 0.0f;
-  }
-  static __device__ __forceinline__ void load_acc(Acc& a, const float* p, int ld) {
-    for (int j = 0; j < 8; ++j) a.v[j] = p[row() * ld + col0() + j];
-  }
-  static __device__ __forceinline__ void store_acc(float* p, int ld, const Acc& a) {
-    for (int j = 0; j < 8; ++j) p[row() * ld + col0() + j] = a.v[j];
-  }
-  static __device__ __forceinline__ void load_a(FragA& a, const float* p, int ld) { a = FragA{p, ld}; }
-  static __device__ __forceinline__ void load_b(FragB& b, const float* p, int ld) { b = FragB{p, ld}; }
-  static __device__ __forceinline__ void mma(Acc& acc, const FragA& a, const FragB& b) {
-    const float* a_row = a.p + row() * a.ld;
-    const float* b_col = b.p + col0();
-    // Partial unroll: full unrolling lets the compiler hoist all 128 B values
-    // of a strip's shared B tile into registers and spill.
-#pragma unroll 4
-    for (int k = 0; k < 16; ++k) {
-      const float av = a_row[k];
-      for (int j = 0; j < 8; ++j) acc.v[j] = fmaf(av, b_col[k * b.ld + j], acc.v[j]);
+  struct FragB {
+    uint32_t r[2];
+  };
+  template <class AAt>
+  static __device__ __forceinline__ void load_a(FragA& a, bool wide, AAt a_at) {
+    const int lane = lane_id(), t = lane & 3;
+    if (wide) {
+      ldmatrix<4>(a.r, a_at(0, (lane >> 4) * 8));
+      return;
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int slot = 1 + (i & 1), k = 2 * t + 8 * (i >> 1);
+      a.r[i] = pack_pair(*a_at(slot, k), *a_at(slot, k + 1));
     }
   }
-};
-
-// Column strips: the MMA phases after conv1 give each warp jobs of one
-// 16-column tile `nt` x a group of up to kMaxAcc consecutive 16-row tiles,
-// so a B fragment (weights, read from global memory) is loaded once per k
-// step and reused across the rows. Rows are split into groups only as far as
-// needed to give every warp a job.
-struct StripJobs {
-  int cols, groups, rows_per_group;
-  __device__ __forceinline__ StripJobs(int cols_, int rows) : cols(cols_) {
-    groups = min(rows, (kWarps + cols - 1) / cols);
-    rows_per_group = (rows + groups - 1) / groups;  // <= rows <= TH <= kMaxAcc
+  static __device__ __forceinline__ void load_b(FragB& b, const T* tile) { load_u32x2(b.r, tile + lane_id() * 4); }
+  static __device__ __forceinline__ void mma(float (&acc)[4], const FragA& a, const FragB& b) {
+    mma_m16n8k16<T>(acc, a.r, b.r);
   }
-  __device__ __forceinline__ int count() const { return cols * groups; }
 };
 
-// acc[r] += A(r) @ B over K (a multiple of 16) for the strip's rows
-// r < nrows: a_at(r, k) / b_at(k) give the row-major [16 x kK] / [kK x 16]
-// operand tiles at K offset k.
-template <class P, class AAt, class BAt>
-__device__ __forceinline__ void strip_mma(typename P::Acc (&acc)[kMaxAcc], int nrows, int K, int lda, int ldb,
-                                          AAt a_at, BAt b_at) {
-  for (int k = 0; k < K; k += P::kK) {
-    typename P::FragB b;
-    P::load_b(b, b_at(k), ldb);
+struct Tf32Policy {  // fp32 data on TF32 tensor cores (allow_tf32): mma.m16n8k8
+  using Elem = float;
+  static constexpr int kK = 8;
+  struct FragA {
+    uint32_t r[4];
+  };
+  struct FragB {
+    uint32_t r[2];
+  };
+  template <class AAt>
+  static __device__ __forceinline__ void load_a(FragA& a, bool wide, AAt a_at) {
+    const int lane = lane_id(), t = lane & 3;
+    if (wide) {
+      ldmatrix<4>(a.r, a_at(0, (lane >> 4) * 4));
+      for (uint32_t& r : a.r) r = to_tf32(bits_to_float(r));
+      return;
+    }
+    for (int i = 0; i < 4; ++i) a.r[i] = to_tf32(*a_at(1 + (i & 1), t + 4 * (i >> 1)));
+  }
+  static __device__ __forceinline__ void load_b(FragB& b, const float* tile) {
+    float v[2];
+    load_vec(v, tile + lane_id() * 2);
+    b.r[0] = to_tf32(v[0]);
+    b.r[1] = to_tf32(v[1]);
+  }
+  static __device__ __forceinline__ void mma(float (&acc)[4], const FragA& a, const FragB& b) {
+    mma_m16n8k8_tf32(acc, a.r, b.r);
+  }
+};
+
+// Full fp32 (allow_tf32 off): the m16n8k8 step on CUDA cores. A lane
+// computes its own accumulators, so its "fragments" are the A rows g and
+// g+8 and the B columns 2t and 2t+1 it needs (16 values each), read
+// straight from shared memory and from the tf32-ordered B tile: lane
+// (n*4 + q) holds B[q][n], B[q+4][n], so columns 2t, 2t+1 are the 16
+// consecutive floats from 16t.
+struct Fp32FmaPolicy {
+  using Elem = float;
+  static constexpr int kK = 8;
+  struct FragA {
+    float v[2][8];  // rows g, g+8
+  };
+  struct FragB {
+    float v[16];  // column 2t + n, k: v[n*8 + 2*(k%4) + k/4]
+  };
+  template <class AAt>
+  static __device__ __forceinline__ void load_a(FragA& a, bool wide, AAt a_at) {
+    for (int r = 0; r < 2; ++r) {
+      if (wide) {
+        load_vec(*reinterpret_cast<float(*)[4]>(&a.v[r][0]), a_at(1 + r, 0));
+        load_vec(*reinterpret_cast<float(*)[4]>(&a.v[r][4]), a_at(1 + r, 4));
+      } else {
+        for (int k = 0; k < 8; ++k) a.v[r][k] = *a_at(1 + r, k);
+      }
+    }
+  }
+  static __device__ __forceinline__ void load_b(FragB& b, const float* tile) {
+    const float* p = tile + 16 * (lane_id() & 3);
+    for (int i = 0; i < 4; ++i) load_vec(*reinterpret_cast<float(*)[4]>(&b.v[4 * i]), p + 4 * i);
+  }
+  static __device__ __forceinline__ void mma(float (&acc)[4], const FragA& a, const FragB& b) {
 #pragma unroll
-    for (int r = 0; r < kMaxAcc; ++r) {
-      if (r < nrows) {
-        typename P::FragA a;
-        P::load_a(a, a_at(r, k), lda);
-        P::mma(acc[r], a, b);
+    for (int k = 0; k < 8; ++k) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = fmaf(a.v[i >> 1][k], b.v[(i & 1) * 8 + 2 * (k & 3) + (k >> 2)], acc[i]);
+      }
+    }
+    count_fma_macs(32);
+  }
+};
+
+// One warp job's accumulators: kWarpM 16-row tiles x kWarpN 8-column tiles.
+struct JobAcc {
+  float v[kWarpM][kWarpN][4];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kWarpM; ++i)
+#pragma unroll
+      for (int j = 0; j < kWarpN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[i][j][e] = 0.0f;
+  }
+};
+
+// acc[i][j] += A_i @ B_j over one MMA step for the job's tiles i < mi,
+// j < nj: a_at(i, slot, k) addresses A tile i (see the policies), b_tile(j)
+// is B tile j's fragment-ordered data.
+template <class P, class AAt, class BTile>
+__device__ __forceinline__ void mma_step(JobAcc& acc, int mi, int nj, bool wide, AAt a_at, BTile b_tile) {
+  typename P::FragA a[kWarpM];
+#pragma unroll
+  for (int i = 0; i < kWarpM; ++i) {
+    if (i < mi) P::load_a(a[i], wide, [&](int slot, int k) { return a_at(i, slot, k); });
+  }
+#pragma unroll
+  for (int j = 0; j < kWarpN; ++j) {
+    if (j < nj) {
+      typename P::FragB b;
+      P::load_b(b, b_tile(j));
+#pragma unroll
+      for (int i = 0; i < kWarpM; ++i) {
+        if (i < mi) P::mma(acc.v[i][j], a[i], b);
       }
     }
   }
 }
 
-// yacc[rows*16][cols*16] (fp32 shared, pitch ldy) += A @ B over K, in
-// column strips: a_at(r, k) is the A tile of 16-row tile r, b_at(nt, k) the
-// B tile of column tile nt.
-template <class P, class AAt, class BAt>
-__device__ __forceinline__ void accumulate_y(float* ys, int ldy, int rows, int cols, int warp, int K, int lda,
-                                             int ldb, AAt a_at, BAt b_at) {
-  const StripJobs sj(cols, rows);
-  for (int job = warp; job < sj.count(); job += kWarps) {
-    const int nt = job % sj.cols;
-    const int r0 = (job / sj.cols) * sj.rows_per_group;
-    const int nrows = min(sj.rows_per_group, rows - r0);
-    typename P::Acc acc[kMaxAcc];
+// Calls f(i, j, e, row, col) for every accumulator element of the job's
+// tiles i < mi, j < nj: row (0..kJobRows) and col (0..kJobCols) inside the job.
+template <class F>
+__device__ __forceinline__ void for_each_acc(int mi, int nj, F f) {
+  const int lane = lane_id(), g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int r = 0; r < kMaxAcc; ++r) {
-      if (r < nrows) P::load_acc(acc[r], ys + (r0 + r) * 16 * ldy + nt * 16, ldy);
-    }
-    strip_mma<P>(
-        acc, nrows, K, lda, ldb, [&](int r, int k) { return a_at(r0 + r, k); }, [&](int k) { return b_at(nt, k); });
+  for (int i = 0; i < kWarpM; ++i)
 #pragma unroll
-    for (int r = 0; r < kMaxAcc; ++r) {
-      if (r < nrows) P::store_acc(ys + (r0 + r) * 16 * ldy + nt * 16, ldy, acc[r]);
-    }
-  }
+    for (int j = 0; j < kWarpN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (i < mi && j < nj) f(i, j, e, i * 16 + g + 8 * (e >> 1), j * 8 + 2 * t + (e & 1));
+      }
 }
 
 // Copies channels [k0, k0+kc) of `rows` pixels of x into dst (row pitch
-// `pitch` elements). row_src(r) is the element offset of pixel r's channel 0
-// in x, or -1 for a zero row (outside the image or the tile); channels at or
-// past cin are zero.
+// `pitch` elements). rows_tab[r] is the pixel index of row r in x (channel
+// 0 at pixel * cin) or -1 for a zero row; channels at or past cin are zero.
 // Vector copies go through cp.async: the caller commits and waits.
-template <class T, class RowSrc>
+template <class T>
 __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int k0, int cin, bool vec,
-                                        const T* __restrict__ x, RowSrc row_src) {
+                                        const T* __restrict__ x, const int* rows_tab) {
   if (vec) {
-    // Rows are walked in steps of kMaxKC channels (a compile-time count of
-    // vectors, so no division by a runtime value); vectors past kc skip.
+    // Rows are walked in steps of a whole chunk (a compile-time count of
+    // vectors); vectors past kc skip.
     constexpr int kVec = 16 / sizeof(T);
-    constexpr int kRowVec = kMaxKC / kVec;
+    constexpr int kRowVec = kXChunkBytes / 16;
     for (int i = threadIdx.x; i < rows * kRowVec; i += kThreads) {
       const int r = i / kRowVec, c = (i % kRowVec) * kVec;
       if (c >= kc) continue;
-      const long long src = row_src(r);
+      const int pix = rows_tab[r];
       T* d = dst + r * pitch + c;
-      if (src >= 0 && k0 + c < cin) {  // cin is a multiple of kVec here
-        async_copy16(d, x + src + k0 + c);
+      if (pix >= 0 && k0 + c < cin) {  // cin is a multiple of kVec here
+        async_copy16(d, x + static_cast<long long>(pix) * cin + k0 + c);
       } else {
         zero16(d);
       }
@@ -196,26 +216,27 @@ __device__ __forceinline__ void stage_x(T* dst, int pitch, int rows, int kc, int
   } else {
     for (int i = threadIdx.x; i < rows * kc; i += kThreads) {
       const int r = i / kc, c = i - r * kc;
-      const long long src = row_src(r);
-      dst[r * pitch + c] = (src >= 0 && k0 + c < cin) ? x[src + k0 + c] : from_float<T>(0.0f);
+      const int pix = rows_tab[r];
+      dst[r * pitch + c] = (pix >= 0 && k0 + c < cin) ? x[static_cast<long long>(pix) * cin + k0 + c] : from_float<T>(0.0f);
     }
   }
 }
 
-// Streams channels of `rows` pixels of x through the x chunk buffers in KC
-// chunks: chunk kci goes to buffer kci % nbuf, and with two buffers chunk
-// kci+1 is in flight (cp.async) while body(kci, k0, kc, chunk) multiplies
-// chunk kci. row_src as for stage_x. Every thread calls it (it holds
-// barriers); the first barrier also orders it after earlier readers of the
-// buffers (t2s aliases them).
-template <class T, class RowSrc, class Body>
-__device__ __forceinline__ void stream_x(T* xs, const FusedBlockParams& p, int rows, const T* __restrict__ x,
-                                         RowSrc row_src, Body body) {
+// Streams all Cin_p channels of `rows` pixels of x (rows_tab, see stage_x)
+// through x chunk buffers of buf_elems elements at xs in KC chunks: chunk
+// kci goes to buffer kci % nbuf, and with two buffers chunk kci+1 is in
+// flight (cp.async) while body(k0, kc, chunk) multiplies chunk kci. Every
+// thread calls it (it holds barriers); the first barrier also orders it
+// after earlier readers of the buffers and writers of rows_tab.
+template <class T, class Body>
+__device__ __forceinline__ void stream_x(T* xs, int buf_elems, const FusedBlockParams& p, int rows,
+                                         const T* __restrict__ x, const int* rows_tab, Body body) {
   const int nk = (p.Cin_p + p.KC - 1) / p.KC;
+  expect(rows * p.pitch_xs <= buf_elems, "a round streams more x rows than the plan's buffer holds");
   auto stage = [&](int kci) {
     const int k0 = kci * p.KC;
-    stage_x(xs + (kci % p.nbuf) * p.xs_buf, p.pitch_xs, rows, min(p.KC, p.Cin_p - k0), k0, p.Cin, p.vec_x,
-                  x, row_src);
+    stage_x(xs + (kci % p.nbuf) * buf_elems, p.pitch_xs, rows, min(p.KC, p.Cin_p - k0), k0, p.Cin, p.vec_x, x,
+            rows_tab);
   };
   __syncthreads();
   stage(0);
@@ -226,7 +247,7 @@ __device__ __forceinline__ void stream_x(T* xs, const FusedBlockParams& p, int r
     async_commit();  // possibly empty: keeps "all but the newest group" = chunk kci
     async_wait_prior(1);
     __syncthreads();  // every thread's part of chunk kci has landed
-    body(kci, k0, min(p.KC, p.Cin_p - k0), static_cast<const T*>(xs + (kci % p.nbuf) * p.xs_buf));
+    body(k0, min(p.KC, p.Cin_p - k0), static_cast<const T*>(xs + (kci % p.nbuf) * buf_elems));
     __syncthreads();  // this buffer is refilled next (one buffer) or after next (two)
     if (p.nbuf == 1 && kci + 1 < nk) {
       stage(kci + 1);
@@ -235,215 +256,257 @@ __device__ __forceinline__ void stream_x(T* xs, const FusedBlockParams& p, int r
   }
 }
 
+// A GEMM phase's warp jobs: (m-block of kWarpM 16-row tiles, n-group of
+// nt 8-column tiles), n-group fastest, kWarps jobs per round; a streamed
+// phase's round streams the rows of its m-blocks. nt: kWarpN, or fewer when
+// the jobs would leave warps idle (job_tiles_n).
+struct Rounds {
+  int mt, ncols, nt, ngroups, jobs;
+  __device__ __forceinline__ Rounds(int mt_, int ncols_) : mt(mt_), ncols(ncols_) {
+    nt = job_tiles_n(mt, ncols);
+    ngroups = cdiv(ncols, 8 * nt);
+    jobs = cdiv(mt, kWarpM) * ngroups;
+  }
+  // Tiles of job `job`: m-tiles (of kWarpM) and 8-column tiles (of nt).
+  __device__ __forceinline__ int mi(int job) const { return min(kWarpM, mt - job / ngroups * kWarpM); }
+  __device__ __forceinline__ int nj(int job) const { return min(nt, cdiv(ncols, 8) - job % ngroups * nt); }
+  __device__ __forceinline__ int row0(int r0) const { return (r0 / ngroups) * kJobRows; }
+  __device__ __forceinline__ int rows(int r0) const {
+    const int hi = (min(jobs, r0 + kWarps) - 1) / ngroups;
+    return min((hi + 1) * kJobRows, mt * 16) - row0(r0);
+  }
+};
+
 // ---------------------------------------------------------------------------
-// The kernel. Grid: (N*tiles_y*tiles_x, ceil(Cout_p/CS)); block: kThreads.
-// Per block, for each width chunk [w0, w0+WC):
-//   1. conv1 over the halo, x streamed through xs in KC-channel chunks
-//      (stream_x: double-buffered with cp.async when shared memory allows); the
-//      16x16 output tiles (halo px x chunk channels) are spread over the
-//      warps, at most kMaxAcc register accumulators per warp and pass (more
-//      tiles take more passes, each re-streaming x).
-//   2. t1s = relu(conv1 + b1) for halo pixels inside the image, else 0
-//      (the 3x3 conv's zero padding applies to t1), written by each warp
-//      from its accumulators through a per-warp 16x16 fp32 scratch tile.
-//   3. grouped 3x3 over t1s (9 taps x KT K tiles), 4. t2s = relu(. + b2) the
-//      same way; t2s aliases xs.
-//   5. yacc[out px][CS] (fp32, shared) += t2s @ w3p[chunk, slice].
-//   Phases 3 and 5 and the projection run in column strips (StripJobs).
-// then yacc += x_strided @ wdp (projection), and
-//   y = relu(yacc + b3p + (identity ? x : 0)), written once.
+// The kernel. Grid: (run_count(p), ceil(Cout_p/CS)); block: kThreads.
+// Block (run, slice) computes output pixels [q0, q0+mout) of its band
+// (run_tile) and output channels [cs0, cs0+CS):
+//   for each width chunk [w0, w0+WC) of the padded width:
+//     1. conv1 on the halo run (m1 input pixels): x streamed through xs in
+//        KC-channel chunks (stream_x: cp.async, double-buffered when shared
+//        memory allows), warp jobs in rounds (Rounds) with register
+//        accumulators; t1s[1 + h] = relu(acc + b1) (row 0 stays zero: the
+//        3x3 conv's padding, read by taps outside the image);
+//     2. grouped 3x3 over t1s: warp jobs of kWarpM output tiles x the
+//        output tiles sharing A (grouped_job_tiles); the A rows of tap
+//        (ky, kx) are gathered per lane (ldmatrix row addresses), so
+//        stride, dilation, image borders and runs across rows and images
+//        cost nothing; t2s[m][w0 + c] = relu(acc + b2);
+//   3. conv3 (+ the projection, x streamed at the output pixels) over the
+//      whole t2s for each job of the slice, in registers; epilogue
+//      y = relu(acc + b3 (+ x for identity)) written through y's strides.
+// t1 and t2 never leave shared memory; every MMA accumulates in registers.
 // ---------------------------------------------------------------------------
 template <class P>
 __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlockParams p) {
   using T = typename P::Elem;
-  using Acc = typename P::Acc;
+  constexpr int kTile = 32 * P::kK / 4;  // elements of a packed B tile (kK x 8: kK/4 per lane)
   unsigned char* smem = dynamic_smem();
-  T* xs = reinterpret_cast<T*>(smem + p.off_xs);
-  T* t2s = xs;
+  T* t2s = reinterpret_cast<T*>(smem + p.off_t2);
   T* t1s = reinterpret_cast<T*>(smem + p.off_t1);
-  float* ys = reinterpret_cast<float*>(smem + p.off_y);
+  T* xs1 = reinterpret_cast<T*>(smem + p.off_xs1);
+  T* xsp = reinterpret_cast<T*>(smem + p.off_xsp);
+  int* rows_tab = reinterpret_cast<int*>(smem + p.off_rows);
 
-  const int tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid % 32;
-  float* scratch = reinterpret_cast<float*>(smem + p.off_scratch) + warp * 256;  // this warp's 16x16 tile
-  const int tiles = p.tiles_y * p.tiles_x;
-  const int n = blockIdx.x / tiles;
-  const int oy0 = (blockIdx.x % tiles / p.tiles_x) * p.TH;
-  const int ox0 = (blockIdx.x % p.tiles_x) * kTileW;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const RunTile tile = run_tile(p, blockIdx.x);
   const int cs0 = blockIdx.y * p.CS;
   const int cs_len = min(p.CS, p.Cout_p - cs0);
-  const int s = p.stride, dil = p.dil;
-  const int iy0 = oy0 * s - dil, ix0 = ox0 * s - dil;  // input coords of halo (0, 0)
-  const T* __restrict__ x = static_cast<const T*>(p.x) + static_cast<size_t>(n) * p.H * p.W * p.Cin;
+  const int mt1 = cdiv(tile.m1, 16), mto = cdiv(tile.mout, 16);
+  expect(tile.m1 <= p.halo_cap && tile.mout <= p.Mo, "the block's halo or run exceeds the plan's shared memory");
+  const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w1p = static_cast<const T*>(p.w1p);
   const T* __restrict__ w2p = static_cast<const T*>(p.w2p);
   const T* __restrict__ w3p = static_cast<const T*>(p.w3p);
   const T* __restrict__ wdp = static_cast<const T*>(p.wdp);
-  const int wc16 = p.WC / 16;
-  const int cs16 = cs_len / 16;
-  // Output rows of the tile that exist (the tile may overhang the image).
-  const int th_valid = min(p.TH, p.Ho - oy0);
-  const int jobs1 = (p.Mp1 / 16) * wc16;  // conv1 output tiles per chunk
+  const int nt_w = p.Wp / 8, nt_c = p.Cout_p / 8;  // 8-column tiles of the padded width / Cout
 
-  for (int i = tid; i < p.Mo * cs_len; i += kThreads) ys[(i / cs_len) * p.pitch_y + i % cs_len] = 0.0f;
+  // The zero row of t1s (row 0): the 3x3 conv's padding.
+  for (int c = tid; c < p.WC; c += kThreads) t1s[c] = from_float<T>(0.0f);
 
   for (int w0 = 0; w0 < p.Wp; w0 += p.WC) {
-    // ---- 1 + 2. conv1 (+ b1, ReLU, zero outside the image) -> t1s ----
-    for (int pass0 = 0; pass0 < jobs1; pass0 += kWarps * kMaxAcc) {
-      Acc acc[kMaxAcc];
-      stream_x(
-          xs, p, p.Mp1, x,
-          [&](int px) -> long long {
-            const int iy = iy0 + px / p.HWp, ix = ix0 + px % p.HWp;
-            if (px >= p.P1 || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) return -1;
-            return (static_cast<long long>(iy) * p.W + ix) * p.Cin;
-          },
-          [&](int kci, int k0, int kc, const T* xcur) {
-            // k outer, tiles inner: a warp's tiles (warp + i*kWarps) share one
-            // column tile when wc16 divides kWarps, so B is loaded once per k.
-            for (int kk = 0; kk < kc; kk += P::kK) {
-              typename P::FragB b;
-              int b_nt = -1;
-#pragma unroll
-              for (int i = 0; i < kMaxAcc; ++i) {
-                const int job = pass0 + warp + i * kWarps;
-                if (job < jobs1) {
-                  const int mt = job / wc16, nt = job % wc16;
-                  if (kci == 0 && kk == 0) P::zero(acc[i]);
-                  if (nt != b_nt) {
-                    P::load_b(b, w1p + static_cast<size_t>(k0 + kk) * p.Wp + w0 + nt * 16, p.Wp);
-                    b_nt = nt;
-                  }
-                  typename P::FragA a;
-                  P::load_a(a, xcur + mt * 16 * p.pitch_xs + kk, p.pitch_xs);
-                  P::mma(acc[i], a, b);
-                }
-              }
-            }
-          });
-#pragma unroll
-      for (int i = 0; i < kMaxAcc; ++i) {
-        const int job = pass0 + warp + i * kWarps;
-        if (job < jobs1) {
-          const int mt = job / wc16, nt = job % wc16;
-          P::store_acc(scratch, 16, acc[i]);
-          __syncwarp();
-          // The lane's elements e = lane + 32j are halo pixels px = px0 + 2j
-          // of one channel c; (hy, hx) follows px without a division per step.
-          const int c = nt * 16 + lane % 16;
-          const float bias = p.b1p[w0 + c];
-          int px = mt * 16 + lane / 16;
-          int hy = px / p.HWp, hx = px % p.HWp;
-          for (int e = lane; e < 256; e += 32) {
-            const int iy = iy0 + hy, ix = ix0 + hx;
-            float v = 0.0f;
-            if (px < p.P1 && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) v = fmaxf(scratch[e] + bias, 0.0f);
-            t1s[px * p.pitch_t1 + c] = from_float<T>(v);
-            px += 2;
-            hx += 2;  // HWp >= 18 > 2: at most one wrap
-            if (hx >= p.HWp) {
-              hx -= p.HWp;
-              ++hy;
-            }
-          }
-          __syncwarp();  // scratch is rewritten by the next tile
-        }
+    const int wc = min(p.WC, p.Wp - w0);
+    // ---- 1. conv1 on the halo run -> t1s ----
+    const Rounds r1(mt1, wc);
+    for (int r0 = 0; r0 < r1.jobs; r0 += kWarps) {
+      const int job = r0 + warp, row0 = r1.row0(r0), rows = r1.rows(r0);
+      const bool active = job < r1.jobs;
+      const int mb = job / r1.ngroups, ng = job % r1.ngroups, mi = r1.mi(job), nj = r1.nj(job);
+      for (int r = tid; r < rows; r += kThreads) {
+        const int h = row0 + r;
+        rows_tab[r] = h < tile.m1 ? static_cast<int>(halo_pixel(p, tile, h)) : -1;
       }
-    }
-    __syncthreads();
-    // ---- 3 + 4. grouped 3x3 (+ b2, ReLU) -> t2s. Output row oy of the tile
-    // is one 16-row M tile; its tap (ky, kx) operand starts at halo pixel
-    // (oy*s + ky*dil, kx*dil) and steps s pixels per row. The K range of
-    // output tile ot is 9 taps x KT K tiles ----
-    {
-      const StripJobs sj(wc16, th_valid);
-      for (int job = warp; job < sj.count(); job += kWarps) {
-        const int ot = job % sj.cols;  // 16-channel output tile inside the chunk
-        const int r0 = (job / sj.cols) * sj.rows_per_group;
-        const int nrows = min(sj.rows_per_group, th_valid - r0);
-        // First input column (chunk-local) of the tile's K range.
-        const int in0 = p.d_p <= 16 ? ot * 16 : (ot * 16 / p.d_p) * p.d_p;
-        const T* w2t = w2p + static_cast<size_t>(w0 / 16 + ot) * 9 * p.KT * 256;
-        Acc acc[kMaxAcc];
-#pragma unroll
-        for (int r = 0; r < kMaxAcc; ++r) P::zero(acc[r]);
-        strip_mma<P>(
-            acc, nrows, 9 * p.KT * 16, s * p.pitch_t1, 16,
-            [&](int r, int k) {
-              const int t = k / 16, tap = t / p.KT, kt = t % p.KT;
-              const int hy = (r0 + r) * s + (tap / 3) * dil, hx = (tap % 3) * dil;
-              return t1s + (hy * p.HWp + hx) * p.pitch_t1 + in0 + kt * 16 + k % 16;
-            },
-            [&](int k) { return w2t + (k / 16) * 256 + (k % 16) * 16; });
-#pragma unroll
-        for (int r = 0; r < kMaxAcc; ++r) {
-          if (r < nrows) {
-            P::store_acc(scratch, 16, acc[r]);
-            __syncwarp();
-            for (int e = lane; e < 256; e += 32) {
-              const int m = (r0 + r) * 16 + e / 16, c = ot * 16 + e % 16;
-              t2s[m * p.pitch_t2 + c] = from_float<T>(fmaxf(scratch[e] + p.b2p[w0 + c], 0.0f));
-            }
-            __syncwarp();  // scratch is rewritten by the next tile
-          }
+      JobAcc acc;
+      acc.zero();
+      stream_x(xs1, p.xs_buf1, p, rows, x, rows_tab, [&](int k0, int kc, const T* xcur) {
+        if (!active) return;
+        for (int kk = 0; kk < kc; kk += P::kK) {
+          const int ks = (k0 + kk) / P::kK;
+          mma_step<P>(
+              acc, mi, nj, true,
+              [&](int i, int slot, int k) {
+                return xcur + (mb * kJobRows + i * 16 + slot_row(slot) - row0) * p.pitch_xs + kk + k;
+              },
+              [&](int j) { return w1p + (static_cast<size_t>(ks) * nt_w + w0 / 8 + ng * r1.nt + j) * kTile; });
         }
-      }
-    }
-    __syncthreads();
-    // ---- 5. yacc += t2 @ w3p[chunk rows, slice cols] ----
-    accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, p.WC, p.pitch_t2, p.Cout_p,
-                    [&](int r, int k) { return t2s + r * 16 * p.pitch_t2 + k; },
-                    [&](int nt, int k) { return w3p + static_cast<size_t>(w0 + k) * p.Cout_p + cs0 + nt * 16; });
-  }
-
-  if (wdp != nullptr) {
-    // ---- projection shortcut: yacc += x[oy*s, ox*s] @ wdp ----
-    stream_x(
-        xs, p, th_valid * 16, x,
-        [&](int m) -> long long {
-          const int gy = oy0 + m / 16, gx = ox0 + m % 16;
-          if (gx >= p.Wo) return -1;
-          return (static_cast<long long>(gy * s) * p.W + gx * s) * p.Cin;
-        },
-        [&](int, int k0, int kc, const T* xcur) {
-          accumulate_y<P>(ys, p.pitch_y, th_valid, cs16, warp, kc, p.pitch_xs, p.Cout_p,
-                          [&](int r, int k) { return xcur + r * 16 * p.pitch_xs + k; },
-                          [&](int nt, int k) { return wdp + static_cast<size_t>(k0 + k) * p.Cout_p + cs0 + nt * 16; });
+      });
+      if (active) {
+        for_each_acc(mi, nj, [&](int i, int j, int e, int row, int col) {
+          const int h = mb * kJobRows + row, c = ng * r1.nt * 8 + col;
+          if (h < tile.m1) t1s[(1 + h) * p.pitch_t1 + c] = from_float<T>(relu(acc.v[i][j][e] + p.b1p[w0 + c]));
         });
-  }
-  __syncthreads();
-
-  // ---- epilogue: y = relu(yacc + b3 + shortcut), channels fastest so that
-  // consecutive threads write consecutive addresses ----
-  const int c_real = min(cs_len, p.Cout - cs0);
-  T* y = static_cast<T*>(p.y) + static_cast<size_t>(n) * p.Ho * p.Wo * p.Cout;
-  // Vector width: 1, or 16 bytes of T (c_real is then a multiple of it:
-  // Cout and cs0 are).
-  constexpr int kVec = 16 / sizeof(T);
-  const int vw = p.vec_y ? kVec : 1;
-  const int cv = c_real / vw;
-  for (int i = tid; i < th_valid * 16 * cv; i += kThreads) {
-    const int m = i / cv, c = (i - m * cv) * vw;
-    const int gy = oy0 + m / 16, gx = ox0 + m % 16;
-    if (gx >= p.Wo) continue;
-    // identity shortcut: stride 1 and Cin == Cout, so x has y's indexing
-    const T* xin = x + (static_cast<size_t>(gy) * p.W + gx) * p.Cin + cs0 + c;
-    T* yout = y + (static_cast<size_t>(gy) * p.Wo + gx) * p.Cout + cs0 + c;
-    if (p.vec_y) {
-      alignas(16) T xv[kVec];
-      alignas(16) T out[kVec];
-      if (wdp == nullptr) copy16(xv, xin);
-      for (int j = 0; j < kVec; ++j) {
-        float v = ys[m * p.pitch_y + c + j] + p.b3p[cs0 + c + j];
-        if (wdp == nullptr) v += to_float(xv[j]);
-        out[j] = from_float<T>(fmaxf(v, 0.0f));
       }
-      copy16(yout, out);
-    } else {
-      float v = ys[m * p.pitch_y + c] + p.b3p[cs0 + c];
-      if (wdp == nullptr) v += to_float(*xin);
-      *yout = from_float<T>(fmaxf(v, 0.0f));
     }
+    __syncthreads();
+    // ---- 2. grouped 3x3 over t1s -> t2s[:, w0 .. w0+wc) ----
+    {
+      // Output tiles of real groups in the chunk (past them the padding
+      // channels' t2 is 0: written below, not computed).
+      const int tiles = cdiv(imax(0, min(wc, p.Wg - w0)), 8);
+      const int tg = p.d_p >= 8 ? p.d_p / 8 : 1;  // output tiles sharing A (a group's)
+      const int span = grouped_job_tiles(p.d_p);
+      const int per_group = cdiv(tg, span), njobs_n = cdiv(tiles, tg) * per_group;
+      const bool wide = p.atom * static_cast<int>(sizeof(T)) >= 16;
+      const int jobs = cdiv(mto, kWarpM) * njobs_n;
+      const int pad_cols = wc - tiles * 8;
+      for (int i = tid; i < mto * 16 * pad_cols; i += kThreads) {
+        t2s[(i / pad_cols) * p.pitch_t2 + w0 + tiles * 8 + i % pad_cols] = from_float<T>(0.0f);
+      }
+      for (int job = warp; job < jobs; job += kWarps) {
+        const int mb = job / njobs_n, jn = job % njobs_n;
+        const int nt0 = (jn / per_group) * tg + (jn % per_group) * span;  // first output tile (chunk-local)
+        const int mi = min(kWarpM, mto - mb * kWarpM);
+        const int nj = min(min(span, tg - (jn % per_group) * span), tiles - nt0);
+        // Per m-tile and row slot: the t1s row of tap (0, 0) minus 1 and the
+        // taps inside the image (bit ky*3 + kx).
+        int base[kWarpM][3], taps[kWarpM][3];
+#pragma unroll
+        for (int i = 0; i < kWarpM; ++i) {
+#pragma unroll
+          for (int slot = 0; slot < 3; ++slot) {
+            const int m = mb * kJobRows + i * 16 + slot_row(slot);
+            taps[i][slot] = 0;
+            base[i][slot] = 0;
+            if (i < mi && m < tile.mout) {
+              const OutPixel o = out_pixel(p, tile, m);
+              const int iy = o.oy * p.stride - p.dil, ix = o.ox * p.stride - p.dil;
+              base[i][slot] = static_cast<int>((static_cast<long long>(o.n) * p.H + iy) * tile.hc + ix - tile.hx_l -
+                                               tile.p_lo);
+              for (int ky = 0; ky < 3; ++ky)
+                for (int kx = 0; kx < 3; ++kx) {
+                  const int y = iy + ky * p.dil, xx = ix + kx * p.dil;
+                  if (y >= 0 && y < p.H && xx >= 0 && xx < p.W) taps[i][slot] |= 1 << (ky * 3 + kx);
+                }
+            }
+          }
+        }
+        JobAcc acc;
+        acc.zero();
+        for (int ks = 0; ks < p.KS2; ++ks) {
+          mma_step<P>(
+              acc, mi, nj, wide,
+              [&](int i, int slot, int k) {
+                const GroupedK gk = grouped_k(p.d_p, p.atom, nt0, ks * P::kK + k);
+                int row = 0;  // the zero row
+                if (gk.tap < 9 && (taps[i][slot] >> gk.tap & 1)) {
+                  row = 1 + base[i][slot] + (gk.tap / 3) * p.dil * tile.hc + (gk.tap % 3) * p.dil;
+                }
+                return static_cast<const T*>(t1s + row * p.pitch_t1 + gk.channel);
+              },
+              [&](int j) { return w2p + (static_cast<size_t>(w0 / 8 + nt0 + j) * p.KS2 + ks) * kTile; });
+        }
+        for_each_acc(mi, nj, [&](int i, int j, int e, int row, int col) {
+          const int m = mb * kJobRows + row, c = w0 + nt0 * 8 + col;
+          t2s[m * p.pitch_t2 + c] = from_float<T>(relu(acc.v[i][j][e] + p.b2p[c]));
+        });
+      }
+    }
+    __syncthreads();
+  }
+
+  // ---- 3. conv3 (+ projection) over the slice, epilogue ----
+  const Rounds r3(mto, cs_len);
+  auto conv3 = [&](JobAcc& acc, int mb, int ng, int mi, int nj) {
+    for (int k = 0; k < p.Wp; k += P::kK) {
+      mma_step<P>(
+          acc, mi, nj, true,
+          [&](int i, int slot, int kk) {
+            return static_cast<const T*>(t2s + (mb * kJobRows + i * 16 + slot_row(slot)) * p.pitch_t2 + k + kk);
+          },
+          [&](int j) {
+            return w3p + (static_cast<size_t>(k / P::kK) * nt_c + cs0 / 8 + ng * r3.nt + j) * kTile;
+          });
+    }
+  };
+  auto epilogue = [&](const JobAcc& acc, int mb, int ng, int mi, int nj) {
+    T* y = static_cast<T*>(p.y);
+    for_each_acc(mi, nj, [&](int i, int j, int e, int row, int col) {
+      if (e & 1) return;  // pairs (e, e+1): adjacent channels of one pixel
+      const int m = mb * kJobRows + row, c = cs0 + ng * r3.nt * 8 + col;
+      if (m >= tile.mout || c >= p.Cout) return;
+      const OutPixel o = out_pixel(p, tile, m);
+      const bool two = c + 1 < p.Cout;
+      float v[2] = {acc.v[i][j][e] + p.b3p[c], two ? acc.v[i][j][e + 1] + p.b3p[c + 1] : 0.0f};
+      if (!p.proj) {  // identity: stride 1 and Cin == Cout, x has y's pixels
+        const T* xin = x + (static_cast<long long>(o.n * p.H + o.oy) * p.W + o.ox) * p.Cin + c;
+        if (two && p.pair_x) {
+          float xv[2];
+          load_pair(xv, xin);
+          v[0] += xv[0];
+          v[1] += xv[1];
+        } else {
+          v[0] += to_float(xin[0]);
+          if (two) v[1] += to_float(xin[1]);
+        }
+      }
+      T* yout = y + o.n * p.ys_n + o.oy * p.ys_h + o.ox * p.ys_w + c * p.ys_c;
+      if (two && p.pair_y) {
+        store_pair(yout, relu(v[0]), relu(v[1]));
+      } else {
+        yout[0] = from_float<T>(relu(v[0]));
+        if (two) yout[p.ys_c] = from_float<T>(relu(v[1]));
+      }
+    });
+  };
+  if (!p.proj) {
+    for (int job = warp; job < r3.jobs; job += kWarps) {
+      const int mb = job / r3.ngroups, ng = job % r3.ngroups, mi = r3.mi(job), nj = r3.nj(job);
+      JobAcc acc;
+      acc.zero();
+      conv3(acc, mb, ng, mi, nj);
+      epilogue(acc, mb, ng, mi, nj);
+    }
+    return;
+  }
+  for (int r0 = 0; r0 < r3.jobs; r0 += kWarps) {
+    const int job = r0 + warp, row0 = r3.row0(r0), rows = r3.rows(r0);
+    const bool active = job < r3.jobs;
+    const int mb = job / r3.ngroups, ng = job % r3.ngroups, mi = r3.mi(job), nj = r3.nj(job);
+    for (int r = tid; r < rows; r += kThreads) {
+      const int m = row0 + r;
+      int pix = -1;
+      if (m < tile.mout) {
+        const OutPixel o = out_pixel(p, tile, m);
+        pix = (o.n * p.H + o.oy * p.stride) * p.W + o.ox * p.stride;
+      }
+      rows_tab[r] = pix;
+    }
+    JobAcc acc;
+    acc.zero();
+    if (active) conv3(acc, mb, ng, mi, nj);
+    stream_x(xsp, p.xs_bufp, p, rows, x, rows_tab, [&](int k0, int kc, const T* xcur) {
+      if (!active) return;
+      for (int kk = 0; kk < kc; kk += P::kK) {
+        const int ks = (k0 + kk) / P::kK;
+        mma_step<P>(
+            acc, mi, nj, true,
+            [&](int i, int slot, int k) {
+              return xcur + (mb * kJobRows + i * 16 + slot_row(slot) - row0) * p.pitch_xs + kk + k;
+            },
+            [&](int j) { return wdp + (static_cast<size_t>(ks) * nt_c + cs0 / 8 + ng * r3.nt + j) * kTile; });
+      }
+    });
+    if (active) epilogue(acc, mb, ng, mi, nj);
   }
 }
 

@@ -16,7 +16,7 @@
 // only, so Python caches it across calls (resnext_kernels/backends/cuda).
 //
 // fused_block_forward: runs the whole block (one kernel launch) on those
-// tensors. width and cout are the real channel counts (the packed ones are
+// tensors; y has x's memory format (channels_last, else NCHW-contiguous). width and cout are the real channel counts (the packed ones are
 // padded). allow_tf32: fp32 inputs use TF32 tensor cores when true, fp32 FMA
 // when false (Python passes torch.backends.cudnn.allow_tf32). smem_limit:
 // bytes of shared memory the tile plan may use; 0 means the device's opt-in
@@ -27,7 +27,9 @@
 //
 // fused_block_plans: the planner's candidate list for a problem, without a
 // GPU (a CPU float64 tensor, rows in plan_rank order; columns in
-// rk::plan_table). No tensor arguments, so no dispatch key: a catch-all
+// rk::plan_table). projection: a projection shortcut (wd given);
+// allow_tf32: for fp32, whether the kernel will run on TF32 tensor cores
+// (the cost model's rate). No tensor arguments, so no dispatch key: a catch-all
 // kernel, the same code in both builds.
 #include <torch/library.h>
 
@@ -40,10 +42,10 @@
 namespace {
 
 at::Tensor fused_block_plans(int64_t N, int64_t H, int64_t W, int64_t Cin, int64_t width, int64_t Cout,
-                             int64_t groups, int64_t stride, int64_t dilation, int64_t elem_bytes,
-                             int64_t smem_limit) {
-  return rk::plan_table(N, H, W, Cin, width, Cout, groups, stride, dilation, elem_bytes, smem_limit,
-                        "fused_block_plans");
+                             int64_t groups, int64_t stride, int64_t dilation, bool projection, int64_t elem_bytes,
+                             bool allow_tf32, int64_t smem_limit) {
+  return rk::plan_table(N, H, W, Cin, width, Cout, groups, stride, dilation, projection, elem_bytes, allow_tf32,
+                        smem_limit, "fused_block_plans");
 }
 
 }  // namespace
@@ -58,6 +60,6 @@ TORCH_LIBRARY_FRAGMENT(RK_OPS_NAMESPACE, m) {
       "int smem_limit=0, int plan_rank=0) -> Tensor");
   m.def(
       "fused_block_plans(int N, int H, int W, int Cin, int width, int Cout, int groups, int stride, int dilation, "
-      "int elem_bytes, int smem_limit) -> Tensor",
+      "bool projection, int elem_bytes, bool allow_tf32, int smem_limit) -> Tensor",
       &fused_block_plans);
 }

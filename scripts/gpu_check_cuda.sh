@@ -6,7 +6,8 @@
 # Runs the kernel (all four math modes: fp16, bf16, fp32 on TF32, fp32 FMA)
 # at small shapes that cover identity/projection shortcuts, stride 2,
 # dilation 2, odd sizes, channel counts off multiples of 16, d in {1, 8, 24,
-# 64}, and a forced width/Cout split, under the memcheck, racecheck and
+# 64}, other tile plans at tighter shared-memory limits, and NCHW input
+# (y written through NCHW strides), under the memcheck, racecheck and
 # synccheck tools. Logs go to OUTDIR/sanitizer_<tool>.log. Exits non-zero
 # on any sanitizer report or failed check. Needs resnext_kernels built with
 # CUDA (pip install --no-build-isolation --no-deps -e .).
@@ -40,6 +41,8 @@ for shape in shapes:
         # where a plan fits in them at all.
         for limit in (0, 64000, 40000):
             a = block(*shape, dtype)
+            if limit == 40000:  # y written through NCHW strides (x NCHW-contiguous)
+                a[0] = a[0].contiguous()
             p = torch.ops.resnext_kernels.fused_block_pack_weights(*a[1:], shape[4])
             try:
                 y = torch.ops.resnext_kernels.fused_block_forward(

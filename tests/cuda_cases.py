@@ -27,6 +27,7 @@ from resnext_kernels.backends.cuda import emulation, planner
 from resnext_kernels.backends.reference import bottleneck_inference_reference
 from resnext_kernels.bench.shapes import SHAPES
 from resnext_kernels.common import extension, settings
+from resnext_kernels.common.layout import output_memory_format
 
 _emu_reason = emulation.unavailable_reason()
 
@@ -94,7 +95,7 @@ def _check(y, args, block, dtype, tf32, device):
     n, _, h, w = args[0].shape
     assert y.shape == (n, block.cout, (h - 1) // block.stride + 1, (w - 1) // block.stride + 1)
     assert y.dtype == dtype and y.device.type == device
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=output_memory_format(args[0]))
     ref = _reference(args, block.conv)
     eager = _eager_yardstick(args, block.conv, dtype, tf32)
     assert_close_to_reference(y.cpu(), ref, eager.cpu())
@@ -110,14 +111,48 @@ def _packed_args(pack_op, args, block):
 def _emulated(args, block, tf32, smem_limit=H100_SMEM_OPTIN, plan_rank=0):
     lib = torch.ops.resnext_kernels_emu
     return lib.fused_block_forward(*_packed_args(lib.fused_block_pack_weights, args, block),
-                                                *block.conv, tf32, smem_limit, plan_rank)
+                                   *block.conv, tf32, smem_limit, plan_rank)
 
 
-def _plans(block, dtype, limit, emulated=True):
+def _launched(emu, plan):
+    """Asserts the last emulated launch ran `plan` and that its MMAs executed
+    exactly the multiply-accumulates the planner counts for it (the emulator
+    counts every mma.sync and every FMA of the fp32 path)."""
+    assert emu.last_launch_plan() == [plan.TW, plan.Mo, plan.WC, plan.CS, plan.nbuf, plan.smem, plan.grid_x,
+                                      plan.grid_y], plan
+    assert emu.last_launch_mma_macs() == plan.mma_macs, plan
+
+
+def _wp(block, dtype):
+    """The padded width of the block's packing."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return planner.padded_dims(block.cin, block.width, block.cout, block.groups, elem).wp
+
+
+def _plan_kinds(plans, block, dtype):
+    """The plans by the kernel path they take: Cout slices (grid.y > 1:
+    conv1 and the grouped conv recomputed per slice, the epilogue offset by
+    the slice), all of Cout in one block, width chunks (WC < padded width:
+    conv1 re-streams x per chunk), one x buffer (no prefetch), runs shorter
+    than a band row (Mo < TW) and runs across band rows (Mo > TW)."""
+    wp = _wp(block, dtype)
+    kinds = {
+        "cout_slices": [p for p in plans if p.grid_y > 1],
+        "whole_cout": [p for p in plans if p.grid_y == 1],
+        "width_chunks": [p for p in plans if p.WC < wp],
+        "one_buffer": [p for p in plans if p.nbuf == 1],
+        "short_runs": [p for p in plans if p.Mo < p.TW],
+        "long_runs": [p for p in plans if p.Mo > p.TW],
+    }
+    return {k: v for k, v in kinds.items() if v}
+
+
+def _plans(block, dtype, limit, emulated=True, tf32=True):
     """The candidate plans in plan_rank order: those of the emulation build
     (the planner the emulated op runs), or with emulated=False those of _C."""
     return planner.candidate_plans(block.n, block.h, block.w, block.cin, block.width, block.cout, block.groups,
-                                        block.stride, block.dilation, dtype, limit, emulated=emulated)
+                                   block.stride, block.dilation, dtype, limit, projection=block.projection,
+                                   allow_tf32=tf32, emulated=emulated)
 
 
 def _smallest_limit(block, dtype):
@@ -132,23 +167,17 @@ def _smallest_limit(block, dtype):
     return lo
 
 
-SPLIT_CASES = [
-    Block(1, 64, 128, 64, 2, 9, 9, stride=2, projection=True),
-    Block(1, 40, 64, 72, 8, 7, 9, dilation=2, projection=True),
-    Block(1, 48, 48, 48, 2, 5, 7),
-]
-
-
 def _backend(args, block):
     y = cuda_backend.bottleneck_inference_cuda_emulated(*args, *block.conv)
     _check(y, args, block, torch.float32, False, "cpu")
     return y
 
 
-def _canonical_plans(name, dtype, limit):
+def _canonical_plans(name, dtype, limit, tf32=True):
     """_C's candidate plans of a benchmark shape at batch 128."""
     s = SHAPES[name]
-    return planner.candidate_plans(128, s.hw, s.hw, s.cin, s.width, s.cout, s.groups, s.stride, 1, dtype, limit)
+    return planner.candidate_plans(128, s.hw, s.hw, s.cin, s.width, s.cout, s.groups, s.stride, 1, dtype, limit,
+                                   projection=s.projection, allow_tf32=tf32)
 
 
 # Every plan rank of these blocks runs on the emulator: they have 24 to 48
@@ -191,3 +220,46 @@ def _cuda_run(args, block, tf32, smem_limit=0, plan_rank=0):
     y = lib.fused_block_forward(*packed, *block.conv, tf32, smem_limit, plan_rank)
     torch.cuda.synchronize()
     return y
+
+
+def documented_tiling(n, h, w, cin, width, cout, groups, stride, dilation, projection, dtype, plan,
+                      check_taps=False):
+    """The launch's blocks re-derived from the tiling docs/cuda_backend.md
+    documents ("Tiles and halos"), independently of the C++ planner (which
+    sums over one period of runs): returns (the multiply-accumulates the
+    kernel's MMAs execute, the largest halo). With check_taps, also checks
+    that every input pixel a run's 3x3 taps read lies in its halo run."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    dims = planner.padded_dims(cin, width, cout, groups, elem)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    wg = -(-groups * dims.d_p // 8) * 8
+    slices = -(-dims.cout_p // plan.CS)
+    macs, halo_max = 0, 0
+    for ox0 in range(0, wo, plan.TW):
+        twb = min(plan.TW, wo - ox0)
+        hx_l = max(0, ox0 * stride - dilation)
+        hc = min(w - 1, (ox0 + twb - 1) * stride + dilation) - hx_l + 1
+        pixels = n * ho * twb
+        for q0 in range(0, pixels, plan.Mo):
+            q1 = min(pixels, q0 + plan.Mo) - 1
+            (na, oya), ca = divmod(q0 // twb, ho), q0 % twb
+            (nb, oyb), cb = divmod(q1 // twb, ho), q1 % twb
+            top, bottom = oya * stride - dilation, oyb * stride + dilation
+            p_lo = ((na * h + top) * hc + max((ox0 + ca) * stride - dilation - hx_l, 0) if top >= 0
+                    else na * h * hc)
+            p_hi = ((nb * h + bottom) * hc + min((ox0 + cb) * stride + dilation - hx_l, hc - 1) if bottom <= h - 1
+                    else (nb * h + h - 1) * hc + hc - 1)
+            m1, mout = p_hi - p_lo + 1, q1 - q0 + 1
+            halo_max = max(halo_max, m1)
+            rows1, rowso = -(-m1 // 16) * 16, -(-mout // 16) * 16
+            macs += slices * (rows1 * dims.wp * dims.cin_p + rowso * wg * dims.ks2 * dims.kk)
+            macs += rowso * dims.cout_p * (dims.wp + (dims.cin_p if projection else 0))
+            if check_taps:
+                for q in range(q0, q1 + 1):
+                    (img, oy), ox = divmod(q // twb, ho), ox0 + q % twb
+                    for ky in range(3):
+                        for kx in range(3):
+                            iy, ix = oy * stride + (ky - 1) * dilation, ox * stride + (kx - 1) * dilation
+                            if 0 <= iy < h and 0 <= ix < w:
+                                assert p_lo <= (img * h + iy) * hc + ix - hx_l <= p_hi, (plan, q, ky, kx)
+    return macs, halo_max

@@ -1,7 +1,7 @@
 """The CUDA kernel on a GPU (marked `cuda`, skipped without one): correctness
 at canonical and odd shapes, the split plans, the pack cache, every plan
-rank, plan autotuning (also under CUDA graph capture) and the plan timing
-CLI."""
+rank, plan autotuning (also under CUDA graph capture), the plan timing
+CLI, NCHW output, determinism and offsets past 2^31 elements."""
 
 import json
 
@@ -104,7 +104,7 @@ def test_cuda_every_plan_rank(block, mode, monkeypatch):
     dtype, tf32 = mode
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)  # the eager yardstick's convs
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    plans = _plans(block, dtype, limit, emulated=False)
+    plans = _plans(block, dtype, limit, emulated=False, tf32=tf32)
     args = block.make(dtype, device="cuda")
     for rank in range(len(plans)):
         try:
@@ -167,3 +167,38 @@ def test_cuda_plans_cli_times_ranks(tmp_path):
         assert [p["rank"] for p in entry["plans"]] == [0, 1, 2]
         assert all(p["ms"] > 0 and p["within_tolerance"] for p in entry["plans"])
         assert 0 <= entry["fastest_rank"] < 3 and entry["model_vs_fastest"] >= 1.0
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_cuda_output_memory_format_and_determinism(channels_last):
+    """y has x's memory format (written by the kernel through y's strides)
+    and two identical calls are bitwise equal (no atomics)."""
+    block = Block(2, 48, 64, 48, 8, 13, 11)
+    args = block.make(torch.float16, device="cuda", channels_last=channels_last)
+    y = _cuda_run(args, block, True)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _check(y, args, block, torch.float16, True, "cuda")
+    assert torch.equal(y, _cuda_run(args, block, True))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_offsets_past_2_31():
+    """x and y with more than 2^31 elements (4.3 GB each in fp16): the
+    kernel's offsets are 64-bit. Checked on the last image, where they are
+    largest, against the reference run on that image alone."""
+    n, cin, h = 520, 1024, 64  # n*h*h*cin = 2.18e9 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2 ** 30:
+        pytest.skip(f"needs ~12 GiB of free GPU memory, has {free / 2 ** 30:.1f}")
+    block = Block(1, cin, 32, cin, 8, h, h)
+    args = block.make(torch.float16, device="cuda")
+    x = torch.empty(n, cin, h, h, device="cuda", dtype=torch.float16, memory_format=torch.channels_last)
+    x.normal_()
+    assert x.numel() > 2 ** 31
+    packed = _packed_args(torch.ops.resnext_kernels.fused_block_pack_weights, args, block)
+    y = torch.ops.resnext_kernels.fused_block_forward(x, *packed[1:], *block.conv, True, 0, 0)
+    last = [x[-1:].contiguous(memory_format=torch.channels_last), *args[1:]]
+    _check(y[-1:], last, block, torch.float16, True, "cuda")

@@ -4,42 +4,51 @@
 // __CUDACC__ is not defined (see csrc/rk_device.cuh). What is emulated:
 //
 //  * Launch: blocks run one after another on the calling OS thread; the
-//    threads of a block run as fibers (ucontext), so __syncthreads() keeps
-//    its meaning: a fiber runs until it reaches a barrier or returns, and the
-//    barrier opens when every thread of the block waits at it. Fibers run in
-//    forward order in even barrier phases and reverse order in odd ones, so a
-//    read of shared memory written by another thread in the same phase (a
-//    missing barrier) sees poison or stale data in at least one ordering.
+//    threads of a block run as fibers (cuda_emu.cpp: a few instructions of
+//    assembly per switch on x86-64, ucontext elsewhere), so __syncthreads()
+//    keeps its meaning: a fiber runs until it reaches a barrier or returns,
+//    and the barrier opens when every thread of the block waits at it. Fibers
+//    run in forward order in even barrier phases and reverse order in odd
+//    ones, so a read of shared memory written by another thread in the same
+//    phase (a missing barrier) sees poison or stale data in at least one
+//    ordering. A block stops at the first error it reports.
 //  * __syncwarp(): a barrier of the 32 lanes of a warp (full mask only).
+//  * Warp-level tensor-core instructions, per lane and per register exactly
+//    as the PTX ISA lays out their fragments (section "Warp-level matrix
+//    instructions"): ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16,
+//    mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 and
+//    mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (the tf32 operands'
+//    low 13 bits ignored, as by the hardware), and cvt.rna.tf32.f32. Each
+//    is a warp collective: every lane deposits its registers (or its row
+//    address), waits until all 32 lanes have arrived at the same
+//    instruction with the same shape, and then reads back its own result
+//    registers, computed from the other lanes' deposits by the documented
+//    layouts. So a kernel that puts a value in the wrong register or lane
+//    gets a wrong product, exactly as on hardware. Checked: all 32 lanes
+//    present, the same instruction in every lane, ldmatrix row addresses
+//    16-byte aligned and inside the block's shared memory. The executed
+//    MMA multiply-accumulates are counted per launch (mma_macs()), together
+//    with those the kernel reports through count_fma_macs() for its
+//    CUDA-core path.
 //  * A barrier reached by only some threads (others returned or wait at a
 //    different barrier) is reported as an error: on hardware it is undefined
 //    behaviour or a deadlock.
 //  * Asynchronous copies (cp.async via rk::async_copy16 / async_commit /
 //    async_wait_prior): a copy lands in shared memory only when the thread
 //    waits for its commit group, so reading before the wait (plus a barrier
-//    for other threads' copies) sees poison. Copies never waited for are
-//    reported.
+//    for other threads' copies) sees poison. Copies never waited for, and
+//    destinations outside the block's shared memory, are reported.
 //  * Dynamic shared memory: one buffer per block, filled with 0xFF bytes
 //    (NaN in fp32/fp16/bf16) before the block starts, so uninitialised reads
-//    show up as NaN.
-//  * nvcuda::wmma (16x16x16 half/bf16, 16x16x8 tf32, fp32 accumulators) with
-//    the CUDA C++ Programming Guide's semantics: load/store/mma are warp-wide
-//    collectives whose element-to-thread mapping is unspecified. Here every
-//    lane's fragment holds the whole tile after a load, but mma_sync computes
-//    and store_matrix_sync writes only the elements the lane "owns" (row-major
-//    element index i with (i / 8) % 32 == lane). So a lane that reads back a
-//    tile stored by its warp without a barrier in between, or a kernel that
-//    assumes a particular fragment mapping, gets wrong numbers here.
-//    Checked: pointers 256-bit aligned, ldm a multiple of 16 bytes, and all
-//    lanes of a warp issuing the same sequence of wmma calls with the same
-//    arguments (compared when the block ends).
+//    show up as NaN; a 4 KiB guard zone after it must keep its pattern
+//    (writes past the end are reported).
 //
 // Not modelled (keep kernel code that depends on it out of the emulated
 // source, or review it separately): the memory model between warps beyond
 // barrier ordering, register limits and __launch_bounds__, bank conflicts,
-// real fragment layouts, the hardware's summation order inside mma (here:
-// fp32 FMA in k order), and the per-block shared-memory limit (the host code
-// checks its plan against the limit it is given).
+// the hardware's summation order inside mma (here: fp32 FMA in k order) and
+// its handling of denormals, and the per-block shared-memory limit (the
+// host code checks its plan against the limit it is given).
 #pragma once
 
 #include <ucontext.h>
@@ -67,32 +76,73 @@ namespace rk_emu {
 
 constexpr int kWarpSize = 32;
 constexpr size_t kFiberStack = 256 * 1024;
+constexpr size_t kSmemGuard = 4096;          // guard zone after the dynamic shared memory
+constexpr unsigned char kGuardByte = 0xA5;
+
+// A fiber's saved machine context (cuda_emu.cpp).
+struct FiberContext {
+  void* sp = nullptr;  // x86-64: the stack pointer saved by the switch
+  ucontext_t uc;       // elsewhere
+};
+// Prepares c to start running entry() (which must never return) on the given stack.
+void context_start(FiberContext& c, char* stack, size_t size, void (*entry)());
+// Saves the running context in `from` and resumes `to`.
+void context_switch(FiberContext& from, FiberContext& to);
 
 enum class FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
 
+// Warp-collective operations (the kind a lane waits at; 0 is __syncwarp).
+enum Collective : int { kSyncwarp = 0, kLdmatrix = 1, kMmaF16 = 2, kMmaBf16 = 3, kMmaTf32 = 4 };
+
+inline const char* collective_name(int kind) {
+  switch (kind) {
+    case kSyncwarp: return "__syncwarp()";
+    case kLdmatrix: return "ldmatrix";
+    case kMmaF16: return "mma.m16n8k16.f16";
+    case kMmaBf16: return "mma.m16n8k16.bf16";
+    case kMmaTf32: return "mma.m16n8k8.tf32";
+  }
+  return "?";
+}
+
 struct Fiber {
-  ucontext_t ctx;
+  FiberContext ctx;
   std::vector<char> stack;
   FiberState state = FiberState::kRunnable;
+  int warp_wait = kSyncwarp;  // what the fiber waits at when kAtWarpBarrier
   dim3 tid;
-  // Running fingerprint of this lane's warp-collective calls (wmma).
-  uint64_t coll_hash = 1469598103934665603ull;
-  uint64_t coll_count = 0;
   // Pending 16-byte async copies (dst, src): the open group and the
   // committed groups, oldest first.
   std::vector<std::pair<void*, const void*>> async_open;
   std::vector<std::vector<std::pair<void*, const void*>>> async_groups;
 };
 
+// The operands of one warp-collective instruction, deposited lane by lane,
+// and its per-lane results, written when the last lane arrives.
+struct WarpExchange {
+  int kind = kSyncwarp;
+  int shape = 0;  // ldmatrix: matrices | trans << 4
+  int arrived = 0;
+  const void* addr[kWarpSize];
+  uint32_t a[kWarpSize][4];
+  uint32_t b[kWarpSize][2];
+  float c[kWarpSize][4];
+  uint32_t r[kWarpSize][4];
+  float d[kWarpSize][4];
+};
+
 // Per-OS-thread emulator state: the launch in progress.
 struct State {
   dim3 grid_dim, block_dim, block_idx, thread_idx;
   std::vector<Fiber> fibers;
+  std::vector<WarpExchange> exchange;  // one per warp
   int current = -1;  // index of the running fiber, -1 in the scheduler
-  ucontext_t sched;
+  FiberContext sched;
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> smem_storage;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  uint64_t mma_macs = 0;  // multiply-accumulates of the launch's mma / counted FMA work
   std::string error;
 };
 
@@ -115,31 +165,46 @@ inline int linear_tid() {
 }
 inline int lane_id() { return linear_tid() % kWarpSize; }
 
+// The multiply-accumulates executed by the last launch (see header comment).
+inline uint64_t mma_macs() { return cur().mma_macs; }
+
+// Counts n multiply-accumulates done by the running thread on CUDA cores.
+inline void count_fma_macs(int n) { cur().mma_macs += n; }
+
+inline void yield_to_scheduler() {
+  State& s = cur();
+  context_switch(s.fibers[s.current].ctx, s.sched);
+}
+
 inline void fiber_main() {
   State& s = cur();
   (*s.body)();
   s.fibers[s.current].state = FiberState::kDone;
-  // uc_link returns to the scheduler.
+  yield_to_scheduler();  // never resumed
+  std::abort();
 }
 
 inline void syncthreads() {
   State& s = cur();
-  Fiber& f = s.fibers[s.current];
-  f.state = FiberState::kAtBarrier;
-  swapcontext(&f.ctx, &s.sched);
+  s.fibers[s.current].state = FiberState::kAtBarrier;
+  yield_to_scheduler();
 }
 
 inline void syncwarp() {
   State& s = cur();
   Fiber& f = s.fibers[s.current];
   f.state = FiberState::kAtWarpBarrier;
-  swapcontext(&f.ctx, &s.sched);
+  f.warp_wait = kSyncwarp;
+  yield_to_scheduler();
 }
+
+inline bool in_shared(const void* p, size_t bytes);
 
 inline void async_copy16(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     fail("async_copy16: address not 16-byte aligned");
   }
+  if (!in_shared(dst, 16)) fail("async_copy16: the destination is not in the block's shared memory");
   State& s = cur();
   s.fibers[s.current].async_open.emplace_back(dst, src);
 }
@@ -161,34 +226,170 @@ inline void async_wait_prior(int n) {
   }
 }
 
-// Which lane of a warp holds accumulator element i (row-major index) after
-// mma_sync / writes it in store_matrix_sync.
-inline int owner_lane(int i) { return (i / 8) % kWarpSize; }
+// ---------------------------------------------------------------------------
+// Warp collectives. A lane calls begin_collective, deposits its operands in
+// the returned exchange and calls end_collective, which computes every
+// lane's result once the 32nd lane has arrived and then waits (like
+// __syncwarp) until the warp is released; the lane then reads its result.
+// The results of one instruction stay in place until all 32 lanes have
+// arrived at the next one, by which time each has read its own.
 
-inline void record_collective(uint64_t op, const void* ptr, uint64_t ldm, uint64_t extra) {
+inline WarpExchange& begin_collective(int kind, int shape) {
   State& s = cur();
-  Fiber& f = s.fibers[s.current];
-  for (uint64_t v : {op, static_cast<uint64_t>(reinterpret_cast<uintptr_t>(ptr)), ldm, extra}) {
-    f.coll_hash = (f.coll_hash ^ v) * 1099511628211ull;
+  const int warp = linear_tid() / kWarpSize;
+  const int nthreads = static_cast<int>(s.block_dim.x * s.block_dim.y * s.block_dim.z);
+  if ((warp + 1) * kWarpSize > nthreads) {
+    fail(std::string(collective_name(kind)) + " needs all 32 lanes of the warp; the block has " +
+         std::to_string(nthreads) + " threads");
   }
-  ++f.coll_count;
+  WarpExchange& x = s.exchange[warp];
+  if (x.arrived == 0) {
+    x.kind = kind;
+    x.shape = shape;
+  } else if (x.kind != kind || x.shape != shape) {
+    fail("warp " + std::to_string(warp) + ": lanes issued different warp-collective instructions (" +
+         collective_name(x.kind) + " shape " + std::to_string(x.shape) + " vs " + collective_name(kind) +
+         " shape " + std::to_string(shape) + ")");
+  }
+  return x;
 }
 
-// Runs one block: all fibers to completion, honouring barriers.
+template <class Compute>
+inline void end_collective(WarpExchange& x, Compute compute) {
+  State& s = cur();
+  if (++x.arrived == kWarpSize) {
+    compute();
+    x.arrived = 0;
+  }
+  Fiber& f = s.fibers[s.current];
+  f.state = FiberState::kAtWarpBarrier;
+  f.warp_wait = x.kind;
+  yield_to_scheduler();
+}
+
+inline bool in_shared(const void* p, size_t bytes) {
+  const State& s = cur();
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  return c >= s.smem && c + bytes <= s.smem + s.smem_bytes;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{num}{.trans}.shared.b16: lanes 8i..8i+7
+// give the addresses of rows 0..7 of matrix i (16 bytes each); lane l
+// receives in r[i] the two b16 elements (row l/4, columns 2(l%4), 2(l%4)+1)
+// of matrix i, or with .trans the elements (rows 2(l%4), 2(l%4)+1, column
+// l/4), the lower-indexed one in the low half.
+inline void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr) {
+  const int lane = lane_id();
+  WarpExchange& x = begin_collective(kLdmatrix, num | (trans ? 16 : 0));
+  x.addr[lane] = row_addr;
+  end_collective(x, [&x, num, trans]() {
+    for (int l = 0; l < num * 8; ++l) {
+      if (reinterpret_cast<uintptr_t>(x.addr[l]) % 16 != 0) {
+        fail("ldmatrix: the row address of lane " + std::to_string(l) + " is not 16-byte aligned");
+        return;
+      }
+      if (!in_shared(x.addr[l], 16)) {
+        fail("ldmatrix: the row address of lane " + std::to_string(l) + " is not in the block's shared memory");
+        return;
+      }
+    }
+    auto elem = [&x](int i, int row, int col) {
+      uint16_t v;
+      std::memcpy(&v, static_cast<const unsigned char*>(x.addr[8 * i + row]) + 2 * col, 2);
+      return static_cast<uint32_t>(v);
+    };
+    for (int l = 0; l < kWarpSize; ++l) {
+      for (int i = 0; i < num; ++i) {
+        x.r[l][i] = trans ? elem(i, 2 * (l % 4), l / 4) | elem(i, 2 * (l % 4) + 1, l / 4) << 16
+                          : elem(i, l / 4, 2 * (l % 4)) | elem(i, l / 4, 2 * (l % 4) + 1) << 16;
+      }
+    }
+  });
+  for (int i = 0; i < num; ++i) r[i] = x.r[lane][i];
+}
+
+inline float tf32_truncate(float v) {
+  // Tensor cores read only the tf32 bits of an fp32 operand.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u &= 0xFFFFE000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa
+// bits (the result is an fp32 bit pattern with the low 13 bits zero).
+inline uint32_t cvt_rna_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (!std::isfinite(v)) return u;
+  return (u + 0x1000u) & 0xFFFFE000u;
+}
+
+inline float half_bits(uint32_t reg, int hi, int kind) {
+  const uint16_t bits = static_cast<uint16_t>(hi ? reg >> 16 : reg);
+  if (kind == kMmaF16) return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (kind
+// kMmaF16 / kMmaBf16) or m16n8k8.row.col.f32.tf32.tf32.f32 (kMmaTf32):
+// d = a @ b + c with, for lane l (g = l/4, t = l%4), the PTX ISA's fragments
+//   m16n8k16: a[0] = A[g][2t..2t+1]  a[1] = A[g+8][2t..]  a[2] = A[g][2t+8..]  a[3] = A[g+8][2t+8..]
+//             b[0] = B[2t..2t+1][g]  b[1] = B[2t+8..2t+9][g]      (pairs: lower k in the low half)
+//   m16n8k8:  a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]
+//             b[0] = B[t][g]  b[1] = B[t+4][g]
+//   c, d:     [0] = C[g][2t]  [1] = C[g][2t+1]  [2] = C[g+8][2t]  [3] = C[g+8][2t+1]
+// Sums in fp32 FMA in k order.
+inline void mma(int kind, float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  const int lane = lane_id();
+  WarpExchange& x = begin_collective(kind, 0);
+  for (int i = 0; i < 4; ++i) x.a[lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) x.b[lane][i] = b[i];
+  for (int i = 0; i < 4; ++i) x.c[lane][i] = c[i];
+  end_collective(x, [&x, kind]() {
+    const bool tf32 = kind == kMmaTf32;
+    const int K = tf32 ? 8 : 16;
+    auto A = [&](int r, int k) {
+      if (tf32) {
+        float v;
+        std::memcpy(&v, &x.a[(r % 8) * 4 + k % 4][r / 8 + 2 * (k / 4)], 4);
+        return tf32_truncate(v);
+      }
+      return half_bits(x.a[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k % 2, kind);
+    };
+    auto B = [&](int k, int n) {
+      if (tf32) {
+        float v;
+        std::memcpy(&v, &x.b[n * 4 + k % 4][k / 4], 4);
+        return tf32_truncate(v);
+      }
+      return half_bits(x.b[n * 4 + (k % 8) / 2][k / 8], k % 2, kind);
+    };
+    for (int l = 0; l < kWarpSize; ++l) {
+      for (int i = 0; i < 4; ++i) {
+        const int r = l / 4 + 8 * (i / 2), n = 2 * (l % 4) + i % 2;
+        float acc = x.c[(r % 8) * 4 + n / 2][(r / 8) * 2 + n % 2];
+        for (int k = 0; k < K; ++k) acc = std::fma(A(r, k), B(k, n), acc);
+        x.d[l][i] = acc;
+      }
+    }
+    cur().mma_macs += 16 * 8 * K;
+  });
+  for (int i = 0; i < 4; ++i) d[i] = x.d[lane][i];
+}
+
+// Runs one block: all fibers to completion, honouring barriers; stops at
+// the first error.
 inline void run_block(State& s, int nthreads) {
+  for (auto& x : s.exchange) x.arrived = 0;
   for (int t = 0; t < nthreads; ++t) {
     Fiber& f = s.fibers[t];
     f.state = FiberState::kRunnable;
-    f.coll_hash = 1469598103934665603ull;
-    f.coll_count = 0;
     f.async_open.clear();
     f.async_groups.clear();
     f.tid = dim3(t % s.block_dim.x, (t / s.block_dim.x) % s.block_dim.y, t / (s.block_dim.x * s.block_dim.y));
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
-    f.ctx.uc_link = &s.sched;
-    makecontext(&f.ctx, fiber_main, 0);
+    context_start(f.ctx, f.stack.data(), f.stack.size(), fiber_main);
   }
   long phase = 0;
   for (;;) {
@@ -198,9 +399,10 @@ inline void run_block(State& s, int nthreads) {
       if (f.state != FiberState::kRunnable) continue;
       s.current = t;
       s.thread_idx = f.tid;
-      swapcontext(&s.sched, &f.ctx);
+      context_switch(s.sched, f.ctx);
     }
     s.current = -1;
+    if (!s.error.empty()) return;  // abandon the block: its fibers hold no resources
     // Open the warp barriers every lane of the warp has reached.
     bool released = false;
     for (int w = 0; w * kWarpSize < nthreads; ++w) {
@@ -208,10 +410,21 @@ inline void run_block(State& s, int nthreads) {
       int at = 0;
       for (int t = lo; t < hi; ++t) at += s.fibers[t].state == FiberState::kAtWarpBarrier;
       if (at == 0) continue;
+      int kind = -1;
+      for (int t = lo; t < hi; ++t) {
+        if (s.fibers[t].state == FiberState::kAtWarpBarrier) kind = s.fibers[t].warp_wait;
+      }
       if (at != hi - lo) {
-        fail("__syncwarp() reached by " + std::to_string(at) + " lanes of warp " + std::to_string(w) +
-             "; the others returned or wait at __syncthreads()");
+        fail(std::string(collective_name(kind)) + " reached by " + std::to_string(at) + " lanes of warp " +
+             std::to_string(w) + "; the others returned or wait at __syncthreads()");
         return;
+      }
+      for (int t = lo; t < hi; ++t) {
+        if (s.fibers[t].warp_wait != kind) {
+          fail("warp " + std::to_string(w) + ": lanes wait at different warp-level operations (" +
+               collective_name(kind) + ", " + collective_name(s.fibers[t].warp_wait) + ")");
+          return;
+        }
       }
       for (int t = lo; t < hi; ++t) s.fibers[t].state = FiberState::kRunnable;
       released = true;
@@ -227,7 +440,6 @@ inline void run_block(State& s, int nthreads) {
     }
     if (done == nthreads) break;
     if (done > 0) {
-      // Abandon the block: the waiting fibers' stacks hold no resources.
       fail("__syncthreads() reached by " + std::to_string(waiting) + " of " + std::to_string(nthreads) +
            " threads; the others returned (undefined behaviour on hardware)");
       return;
@@ -245,17 +457,6 @@ inline void run_block(State& s, int nthreads) {
       return;
     }
   }
-  for (int w = 0; w * kWarpSize < nthreads; ++w) {
-    const Fiber& lane0 = s.fibers[w * kWarpSize];
-    for (int l = 1; l < kWarpSize && w * kWarpSize + l < nthreads; ++l) {
-      const Fiber& f = s.fibers[w * kWarpSize + l];
-      if (f.coll_hash != lane0.coll_hash || f.coll_count != lane0.coll_count) {
-        fail("warp " + std::to_string(w) + ": lanes 0 and " + std::to_string(l) +
-             " issued different sequences of warp-collective (wmma) calls");
-        return;
-      }
-    }
-  }
 }
 
 // Emulated kernel launch: `body` is the kernel call, run by every thread of
@@ -269,20 +470,32 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   s.block_dim = block;
   s.body = &body;
   s.error.clear();
+  s.mma_macs = 0;
   if (static_cast<int>(s.fibers.size()) < nthreads) s.fibers.resize(nthreads);
+  s.exchange.resize((nthreads + kWarpSize - 1) / kWarpSize);
   for (int t = 0; t < nthreads; ++t) {
     if (s.fibers[t].stack.size() != kFiberStack) s.fibers[t].stack.assign(kFiberStack, 0);
   }
-  // 128-byte aligned storage for dynamic shared memory.
-  s.smem_storage.assign(smem_bytes + 128, 0);
+  // 128-byte aligned storage for dynamic shared memory, followed by a guard
+  // zone whose pattern must survive the block (a write past the block's
+  // shared memory is reported).
+  s.smem_storage.assign(smem_bytes + 128 + kSmemGuard, 0);
   const uintptr_t base = reinterpret_cast<uintptr_t>(s.smem_storage.data());
   s.smem = s.smem_storage.data() + ((128 - base % 128) % 128);
+  s.smem_bytes = smem_bytes;
   for (unsigned bz = 0; bz < grid.z && s.error.empty(); ++bz)
     for (unsigned by = 0; by < grid.y && s.error.empty(); ++by)
       for (unsigned bx = 0; bx < grid.x && s.error.empty(); ++bx) {
         s.block_idx = dim3(bx, by, bz);
         std::memset(s.smem, 0xFF, smem_bytes);
+        std::memset(s.smem + smem_bytes, kGuardByte, kSmemGuard);
         run_block(s, nthreads);
+        for (size_t i = 0; i < kSmemGuard && s.error.empty(); ++i) {
+          if (s.smem[smem_bytes + i] != kGuardByte) {
+            fail("wrote past the block's " + std::to_string(smem_bytes) + " bytes of shared memory (at byte " +
+                 std::to_string(smem_bytes + i) + ")");
+          }
+        }
       }
   s.body = nullptr;
   if (!s.error.empty()) throw std::runtime_error("emulated kernel error: " + s.error);
@@ -303,153 +516,3 @@ inline unsigned char* dynamic_smem() { return cur().smem; }
 #define __launch_bounds__(...)
 #define __syncthreads() ::rk_emu::syncthreads()
 #define __syncwarp(...) ::rk_emu::syncwarp()
-
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-
-template <class T>
-struct storage {
-  using type = T;
-};
-template <>
-struct storage<precision::tf32> {
-  using type = float;
-};
-
-template <class Use, int M, int N, int K>
-struct tile_dims;
-template <int M, int N, int K>
-struct tile_dims<matrix_a, M, N, K> {
-  static constexpr int rows = M, cols = K;
-};
-template <int M, int N, int K>
-struct tile_dims<matrix_b, M, N, K> {
-  static constexpr int rows = K, cols = N;
-};
-template <int M, int N, int K>
-struct tile_dims<accumulator, M, N, K> {
-  static constexpr int rows = M, cols = N;
-};
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  static_assert((M == 16 && N == 16 && K == 16) || (M == 16 && N == 16 && K == 8 &&
-                                                     (std::is_same<T, precision::tf32>::value ||
-                                                      std::is_same<Use, accumulator>::value)),
-                "emulated wmma supports m16n16k16 (half, bf16) and m16n16k8 (tf32)");
-  using element_type = typename storage<T>::type;
-  static constexpr int rows = tile_dims<Use, M, N, K>::rows;
-  static constexpr int cols = tile_dims<Use, M, N, K>::cols;
-  // Every lane holds the whole tile (see the header comment); kernels may
-  // only apply the same operation to all num_elements entries.
-  static constexpr int num_elements = rows * cols;
-  element_type x[rows * cols];
-};
-
-inline float __float_to_tf32(float v) {
-  // cvt.rna.tf32.f32: round to nearest, ties away from zero, keep 10
-  // mantissa bits.
-  if (!std::isfinite(v)) return v;
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u + 0x1000u) & 0xFFFFE000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
-namespace detail {
-
-inline float tf32_truncate(float v) {
-  // Tensor cores read only the tf32 bits of an fp32 operand.
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u &= 0xFFFFE000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
-template <class E>
-inline void check_access(const char* what, const void* ptr, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) {
-    ::rk_emu::fail(std::string(what) + ": pointer not 256-bit aligned");
-  }
-  if ((ldm * sizeof(E)) % 16 != 0) {
-    ::rk_emu::fail(std::string(what) + ": ldm=" + std::to_string(ldm) + " is not a multiple of 16 bytes");
-  }
-}
-
-template <class F>
-inline float operand(const F& f, int idx, bool tf32) {
-  const float v = static_cast<float>(f.x[idx]);
-  return tf32 ? tf32_truncate(v) : v;
-}
-
-}  // namespace detail
-
-template <class Use, int M, int N, int K, class T, class Layout, class E>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const E* p, unsigned ldm) {
-  using F = fragment<Use, M, N, K, T, Layout>;
-  static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads need a layout_t");
-  static_assert(std::is_same<E, typename F::element_type>::value, "pointer type must match the fragment");
-  detail::check_access<E>("load_matrix_sync", p, ldm);
-  constexpr bool col = std::is_same<Layout, col_major>::value;
-  ::rk_emu::record_collective(1, p, ldm, col);
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = col ? p[c * ldm + r] : p[r * ldm + c];
-}
-
-template <int M, int N, int K>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
-  detail::check_access<float>("load_matrix_sync", p, ldm);
-  ::rk_emu::record_collective(2, p, ldm, layout);
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c];
-}
-
-template <int M, int N, int K>
-inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                              layout_t layout) {
-  detail::check_access<float>("store_matrix_sync", p, ldm);
-  ::rk_emu::record_collective(3, p, ldm, layout);
-  const int lane = ::rk_emu::lane_id();
-  for (int i = 0; i < M * N; ++i) {
-    if (::rk_emu::owner_lane(i) != lane) continue;
-    const int r = i / N, c = i % N;
-    (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[i];
-  }
-}
-
-template <class Use, int M, int N, int K, class T, class Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, typename fragment<Use, M, N, K, T, Layout>::element_type v) {
-  for (auto& e : f.x) e = v;
-}
-
-template <int M, int N, int K, class T, class LA, class LB>
-inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
-  constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
-  ::rk_emu::record_collective(4, nullptr, 0, 0);
-  const int lane = ::rk_emu::lane_id();
-  for (int i = 0; i < M * N; ++i) {
-    if (::rk_emu::owner_lane(i) != lane) continue;
-    const int r = i / N, col = i % N;
-    float acc = c.x[i];
-    for (int k = 0; k < K; ++k) {
-      acc = std::fma(detail::operand(a, r * K + k, tf32), detail::operand(b, k * N + col, tf32), acc);
-    }
-    d.x[i] = acc;
-  }
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

@@ -1,19 +1,20 @@
 // Small kernels whose results are known, run through the CUDA emulator
 // (cuda_emu.h) by tests/test_cuda_emulator.py: barrier semantics, a
-// shared-memory tree reduction, wmma load/mma/store against matmul, cp.async
-// completion, and the
-// emulator's error reports (misalignment, divergent barriers, divergent
-// warp collectives). Ops live in namespace resnext_kernels_emu.
+// shared-memory tree reduction, the mma.sync / ldmatrix fragment layouts
+// against a plain matrix product, cp.async completion, and the emulator's
+// error reports (misalignment, divergent barriers, divergent warp
+// collectives). Ops live in namespace resnext_kernels_emu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 
 #include "rk_device.cuh"
 
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 // out[b*n + t] = in[b*n + (t+1) % n] through shared memory.
 __global__ void smem_shift_kernel(const float* in, float* out, bool barrier) {
@@ -37,47 +38,166 @@ __global__ void block_reduce_kernel(const float* in, float* out) {
   if (t == 0) out[blockIdx.x] = s[0];
 }
 
-// d = a @ b + c for one 16x16x16 tile (a row-major [16,16]; b row-major or
-// column-major [16,16] in memory; c, d row-major fp32).
-template <class T, class LayoutB>
-__global__ void wmma16_kernel(const T* a, const T* b, const float* c, float* d) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::load_matrix_sync(fa, a, 16);
-  wmma::load_matrix_sync(fb, b, 16);
-  wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
-  wmma::mma_sync(fc, fa, fb, fc);
-  wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+// ---------------------------------------------------------------------------
+// mma.sync fragments built by hand from the PTX ISA's layout tables (not
+// from the emulator's code): D = A @ B + C for one m16n8k16 (T = half_t,
+// bf16_t) or m16n8k8 (T = float: tf32) tile, A [16, K] and B [K, 8] and C,
+// D [16, 8] row-major in global memory. `wrong` breaks one index on purpose
+// (1: A rows g+8 and columns +8 swapped between a[1] and a[2]; 2: B's two
+// registers swapped; 3: D's registers 1 and 2 swapped on the store), so a
+// test can show that a wrong fragment index gives a wrong product.
+
+template <class T>
+uint32_t pack2(const T* p) {  // two 16-bit elements, the first in the low half
+  uint16_t lo, hi;
+  std::memcpy(&lo, p, 2);
+  std::memcpy(&hi, p + 1, 2);
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
 }
 
-// d = a @ b + c for a 16x8 tf32 a and 8x16 b, operands converted as the
-// programming guide requires.
-__global__ void wmma_tf32_kernel(const float* a, const float* b, const float* c, float* d) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
-  wmma::load_matrix_sync(fa, a, 8);
-  wmma::load_matrix_sync(fb, b, 16);
-  for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
-  for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
-  wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
-  wmma::mma_sync(fc, fa, fb, fc);
-  wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+template <class T>
+__global__ void mma_fragment_kernel(const T* A, const T* B, const float* C, float* D, int wrong) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  uint32_t a[4], b[2];
+  float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+  if constexpr (std::is_same_v<T, float>) {  // m16n8k8, K = 8
+    a[0] = rk::to_tf32(A[g * 8 + t]);
+    a[1] = rk::to_tf32(A[(g + 8) * 8 + t]);
+    a[2] = rk::to_tf32(A[g * 8 + t + 4]);
+    a[3] = rk::to_tf32(A[(g + 8) * 8 + t + 4]);
+    b[0] = rk::to_tf32(B[t * 8 + g]);
+    b[1] = rk::to_tf32(B[(t + 4) * 8 + g]);
+  } else {  // m16n8k16, K = 16
+    a[0] = pack2(A + g * 16 + 2 * t);
+    a[1] = pack2(A + (g + 8) * 16 + 2 * t);
+    a[2] = pack2(A + g * 16 + 2 * t + 8);
+    a[3] = pack2(A + (g + 8) * 16 + 2 * t + 8);
+    const T col[4] = {B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g], B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g]};
+    b[0] = pack2(col);
+    b[1] = pack2(col + 2);
+  }
+  if (wrong == 1) std::swap(a[1], a[2]);
+  if (wrong == 2) std::swap(b[0], b[1]);
+  if constexpr (std::is_same_v<T, float>) {
+    rk::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    rk::mma_m16n8k16<T>(d, a, b);
+  }
+  if (wrong == 3) std::swap(d[1], d[2]);
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
-// Each warp stores a tile to its shared-memory slot and every lane reads all
-// of it back. sync: 0 none (lanes see elements other lanes have not stored
-// yet), 1 __syncwarp(), 2 __syncthreads().
-__global__ void wmma_readback_kernel(const float* c, float* out, int sync) {
-  const int warp = threadIdx.x / 32;
-  float* s = reinterpret_cast<float*>(rk::dynamic_smem()) + warp * 256;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::load_matrix_sync(fc, c + warp * 256, 16, wmma::mem_row_major);
-  wmma::store_matrix_sync(s, fc, 16, wmma::mem_row_major);
+// ldmatrix of `num` 8x8 b16 matrices: rows is [num*8, 8] b16 (matrix i row
+// j at row 8i+j), copied to shared memory in reverse row order with a
+// 24-element pitch (so the rows are neither contiguous nor in order: each
+// lane must bring its own row address); out[lane][i] = the lane's register i.
+template <int N, bool Trans>
+__global__ void ldmatrix_kernel(const uint16_t* rows, uint32_t* out) {
+  uint16_t* s = reinterpret_cast<uint16_t*>(rk::dynamic_smem());
+  constexpr int kPitch = 24, kRows = N * 8;
+  const int lane = threadIdx.x;
+  for (int r = lane; r < kRows; r += 32) {
+    for (int c = 0; c < 8; ++c) s[(kRows - 1 - r) * kPitch + c] = rows[r * 8 + c];
+  }
+  __syncwarp();
+  uint32_t r[N];
+  const int row = lane % kRows;  // lanes past the used ones give some valid address
+  rk::ldmatrix<N, Trans>(r, s + (kRows - 1 - row) * kPitch);
+  for (int i = 0; i < N; ++i) out[lane * N + i] = r[i];
+}
+
+// The way the fused kernel feeds the tensor cores: A [16, K] through
+// ldmatrix.x4 from shared memory (lane l gives row l%16 at column
+// (l/16)*K/2), B [K, 8] through ldmatrix.x2.trans from a k-major shared
+// tile (16-bit) or by hand (tf32), then mma; D [16, 8] = A @ B.
+template <class T>
+__global__ void ldmatrix_mma_kernel(const T* A, const T* B, float* D) {
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int K = kTf32 ? 8 : 16, kPitchA = K + 16 / sizeof(T), kPitchB = 8 + 16 / sizeof(T);
+  T* sa = reinterpret_cast<T*>(rk::dynamic_smem());
+  T* sb = sa + 16 * kPitchA;
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int i = lane; i < 16 * K; i += 32) sa[(i / K) * kPitchA + i % K] = A[i];
+  for (int i = lane; i < K * 8; i += 32) sb[(i / 8) * kPitchB + i % 8] = B[i];
+  __syncwarp();
+  uint32_t a[4], b[2];
+  rk::ldmatrix<4>(a, sa + (lane % 16) * kPitchA + (lane / 16) * (K / 2));
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (kTf32) {
+    for (uint32_t& v : a) {
+      float f;
+      std::memcpy(&f, &v, 4);
+      v = rk::to_tf32(f);
+    }
+    b[0] = rk::to_tf32(sb[t * kPitchB + g]);
+    b[1] = rk::to_tf32(sb[(t + 4) * kPitchB + g]);
+    rk::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    rk::ldmatrix<2, true>(b, sb + (lane % 16) * kPitchB);
+    rk::mma_m16n8k16<T>(d, a, b);
+  }
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// Misuses the emulator must report. mode 0: an ldmatrix row address 8
+// bytes past a 16-byte boundary; 1: an ldmatrix address in global memory;
+// 2: lane 0 issues ldmatrix.x2 while the others issue .x4; 3: lane 0 waits
+// at __syncwarp() while the others issue mma; 4: an mma in a block of 16
+// threads (half a warp).
+__global__ void collective_misuse_kernel(const rk::half_t* global, int mode) {
+  rk::half_t* s = reinterpret_cast<rk::half_t*>(rk::dynamic_smem());
+  const int lane = threadIdx.x % 32;
+  uint32_t r[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mode == 0) rk::ldmatrix<4>(r, s + (lane % 16) * 8 + 4);
+  if (mode == 1) rk::ldmatrix<4>(r, global + (lane % 16) * 8);
+  if (mode == 2) {
+    if (lane == 0) {
+      uint32_t r2[2];
+      rk::ldmatrix<2>(r2, s + lane * 8);
+    } else {
+      rk::ldmatrix<4>(r, s + lane * 8);
+    }
+  }
+  if (mode == 3) {
+    if (lane == 0) {
+      __syncwarp();
+    } else {
+      rk::mma_m16n8k16<rk::half_t>(d, r, b);
+    }
+  }
+  if (mode == 4) rk::mma_m16n8k16<rk::half_t>(d, r, b);
+}
+
+// Each warp runs one mma (A = identity, so D = C) and stores D to its
+// shared-memory slot by the accumulator layout, then every lane reads the
+// whole tile back. sync: 0 none (lanes see elements other lanes have not
+// stored yet), 1 __syncwarp(), 2 __syncthreads().
+__global__ void mma_readback_kernel(const float* c, float* out, int sync) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float* s = reinterpret_cast<float*>(rk::dynamic_smem()) + warp * 128;
+  const float* cw = c + warp * 128;
+  const rk::half_t one = rk::from_float<rk::half_t>(1.0f), zero = rk::from_float<rk::half_t>(0.0f);
+  uint32_t a[4], b[2] = {0, 0};
+  for (int i = 0; i < 4; ++i) {  // A = I: a[i] holds A[g + 8(i%2)][2t + 8(i/2), +1]
+    const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+    a[i] = rk::pack_pair(row == col ? one : zero, row == col + 1 ? one : zero);
+  }
+  float d[4] = {cw[g * 8 + 2 * t], cw[g * 8 + 2 * t + 1], cw[(g + 8) * 8 + 2 * t], cw[(g + 8) * 8 + 2 * t + 1]};
+  rk::mma_m16n8k16<rk::half_t>(d, a, b);  // B = 0: D = C
+  s[g * 8 + 2 * t] = d[0];
+  s[g * 8 + 2 * t + 1] = d[1];
+  s[(g + 8) * 8 + 2 * t] = d[2];
+  s[(g + 8) * 8 + 2 * t + 1] = d[3];
   if (sync == 1) __syncwarp();
   if (sync == 2) __syncthreads();
-  for (int i = 0; i < 256; ++i) out[threadIdx.x * 256 + i] = s[i];
+  for (int i = 0; i < 128; ++i) out[threadIdx.x * 128 + i] = s[i];
 }
 
 // Each thread copies 16 bytes of `in` to shared memory with cp.async, then
@@ -99,30 +219,6 @@ __global__ void async_copy_kernel(const float* in, float* out, int mode) {
 __global__ void divergent_syncwarp_kernel(float* out) {
   if (threadIdx.x % 32 != 0) __syncwarp();
   out[threadIdx.x] = 1.0f;
-}
-
-// A wmma load from a pointer 2 bytes past an aligned one.
-__global__ void wmma_misaligned_kernel(const rk::half_t* a, float* d) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, rk::half_t, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, rk::half_t, wmma::row_major> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::load_matrix_sync(fa, a + 1, 16);
-  wmma::load_matrix_sync(fb, a, 16);
-  wmma::mma_sync(fc, fa, fb, fc);
-  wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
-}
-
-// Lane 0 loads a different tile than the other lanes of its warp.
-__global__ void wmma_divergent_kernel(const rk::half_t* a, float* d) {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, rk::half_t, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, rk::half_t, wmma::row_major> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 0.0f);
-  wmma::load_matrix_sync(fa, a + (threadIdx.x == 0 ? 256 : 0), 16);
-  wmma::load_matrix_sync(fb, a, 16);
-  wmma::mma_sync(fc, fa, fb, fc);
-  wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
 }
 
 // Thread 0 returns before a barrier the others wait at.
@@ -158,28 +254,25 @@ at::Tensor block_reduce(const at::Tensor& x, int64_t threads) {
   return out;
 }
 
-at::Tensor wmma_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool b_col_major) {
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous() && c.scalar_type() == at::kFloat);
-  at::Tensor d = at::empty({16, 16}, c.options());
+at::Tensor mma_fragments(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t wrong) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous() && c.scalar_type() == at::kFloat &&
+              a.scalar_type() == b.scalar_type());
+  const int K = a.scalar_type() == at::kFloat ? 8 : 16;
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({16, K}) && b.sizes() == at::IntArrayRef({K, 8}) &&
+              c.sizes() == at::IntArrayRef({16, 8}));
+  at::Tensor d = at::empty({16, 8}, c.options());
   const float* pc = c.data_ptr<float>();
   float* pd = d.data_ptr<float>();
-  if (a.scalar_type() == at::kFloat) {
-    const float* pa = a.data_ptr<float>();
-    const float* pb = b.data_ptr<float>();
-    launch(dim3(1), dim3(32), 0, [=]() { wmma_tf32_kernel(pa, pb, pc, pd); });
-    return d;
-  }
+  const int w = static_cast<int>(wrong);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* pa = static_cast<const T*>(a.data_ptr());
     const T* pb = static_cast<const T*>(b.data_ptr());
-    if (b_col_major) {
-      launch(dim3(1), dim3(32), 0, [=]() { wmma16_kernel<T, wmma::col_major>(pa, pb, pc, pd); });
-    } else {
-      launch(dim3(1), dim3(32), 0, [=]() { wmma16_kernel<T, wmma::row_major>(pa, pb, pc, pd); });
-    }
+    launch(dim3(1), dim3(32), 0, [=]() { mma_fragment_kernel<T>(pa, pb, pc, pd, w); });
   };
-  if (a.scalar_type() == at::kHalf) {
+  if (a.scalar_type() == at::kFloat) {
+    run(float{});
+  } else if (a.scalar_type() == at::kHalf) {
     run(rk::half_t{});
   } else {
     TORCH_CHECK(a.scalar_type() == at::kBFloat16);
@@ -188,13 +281,63 @@ at::Tensor wmma_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return d;
 }
 
-at::Tensor wmma_readback(const at::Tensor& c, int64_t sync) {
-  TORCH_CHECK(c.dim() == 3 && c.size(1) == 16 && c.size(2) == 16 && c.is_contiguous() && c.scalar_type() == at::kFloat);
+at::Tensor ldmatrix_lanes(const at::Tensor& rows, int64_t num, bool trans) {
+  TORCH_CHECK(rows.scalar_type() == at::kShort && rows.is_contiguous() && rows.numel() == num * 64);
+  at::Tensor out = at::empty({32, num}, rows.options().dtype(at::kInt));
+  const uint16_t* pr = reinterpret_cast<const uint16_t*>(rows.data_ptr());
+  uint32_t* po = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const size_t smem = num * 8 * 24 * 2;
+  auto go = [&](auto kernel) { launch(dim3(1), dim3(32), smem, [=]() { kernel(pr, po); }); };
+  if (num == 1) trans ? go(ldmatrix_kernel<1, true>) : go(ldmatrix_kernel<1, false>);
+  else if (num == 2) trans ? go(ldmatrix_kernel<2, true>) : go(ldmatrix_kernel<2, false>);
+  else {
+    TORCH_CHECK(num == 4);
+    trans ? go(ldmatrix_kernel<4, true>) : go(ldmatrix_kernel<4, false>);
+  }
+  return out;
+}
+
+at::Tensor ldmatrix_mma(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.scalar_type() == b.scalar_type());
+  at::Tensor d = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  float* pd = d.data_ptr<float>();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = static_cast<const T*>(a.data_ptr());
+    const T* pb = static_cast<const T*>(b.data_ptr());
+    launch(dim3(1), dim3(32), 4096, [=]() { ldmatrix_mma_kernel<T>(pa, pb, pd); });
+  };
+  if (a.scalar_type() == at::kFloat) {
+    run(float{});
+  } else if (a.scalar_type() == at::kHalf) {
+    run(rk::half_t{});
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16);
+    run(rk::bf16_t{});
+  }
+  return d;
+}
+
+at::Tensor mma_macs_of(const at::Tensor& a, const at::Tensor& b) {
+  // The MAC count the emulator records for one ldmatrix_mma launch.
+  ldmatrix_mma(a, b);
+  return at::scalar_tensor(static_cast<int64_t>(rk_emu::mma_macs()), at::kLong);
+}
+
+void collective_misuse(int64_t mode) {
+  at::Tensor g = at::zeros({512}, at::TensorOptions().dtype(at::kHalf));
+  const rk::half_t* pg = static_cast<const rk::half_t*>(g.data_ptr());
+  const int m = static_cast<int>(mode);
+  launch(dim3(1), dim3(mode == 4 ? 16 : 32), 1024, [=]() { collective_misuse_kernel(pg, m); });
+}
+
+at::Tensor mma_readback(const at::Tensor& c, int64_t sync) {
+  TORCH_CHECK(c.dim() == 3 && c.size(1) == 16 && c.size(2) == 8 && c.is_contiguous() && c.scalar_type() == at::kFloat);
   const int warps = c.size(0);
-  at::Tensor out = at::empty({warps * 32, 256}, c.options());
+  at::Tensor out = at::empty({warps * 32, 128}, c.options());
   const float* pc = c.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  launch(dim3(1), dim3(warps * 32), warps * 256 * 4, [=]() { wmma_readback_kernel(pc, o, static_cast<int>(sync)); });
+  launch(dim3(1), dim3(warps * 32), warps * 128 * 4, [=]() { mma_readback_kernel(pc, o, static_cast<int>(sync)); });
   return out;
 }
 
@@ -215,22 +358,6 @@ at::Tensor divergent_syncwarp() {
   return out;
 }
 
-at::Tensor wmma_misaligned(const at::Tensor& a) {
-  at::Tensor d = at::empty({16, 16}, a.options().dtype(at::kFloat));
-  const rk::half_t* pa = static_cast<const rk::half_t*>(a.data_ptr());
-  float* pd = d.data_ptr<float>();
-  launch(dim3(1), dim3(32), 0, [=]() { wmma_misaligned_kernel(pa, pd); });
-  return d;
-}
-
-at::Tensor wmma_divergent(const at::Tensor& a) {
-  at::Tensor d = at::empty({16, 16}, a.options().dtype(at::kFloat));
-  const rk::half_t* pa = static_cast<const rk::half_t*>(a.data_ptr());
-  float* pd = d.data_ptr<float>();
-  launch(dim3(1), dim3(32), 0, [=]() { wmma_divergent_kernel(pa, pd); });
-  return d;
-}
-
 at::Tensor divergent_barrier(int64_t threads) {
   at::Tensor out = at::zeros({threads}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
@@ -243,11 +370,13 @@ at::Tensor divergent_barrier(int64_t threads) {
 TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
   m.def("smem_shift(Tensor x, int threads, bool barrier) -> Tensor", &smem_shift);
   m.def("block_reduce(Tensor x, int threads) -> Tensor", &block_reduce);
-  m.def("wmma_mma(Tensor a, Tensor b, Tensor c, bool b_col_major) -> Tensor", &wmma_mma);
-  m.def("wmma_readback(Tensor c, int sync) -> Tensor", &wmma_readback);
+  m.def("mma_readback(Tensor c, int sync) -> Tensor", &mma_readback);
+  m.def("mma_fragments(Tensor a, Tensor b, Tensor c, int wrong) -> Tensor", &mma_fragments);
+  m.def("ldmatrix_lanes(Tensor rows, int num, bool trans) -> Tensor", &ldmatrix_lanes);
+  m.def("ldmatrix_mma(Tensor a, Tensor b) -> Tensor", &ldmatrix_mma);
+  m.def("mma_macs_of(Tensor a, Tensor b) -> Tensor", &mma_macs_of);
+  m.def("collective_misuse(int mode) -> ()", &collective_misuse);
   m.def("divergent_syncwarp() -> Tensor", &divergent_syncwarp);
   m.def("async_copy(Tensor x, int mode) -> Tensor", &async_copy);
-  m.def("wmma_misaligned(Tensor a) -> Tensor", &wmma_misaligned);
-  m.def("wmma_divergent(Tensor a) -> Tensor", &wmma_divergent);
   m.def("divergent_barrier(int threads) -> Tensor", &divergent_barrier);
 }

@@ -5,7 +5,7 @@
 // kernel source as the CUDA ops of _C, the kernel run by
 // csrc/emulation/cuda_emu.h). Built on first use by
 // resnext_kernels/backends/cuda/emulation.py; not part of resnext_kernels._C.
-// Also the emulation-only helper op last_launch_plan.
+// Also the emulation-only helper ops last_launch_plan and last_launch_mma_macs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,9 +16,11 @@
 
 namespace {
 
-// The plan of the last emulated launch, [TH, WC, CS, nbuf, smem bytes,
-// grid.x, grid.y], so tests can see which plan a plan_rank ran.
+// The plan of the last emulated launch, [TW, Mo, WC, CS, nbuf, smem bytes,
+// grid.x, grid.y], so tests can see which plan a plan_rank ran, and the
+// multiply-accumulates its MMAs executed (counted by the emulator).
 std::vector<int64_t> last_plan;
+int64_t last_macs = -1;
 
 constexpr const char kOp[] = "resnext_kernels_emu::fused_block_forward";
 
@@ -50,17 +52,18 @@ at::Tensor fused_block_forward(const at::Tensor& x, const at::Tensor& w1p, const
       x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups, allow_tf32,
       static_cast<size_t>(smem_limit), plan_rank, kOp,
       [](rk::Math math, const rk::FusedBlockParams& p, dim3 grid, size_t smem) {
-        last_plan = {p.TH, p.WC, p.CS, p.nbuf, static_cast<int64_t>(smem), grid.x, grid.y};
+        last_plan = {p.TW, p.Mo, p.WC, p.CS, p.nbuf, static_cast<int64_t>(smem), grid.x, grid.y};
+        last_macs = -1;
         // Poison the output (NaN in every dtype) so unwritten elements fail.
         const int elem = math == rk::Math::kHalf || math == rk::Math::kBf16 ? 2 : 4;
         std::memset(p.y, 0xFF, static_cast<size_t>(p.N) * p.Ho * p.Wo * p.Cout * elem);
         try {
           switch (math) {
             case rk::Math::kHalf:
-              run<rk::WmmaPolicy16<rk::half_t>>(p, grid, smem);
+              run<rk::Mma16Policy<rk::half_t>>(p, grid, smem);
               break;
             case rk::Math::kBf16:
-              run<rk::WmmaPolicy16<rk::bf16_t>>(p, grid, smem);
+              run<rk::Mma16Policy<rk::bf16_t>>(p, grid, smem);
               break;
             case rk::Math::kTf32:
               run<rk::Tf32Policy>(p, grid, smem);
@@ -72,12 +75,18 @@ at::Tensor fused_block_forward(const at::Tensor& x, const at::Tensor& w1p, const
         } catch (const std::runtime_error& e) {
           TORCH_CHECK(false, kOp, ": ", e.what());
         }
+        last_macs = static_cast<int64_t>(rk_emu::mma_macs());
       });
 }
 
 std::vector<int64_t> last_launch_plan() {
   TORCH_CHECK(!last_plan.empty(), "last_launch_plan: no emulated fused block has run yet");
   return last_plan;
+}
+
+int64_t last_launch_mma_macs() {
+  TORCH_CHECK(last_macs >= 0, "last_launch_mma_macs: no emulated fused block has completed yet");
+  return last_macs;
 }
 
 }  // namespace
@@ -87,4 +96,7 @@ TORCH_LIBRARY_IMPL(resnext_kernels_emu, CPU, m) {
   m.impl("fused_block_forward", &fused_block_forward);
 }
 
-TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) { m.def("last_launch_plan() -> int[]", &last_launch_plan); }
+TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
+  m.def("last_launch_plan() -> int[]", &last_launch_plan);
+  m.def("last_launch_mma_macs() -> int", &last_launch_mma_macs);
+}

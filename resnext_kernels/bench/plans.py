@@ -58,7 +58,9 @@ def parse_args(argv=None):
                              "default: all named shapes")
     parser.add_argument("--batch", type=_positive_int, default=128)
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (fp32 runs without TF32, "
-                        "as in the benchmarks)")
+                        "as in the benchmarks, unless --tf32)")
+    parser.add_argument("--tf32", action="store_true", help="--list only: float32 on TF32 tensor cores (the "
+                        "kernel's TF32 path) instead of full fp32 FMA")
     parser.add_argument("--ranks", type=_positive_int, default=8, help="plan ranks per shape, from rank 0")
     parser.add_argument("--smem-limit", type=_positive_int, default=None,
                         help="shared-memory bytes per block, --list only (default: the GPU's opt-in maximum, "
@@ -75,38 +77,43 @@ def parse_args(argv=None):
         args.dtype = parse_dtype(args.dtype)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.tf32 and (args.dtype != torch.float32 or not args.list):
+        parser.error("--tf32 applies to --list with --dtype float32 only (timing runs fp32 without TF32, as the "
+                     "benchmarks do)")
     return args
 
 
-def shape_plans(shape, batch, dtype, smem_limit):
+def math_name(args):
+    """The kernel's math mode for the dtype: its MMA class."""
+    if args.dtype != torch.float32:
+        return dtype_name(args.dtype)
+    return "float32 (TF32 tensor cores)" if args.tf32 else "float32 (FMA, no TF32)"
+
+
+def shape_plans(shape, batch, dtype, smem_limit, allow_tf32):
     """The candidate plans of a benchmark shape (dilation 1), in rank order."""
     return planner.candidate_plans(batch, shape.hw, shape.hw, shape.cin, shape.width, shape.cout, shape.groups,
-                                        shape.stride, 1, dtype, smem_limit)
+                                   shape.stride, 1, dtype, smem_limit, projection=shape.projection,
+                                   allow_tf32=allow_tf32)
 
 
-def mma_work(shape, batch, plan, tile_w=16):
-    """MACs the kernel's MMAs execute with this plan over the block's own MACs
-    (block_flops / 2): what the halo recompute, the 16-column output
-    tiles (tile_w, the kernel's kTileW), the block-diagonal group packing,
-    the channel padding and the Cout slices (each recomputes conv1 and the
-    grouped conv) cost. Derived from the kernel's loops, not measured."""
-    dims = planner.padded_dims(shape.cin, shape.width, shape.cout, shape.groups)
-    s = shape.stride
-    halo = ((plan.TH - 1) * s + 3) * ((tile_w - 1) * s + 3)  # dilation 1
-    mp1 = -(-halo // 16) * 16
-    mo = plan.TH * tile_w
-    per_block = (mp1 * dims.cin_p * dims.wp + mo * dims.wp * 9 * 16 * dims.kt
-                 + mo * plan.CS * (dims.wp + (dims.cin_p if shape.projection else 0)))
-    return plan.grid_x * plan.grid_y * per_block / (block_flops(shape, batch) / 2)
+def mma_work(shape, batch, plan):
+    """MACs the kernel's MMAs execute with this plan (the planner's count,
+    plan.mma_macs: halo recompute, M padding of the last 16-row tile, the
+    grouped conv's block-diagonal and K padding, channel padding and the
+    Cout slices' recompute of conv1 and the grouped conv) over the block's
+    own MACs (block_flops / 2). Derived from the kernel's loops (the
+    emulator counts the same), not measured."""
+    return plan.mma_macs / (block_flops(shape, batch) / 2)
 
 
 def _plan_cells(name, plan):
     """Table cells of a plan (a TilePlan's _asdict(), or a timed entry)."""
-    return ([name] + [str(plan[f]) for f in ("rank", "TH", "WC", "CS", "nbuf", "smem")]
-            + [f"{plan['cost']:.4g}", f"{plan['mma_work']:.2f}x"])
+    return ([name] + [str(plan[f]) for f in ("rank", "TW", "Mo", "WC", "CS", "nbuf", "smem", "halo")]
+            + [f"{plan['cost']:.4g}", f"{plan['mma_work']:.3f}x"])
 
 
-_PLAN_HEADER = ["shape", "rank", "TH", "WC", "CS", "nbuf", "smem (B)", "est. cost", "MMA work"]
+_PLAN_HEADER = ["shape", "rank", "TW", "Mo", "WC", "CS", "nbuf", "smem (B)", "halo px", "est. cost", "MMA work"]
 
 
 def list_plans(args):
@@ -116,15 +123,17 @@ def list_plans(args):
                  else settings.H100_SMEM_OPTIN)
     shapes, lines = [], []
     for shape in args.shapes:
-        plans = shape_plans(shape, args.batch, args.dtype, limit)
+        plans = shape_plans(shape, args.batch, args.dtype, limit, args.tf32)
         listed = [{**p._asdict(), "mma_work": mma_work(shape, args.batch, p)} for p in plans[:args.ranks]]
         shapes.append({"shape": shape.name, "spec": shape.spec(), "plans_fitting": len(plans), "plans": listed})
         lines += [_plan_cells(shape.name, p) + [f"{p['grid_x']}, {p['grid_y']}"] for p in listed]
-    print(f"Candidate tile plans, batch {args.batch}, {dtype_name(args.dtype)}, shared-memory limit {limit} B "
-          f"(first {args.ranks} ranks of each shape; rank 0 is the cost model's choice)\n")
+    print(f"Candidate tile plans, batch {args.batch}, {math_name(args)}, shared-memory limit {limit} B "
+          f"(first {args.ranks} ranks of each shape; rank 0 is the cost model's choice; MMA work = executed MMA "
+          "multiply-accumulates / the block's)\n")
     print(_table(_PLAN_HEADER + ["grid"], lines))
     print("\n" + ", ".join(f"{s['shape']}: {s['plans_fitting']} plans fit" for s in shapes))
-    return {"batch": args.batch, "dtype": dtype_name(args.dtype), "smem_limit": limit, "shapes": shapes}
+    return {"batch": args.batch, "dtype": dtype_name(args.dtype), "math": math_name(args), "smem_limit": limit,
+            "shapes": shapes}
 
 
 def _time_shape(shape, args, limit, device):
@@ -137,13 +146,13 @@ def _time_shape(shape, args, limit, device):
     wdp = packed[6] if wd is not None else None
     inputs = case.inputs_for("cuda")
     k = case.y_ref.shape[0]
-    plans = shape_plans(shape, args.batch, args.dtype, limit)
+    plans = shape_plans(shape, args.batch, args.dtype, limit, args.tf32)
     results = []
     for plan in plans[:args.ranks]:
         def run(x, rank=plan.rank):
             return torch.ops.resnext_kernels.fused_block_forward(
                 x, *packed[:6], wdp, shape.width, shape.cout, shape.stride, 1, shape.groups,
-                torch.backends.cudnn.allow_tf32, 0, rank)
+                False, 0, rank)
 
         with torch.no_grad():
             error = max_abs_error(run(inputs[0])[:k], case.y_ref)
@@ -182,13 +191,13 @@ def time_plans(args):
                                                         "yes" if p["within_tolerance"] else "NO"])
         summary.append([s["shape"], str(s["plans_fitting"]), str(len(s["plans"])), str(s["fastest_rank"]),
                         f"{s['model_vs_fastest']:.2f}x", str(s["autotune_rank"]), f"{s['autotune_vs_fastest']:.2f}x"])
-    print(f"Tile plans timed on {device_name(device)}, batch {args.batch}, {dtype_name(args.dtype)}, "
+    print(f"Tile plans timed on {device_name(device)}, batch {args.batch}, {math_name(args)}, "
           f"shared-memory limit {limit} B, median of CUDA-event rounds over rotating inputs\n")
     print(_table(_PLAN_HEADER + ["ms", "vs fastest", "within tol."], lines))
     print()
     print(_table(["shape", "plans fit", "ranks timed", "fastest rank", "rank 0 vs fastest",
                   f"autotune pick (top {planner.AUTOTUNE_TOP_K})", "its time vs fastest"], summary))
-    return {"device": device_name(device), "batch": args.batch, "dtype": dtype_name(args.dtype),
+    return {"device": device_name(device), "batch": args.batch, "dtype": dtype_name(args.dtype), "math": math_name(args),
             "smem_limit": limit, "settings": settings, "seconds_per_rank": args.seconds,
             "autotune_top_k": planner.AUTOTUNE_TOP_K, "shapes": shapes}
 

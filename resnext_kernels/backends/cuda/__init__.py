@@ -25,6 +25,7 @@ them and, on CUDA, times the first few).
 import torch
 
 from ...common import extension, settings
+from ...common.layout import output_memory_format
 from ...common.sizes import conv_output_size
 from ...common.weight_cache import WeightCache
 from . import emulation, planner
@@ -33,18 +34,19 @@ PACK_CACHE = WeightCache()
 
 
 def _fake_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
-    cin_p, wp, cout_p, _, kt = planner.padded_dims(w1.shape[1], w1.shape[0], w3.shape[0], groups)
+    dims = planner.padded_dims(w1.shape[1], w1.shape[0], w3.shape[0], groups, w1.element_size())
+    e = dims.kk // 4  # elements per lane of a fragment-ordered B tile
     f32 = torch.float32
     packed = [
-        w1.new_empty(cin_p, wp),
-        w1.new_empty(wp, dtype=f32),
-        w1.new_empty(wp // 16, 9, kt, 16, 16),
-        w1.new_empty(wp, dtype=f32),
-        w1.new_empty(wp, cout_p),
-        w1.new_empty(cout_p, dtype=f32),
+        w1.new_empty(dims.cin_p // dims.kk, dims.wp // 8, 32, e),
+        w1.new_empty(dims.wp, dtype=f32),
+        w1.new_empty(dims.wp // 8, dims.ks2, 32, e),
+        w1.new_empty(dims.wp, dtype=f32),
+        w1.new_empty(dims.wp // dims.kk, dims.cout_p // 8, 32, e),
+        w1.new_empty(dims.cout_p, dtype=f32),
     ]
     if wd is not None:
-        packed.append(w1.new_empty(cin_p, cout_p))
+        packed.append(w1.new_empty(dims.cin_p // dims.kk, dims.cout_p // 8, 32, e))
     return packed
 
 
@@ -52,7 +54,7 @@ def _fake_forward(x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dil
                   smem_limit=0, plan_rank=0):
     n, _, h, w = x.shape
     shape = (n, cout, conv_output_size(h, stride), conv_output_size(w, stride))
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
 
 
 def _register_fakes(namespace):

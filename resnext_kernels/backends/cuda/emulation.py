@@ -23,9 +23,11 @@ import torch
 from ...common import toolkit
 
 NAMESPACE = "resnext_kernels_emu"
-# The op schemas (compiled with RK_OPS_NAMESPACE=NAMESPACE), the emulated
-# implementations, and the emulator's self-test kernels.
-SOURCES = ("fused_block_ops.cpp", "emulation/fused_block_emu.cpp", "emulation/emu_selftest.cpp")
+# The op schemas (compiled with RK_OPS_NAMESPACE=NAMESPACE), the emulator's
+# fiber switch, the emulated implementations, and the emulator's self-test
+# kernels.
+SOURCES = ("fused_block_ops.cpp", "emulation/cuda_emu.cpp", "emulation/fused_block_emu.cpp",
+           "emulation/emu_selftest.cpp")
 
 _lock = threading.Lock()
 _loaded = False

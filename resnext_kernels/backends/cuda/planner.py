@@ -16,33 +16,45 @@ import collections
 import torch
 
 from ...common import extension, settings, tuning
-from ...common.sizes import next_pow2, round_up
+from ...common.sizes import cdiv, next_pow2, round_up
 from . import emulation
 
-PaddedDims = collections.namedtuple("PaddedDims", "cin_p wp cout_p d_p kt")
+PaddedDims = collections.namedtuple("PaddedDims", "cin_p wp cout_p d_p kk ks2")
 
 
-def padded_dims(cin, width, cout, groups):
-    """The kernel's padded sizes; mirrors set_padded_dims in
-    csrc/fused_block_host.h (opcheck compares the fake packing with it)."""
+def padded_dims(cin, width, cout, groups, elem_bytes):
+    """The kernel's padded sizes and MMA shape (K step kk: 16 for 2-byte
+    elements, 8 for fp32; ks2: the grouped conv's K steps per output tile);
+    mirrors set_padded_dims in csrc/fused_block_plan.h (opcheck compares the
+    fake packing with it)."""
     d = width // groups
-    d_p = round_up(d, 16) if d > 16 else next_pow2(d)
-    return PaddedDims(round_up(cin, 16), round_up(groups * d_p, 16), round_up(cout, 16), d_p, max(1, d_p // 16))
+    d_p = round_up(d, 8) if d > 8 else next_pow2(d)
+    kk = 16 if elem_bytes == 2 else 8
+    return PaddedDims(round_up(cin, 16), round_up(groups * d_p, 16), round_up(cout, 8), d_p, kk,
+                      cdiv(9 * max(8, d_p), kk))
 
 
 # Columns of the planner's table (rk::plan_table in csrc/fused_block_plan.h)
-# after the rank: tile height, width chunk, Cout slice, input-channel chunk,
-# x chunk buffers, dynamic shared-memory bytes, estimated cost, grid.
-TilePlan = collections.namedtuple("TilePlan", "rank TH WC CS KC nbuf smem cost grid_x grid_y")
+# after the rank: band width, run length (output pixels per block), width
+# chunk, Cout slice, input-channel chunk, x chunk buffers, dynamic
+# shared-memory bytes, estimated cost, grid, the largest halo (input pixels
+# of one block) and the multiply-accumulates the launch's MMAs execute.
+TilePlan = collections.namedtuple("TilePlan", "rank TW Mo WC CS KC nbuf smem cost grid_x grid_y halo mma_macs")
 
 
-def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, smem_limit, emulated=False):
+def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, smem_limit, *, projection=None,
+                    allow_tf32=True, emulated=False):
     """The tile plans that fit in smem_limit bytes (> 0), in plan_rank order
     (the planner's cost estimate, cheapest first), as TilePlan tuples; []
-    when none fits. No GPU needed: the planner of ``resnext_kernels._C``, or
-    with emulated=True the one compiled into the emulation library."""
+    when none fits. projection: whether wd is given (default: when the
+    block needs one, stride != 1 or cin != cout); allow_tf32: fp32 on TF32
+    tensor cores (else FMA: the cost model's rate). No GPU needed: the
+    planner of ``resnext_kernels._C``, or with emulated=True the one
+    compiled into the emulation library."""
     if dtype not in settings.KERNEL_DTYPES:
         raise ValueError(f"dtype must be one of {settings.KERNEL_DTYPES}, got {dtype}")
+    if projection is None:
+        projection = stride != 1 or cin != cout
     if emulated:
         emulation.load()
         op = getattr(torch.ops, emulation.NAMESPACE).fused_block_plans
@@ -51,8 +63,8 @@ def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, 
             raise RuntimeError(f"resnext_kernels._C is needed to list tile plans: {extension.extension_error()}")
         op = torch.ops.resnext_kernels.fused_block_plans
     elem_bytes = torch.empty((), dtype=dtype).element_size()
-    table = op(n, h, w, cin, width, cout, groups, stride, dilation, elem_bytes, smem_limit)
-    return [TilePlan(rank, *map(int, row[:6]), row[6], int(row[7]), int(row[8]))
+    table = op(n, h, w, cin, width, cout, groups, stride, dilation, projection, elem_bytes, allow_tf32, smem_limit)
+    return [TilePlan(rank, *map(int, row[:7]), row[7], int(row[8]), int(row[9]), int(row[10]), int(row[11]))
             for rank, row in enumerate(table.tolist())]
 
 
@@ -83,7 +95,8 @@ def autotuned_rank(forward_op, args):
 
     def count_plans():
         limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        return len(candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit))
+        return len(candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit,
+                                   projection=wdp is not None, allow_tf32=allow_tf32))
 
     # Capture state, events and timing runs all belong to x's device.
     with torch.cuda.device(x.device):
