@@ -141,7 +141,27 @@ struct TilePlan {
   int halo;
   double mma_macs;
   double cost;
+  bool budget_pick = false;  // the cheapest plan within kMmaWorkBudget (ranks first)
 };
+
+// The MMA-work budget: executed MMA multiply-accumulates (halo recompute,
+// padding, Cout-slice recompute included) over the block's own. Past it the
+// block stops being memory-bound on an H100/H200 (docs/cuda_backend.md,
+// "MMA work"), so rank 0 is the cheapest estimate within it when any plan
+// is; the cost model, a guess, still orders everything else, and the
+// backend's autotuning times rank 0 against the next cheapest estimates.
+constexpr double kMmaWorkBudget = 1.25;
+
+// The block's own multiply-accumulates: conv1, the grouped 3x3, conv3 and
+// the projection (the same count as bench.shapes.block_flops / 2; the plan
+// table's MMA work column is checked against it in the tests).
+inline double block_macs(int N, int H, int W, int Cin, int width, int Cout, int groups, int stride,
+                         bool projection) {
+  const double in_px = double(N) * H * W;
+  const double out_px = double(N) * ((H - 1) / stride + 1) * ((W - 1) / stride + 1);
+  return in_px * Cin * width + out_px * width * (width / groups) * 9.0 + out_px * width * Cout +
+         (projection ? out_px * Cin * Cout : 0.0);
+}
 
 // Rows of the x chunk buffer a streamed GEMM phase needs: the jobs (m-block
 // of kWarpM 16-row tiles, n-group of job_tiles_n 8-column tiles), n-group
@@ -346,8 +366,12 @@ constexpr int kMaxRun = 512;  // longest run (output pixels per block) considere
 // 16, 32, ... kMaxRun output pixels (at most the band's pixels) x width
 // chunks x Cout slices x two x buffers (prefetch) or one. `fma`: fp32
 // without TF32 (the cost model's rate).
-inline std::vector<TilePlan> fitting_plans(const FusedBlockParams& problem, int elem_bytes, size_t smem_limit,
-                                           bool fma) {
+inline bool ranks_before(const TilePlan& a, const TilePlan& b);
+
+// Every plan that fits in smem_limit, unordered; the cheapest one whose MMA
+// work is within kMmaWorkBudget of useful_macs (block_macs) is marked.
+inline std::vector<TilePlan> fitting_plans(const FusedBlockParams& problem, double useful_macs, int elem_bytes,
+                                           size_t smem_limit, bool fma) {
   std::vector<TilePlan> plans;
   for (const int tw : band_widths(problem.Wo)) {
     const long long band_pixels = static_cast<long long>(problem.N) * problem.Ho * tw;
@@ -370,24 +394,31 @@ inline std::vector<TilePlan> fitting_plans(const FusedBlockParams& problem, int 
       }
     }
   }
+  TilePlan* pick = nullptr;
+  for (TilePlan& t : plans) {
+    if (t.mma_macs <= kMmaWorkBudget * useful_macs && (pick == nullptr || ranks_before(t, *pick))) pick = &t;
+  }
+  if (pick != nullptr) pick->budget_pick = true;
   return plans;
 }
 
-// The rank order: cheaper estimate first; equal estimates (plans at the
-// HBM floor, say) prefer fewer executed MMA multiply-accumulates, then the
-// longer run, the wider band, the wider width chunk, the wider Cout slice,
-// two x buffers. A total order, so a rank names one plan however the list
-// is sorted or selected.
+// The rank order: the budget pick first (see kMmaWorkBudget); then cheaper
+// estimate first; equal estimates (plans at the HBM floor, say) prefer fewer
+// executed MMA multiply-accumulates, then the longer run, the wider band,
+// the wider width chunk, the wider Cout slice, two x buffers. A total order,
+// so a rank names one plan however the list is sorted or selected.
 inline bool ranks_before(const TilePlan& a, const TilePlan& b) {
+  if (a.budget_pick != b.budget_pick) return a.budget_pick;
   if (a.cost != b.cost) return a.cost < b.cost;
   if (a.mma_macs != b.mma_macs) return a.mma_macs < b.mma_macs;
   return std::tie(b.Mo, b.TW, b.WC, b.CS, b.nbuf) < std::tie(a.Mo, a.TW, a.WC, a.CS, a.nbuf);
 }
 
-// Every plan that fits, in rank order (rank 0: the cheapest estimate).
-inline std::vector<TilePlan> candidate_plans(const FusedBlockParams& problem, int elem_bytes, size_t smem_limit,
-                                             bool fma) {
-  std::vector<TilePlan> plans = fitting_plans(problem, elem_bytes, smem_limit, fma);
+// Every plan that fits, in rank order (rank 0: the cheapest estimate within
+// the MMA-work budget).
+inline std::vector<TilePlan> candidate_plans(const FusedBlockParams& problem, double useful_macs, int elem_bytes,
+                                             size_t smem_limit, bool fma) {
+  std::vector<TilePlan> plans = fitting_plans(problem, useful_macs, elem_bytes, smem_limit, fma);
   std::sort(plans.begin(), plans.end(), ranks_before);
   return plans;
 }
@@ -435,7 +466,8 @@ inline size_t plan_fused_block(FusedBlockParams& p, int N, int H, int W, int Cin
       return hit->second.second;
     }
   }
-  std::vector<TilePlan> plans = fitting_plans(p, elem_bytes, smem_limit, fma);
+  std::vector<TilePlan> plans =
+      fitting_plans(p, block_macs(N, H, W, Cin, width, Cout, groups, stride, projection), elem_bytes, smem_limit, fma);
   TORCH_CHECK(!plans.empty(), op, ": no tile plan fits in ", smem_limit, " bytes of shared memory (Cin=", Cin,
               " width=", width, " Cout=", Cout, " stride=", stride, " dilation=", dil, ")");
   TORCH_CHECK(rank >= 0 && rank < static_cast<int64_t>(plans.size()), op, ": plan_rank=", rank,
@@ -476,7 +508,8 @@ inline at::Tensor plan_table(int64_t N, int64_t H, int64_t W, int64_t Cin, int64
   FusedBlockParams p{};
   set_problem(p, N, H, W, Cin, width, Cout, groups, stride, dilation, projection, elem_bytes);
   const bool fma = elem_bytes == 4 && !allow_tf32;
-  const std::vector<TilePlan> plans = candidate_plans(p, elem_bytes, smem_limit, fma);
+  const std::vector<TilePlan> plans = candidate_plans(
+      p, block_macs(N, H, W, Cin, width, Cout, groups, stride, projection), elem_bytes, smem_limit, fma);
   at::Tensor table = at::empty({static_cast<int64_t>(plans.size()), kPlanTableColumns}, at::kDouble);
   auto rows = table.accessor<double, 2>();
   for (size_t i = 0; i < plans.size(); ++i) {
