@@ -32,7 +32,8 @@ def _conv1x1_wgrad_kernel(
     a_ptr: [Nimg*H*W, K] pixel rows, act dtype; output pixel (n, ho, wo)
     reads input pixel (n, ho*STRIDE, wo*STRIDE). PROLOGUE: amean_ptr,
     ascale_ptr, abeta_ptr [K] fp32, the BN (+ ReLU) applied to a.
-    part_ptr: out, [SPLITS, N, K] fp32, this split's dW.
+    part_ptr: out, [SPLITS, N, K], this split's dW (fp32 when SPLITS > 1,
+    else already the weights' dtype).
     Pixels [split * PIX_PER_SPLIT, (split + 1) * PIX_PER_SPLIT) (a multiple
     of BLOCK_M). Grid: (cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), SPLITS).
     """
@@ -76,53 +77,68 @@ def _conv1x1_wgrad_kernel(
         acc = tl.dot(dy, a, acc, input_precision=PREC)
 
     out = part_ptr + split.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
-    tl.store(out, acc, mask=n_mask[:, None] & k_mask[None, :])
+    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
-# Programs a wgrad launch aims at (about 4 per SM of an H100's 132): the
-# pixel reduction is split until the output tiles x splits reach it, and no
-# split gets fewer than MIN_PIXELS_PER_SPLIT pixels.
-TARGET_PROGRAMS = 512
+# Splitting the pixel reduction. A wgrad's output (a weight) is small, so
+# its tiles alone may not fill the GPU; the reduction is split into pixel
+# ranges until the programs reach TARGET_PROGRAMS (2 per SM of an H100's
+# 132), no range is shorter than MIN_PIXELS_PER_SPLIT, and the fp32 partial
+# results (written and read once) stay within 1/PARTIAL_BYTES_FRACTION of
+# the bytes the wgrad reads anyway (stage 4's 8 MB weights get 1 split).
+TARGET_PROGRAMS = 264
 MIN_PIXELS_PER_SPLIT = 2048
+PARTIAL_BYTES_FRACTION = 8
 
 
-def splits(m, output_tiles, block_m):
-    """How many pixel ranges the reduction over m pixels is split into
-    (1 under the interpreter)."""
-    if interpreting():
-        return 1
+def gpu_splits(m, output_tiles, partial_bytes, read_bytes):
+    """Pixel ranges of a wgrad over m pixels on a GPU (see above):
+    output_tiles programs per range, partial_bytes the fp32 result of one
+    range, read_bytes what the kernel reads."""
     wanted = max(1, TARGET_PROGRAMS // output_tiles)
-    return max(1, min(wanted, m // MIN_PIXELS_PER_SPLIT, cdiv(m, block_m)))
+    by_bytes = read_bytes // (PARTIAL_BYTES_FRACTION * 2 * partial_bytes)
+    return max(1, min(wanted, m // MIN_PIXELS_PER_SPLIT, by_bytes))
+
+
+def splits(m, output_tiles, partial_bytes, read_bytes):
+    """gpu_splits, or 1 under the interpreter."""
+    return 1 if interpreting() else gpu_splits(m, output_tiles, partial_bytes, read_bytes)
+
+
+def gpu_tiles(n_ch, k, itemsize, prec):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on a GPU for dW [n_ch, k]:
+    up to 128 x 128 output tiles, 64 pixels per step (32 pixels and 64-row
+    tiles for full-fp32 "ieee" dots, whose operands sit in registers)."""
+    ieee = itemsize == 4 and prec == "ieee"
+    bn = min(64 if ieee else 128, max(16, next_pow2(n_ch)))
+    bk = min(128, max(16, next_pow2(k)))
+    return 32 if ieee else 64, bn, bk, 8 if bn * bk >= 128 * 128 else 4, 3
 
 
 def tiles(dz, k):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for dW [N, k] (N = dz's
-    channels): up to 128 x 128 output tiles, 64 pixels per step (32 and
-    64-row tiles for full-fp32 "ieee" dots, whose operands sit in registers)."""
-    ieee = dz.element_size() == 4 and dot_precision(dz.dtype) == "ieee"
-    bn = min(64 if ieee else 128, max(16, next_pow2(dz.shape[1])))
-    bk = min(128, max(16, next_pow2(k)))
-    bm = 128 if interpreting() else (32 if ieee else 64)
-    return bm, bn, bk, 8 if bn * bk >= 128 * 128 else 4, 3
+    """gpu_tiles for dz's channels and dtype; 128 pixels per step under the interpreter."""
+    bm, bn, bk, warps, stages = gpu_tiles(dz.shape[1], k, dz.element_size(), dot_precision(dz.dtype))
+    return (128 if interpreting() else bm), bn, bk, warps, stages
 
 
-def conv1x1_wgrad(dz, y, mean, coef, a, weight_shape, prologue=None, stride=1):
-    """dW of a 1x1 conv [N, K, 1, 1] (weight_shape), fp32.
+def conv1x1_wgrad(dz, y, mean, coef, a, weight_shape, dtype, prologue=None, stride=1):
+    """dW of a 1x1 conv [N, K, 1, 1] (weight_shape) in `dtype`.
 
     dz, y: [Nimg, N, Ho, Wo] channels_last (gradient at the following BN's
     output, the conv's output); mean [N], coef [3, N] fp32; a: the conv's
     input source [Nimg, K, H, W] channels_last, read at `stride`; prologue:
     None or (mean, scale, beta) of a BN + ReLU applied to a.
-    Returns [N, K, 1, 1] fp32 (the splits summed in order).
+    Returns [N, K, 1, 1] in dtype (the splits summed in order in fp32, rounded once).
     """
     n_ch, k = weight_shape[0], weight_shape[1]
     m = dz.shape[0] * dz.shape[2] * dz.shape[3]
     bm, bn, bk, warps, stages = tiles(dz, k)
     output_tiles = cdiv(n_ch, bn) * cdiv(k, bk)
-    n_splits = splits(m, output_tiles, bm)
+    n_splits = splits(m, output_tiles, n_ch * k * 4, m * (k + 2 * n_ch) * dz.element_size())
     per_split = cdiv(cdiv(m, bm), n_splits) * bm
     n_splits = cdiv(m, per_split)
-    part = torch.empty(n_splits, n_ch, k, device=dz.device)
+    # One range: the kernel writes dW in the weights' dtype; several: fp32 partials.
+    part = torch.empty(n_splits, n_ch, k, device=dz.device, dtype=dtype if n_splits == 1 else torch.float32)
     amean, ascale, abeta = prologue if prologue is not None else (mean, mean, mean)
     args = (dz, y, mean, coef, a, amean, ascale, abeta, part, m, n_ch, k, dz.shape[2] * dz.shape[3], dz.shape[3],
             a.shape[2], a.shape[3], stride, per_split)
@@ -133,7 +149,7 @@ def conv1x1_wgrad(dz, y, mean, coef, a, weight_shape, prologue=None, stride=1):
         return part.reshape(n_ch, k, 1, 1)
     grad = torch.empty(1, n_ch * k, device=dz.device)
     sum_rows(part.view(n_splits, 1, n_ch * k), grad)  # fixed order
-    return grad.reshape(n_ch, k, 1, 1)
+    return grad.reshape(n_ch, k, 1, 1).to(dtype)
 
 
-__all__ = ["conv1x1_wgrad", "splits"]
+__all__ = ["conv1x1_wgrad", "gpu_splits", "gpu_tiles", "splits"]

@@ -36,14 +36,16 @@ def _grouped_conv_wgrad_kernel(
     y1_ptr: [N*H*W, WIDTH] pixel rows, stats1_ptr BN1's [STATS_ROWS, WIDTH]
     block; dz2_ptr, y2_ptr: [M_OUT, WIDTH] pixel rows (M_OUT = N*HO*WO),
     stats2_ptr BN2's block, coef2_ptr [3, WIDTH]. part_ptr: out, [SPLITS, 9,
-    N_TILES, KCH, GT, GT] fp32. Pixels [split * PIX_PER_SPLIT, (split + 1) *
-    PIX_PER_SPLIT). Grid: (9 * N_TILES * KCH, SPLITS).
+    N_TILES, KCH, GT, GT] (fp32 when SPLITS > 1, else the weights' dtype). Pixels [split * PIX_PER_SPLIT, (split + 1) *
+    PIX_PER_SPLIT). Grid: (9 * N_TILES * KCH, SPLITS), the tap fastest: the
+    nine programs reading the same dz2, y2 and y1 tiles run together and
+    share them in L2.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    kc = pid % KCH
-    ot = (pid // KCH) % N_TILES
-    tap = pid // (KCH * N_TILES)
+    tap = pid % 9
+    kc = (pid // 9) % KCH
+    ot = pid // (9 * KCH)
     dtype = dz2_ptr.dtype.element_ty
     offs_g = tl.arange(0, GT)
 
@@ -80,8 +82,9 @@ def _grouped_conv_wgrad_kernel(
         t1 = tl.where(mask1, t1, tl.zeros_like(t1))  # zero padding of t1
         acc = tl.dot(tl.trans(t1), dy2, acc, input_precision=PREC)
 
-    out = part_ptr + (split.to(tl.int64) * (9 * N_TILES * KCH) + pid) * (GT * GT)
-    tl.store(out + offs_g[:, None] * GT + offs_g[None, :], acc)
+    block = (tap * N_TILES + ot) * KCH + kc  # the [9, N_TILES, KCH] layout of dw2p
+    out = part_ptr + (split.to(tl.int64) * (9 * N_TILES * KCH) + block) * (GT * GT)
+    tl.store(out + offs_g[:, None] * GT + offs_g[None, :], acc.to(part_ptr.dtype.element_ty))
 
 
 def block_p():
@@ -89,8 +92,8 @@ def block_p():
     return 128 if interpreting() else 64
 
 
-def grouped_conv_wgrad(y1, stats1, dz2, y2, stats2, coef2, tiling, stride, dilation):
-    """The grouped conv's weight gradient, [width, d, 3, 3] fp32.
+def grouped_conv_wgrad(y1, stats1, dz2, y2, stats2, coef2, tiling, stride, dilation, dtype):
+    """The grouped conv's weight gradient, [width, d, 3, 3] in `dtype`.
 
     y1 [N, width, H, W]; dz2, y2 [N, width, Ho, Wo]: channels_last
     contiguous; stats1, stats2: [STATS_ROWS, width] blocks of BN1, BN2 (same
@@ -102,10 +105,12 @@ def grouped_conv_wgrad(y1, stats1, dz2, y2, stats2, coef2, tiling, stride, dilat
     m_out = n * ho * wo
     bp = block_p()
     blocks = 9 * t.n_tiles * t.kch
-    n_splits = splits(m_out, blocks, bp)
+    n_splits = splits(m_out, blocks, blocks * t.gt * t.gt * 4, m_out * 3 * width * y1.element_size())
     per_split = cdiv(cdiv(m_out, bp), n_splits) * bp
     n_splits = cdiv(m_out, per_split)
-    part = torch.empty(n_splits, 9, t.n_tiles, t.kch, t.gt, t.gt, device=y1.device)
+    # One range: the kernel writes in the weights' dtype; several: fp32 partials.
+    part = torch.empty(n_splits, 9, t.n_tiles, t.kch, t.gt, t.gt, device=y1.device,
+                       dtype=dtype if n_splits == 1 else torch.float32)
     args = (y1, stats1, dz2, y2, stats2, coef2, part, m_out, ho * wo, wo, h, w, width, t.d, t.d_p, t.groups,
             t.n_tiles, stride, dilation, stats1.stride(0), per_split)
     consts = {"BLOCK_P": bp, "GT": t.gt, "KCH": t.kch, "PREC": dot_precision(y1.dtype)}
@@ -114,7 +119,7 @@ def grouped_conv_wgrad(y1, stats1, dz2, y2, stats2, coef2, tiling, stride, dilat
         summed = torch.empty(1, part[0].numel(), device=y1.device)
         sum_rows(part.view(n_splits, 1, -1), summed)  # fixed order
         part = summed
-    return unpack_w2(part.view(9, t.n_tiles, t.kch, t.gt, t.gt), t)
+    return unpack_w2(part.view(9, t.n_tiles, t.kch, t.gt, t.gt), t).to(dtype)
 
 
 __all__ = ["grouped_conv_wgrad"]
