@@ -14,9 +14,11 @@ from ..common.batch_stats import (
     COUNT,
     INVSTD,
     MEAN,
+    SAVED_ROWS,
     SCALE,
     STATS_ROWS,
     norm_columns,
+    norm_counts,
     stats_dtype,
 )
 
@@ -47,24 +49,20 @@ def bottleneck_inference_reference(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, di
 
 def _bn_forward(y, bn, stats, new_running):
     """ATen's batch norm of y for one BatchNormArgs, on copies of the running
-    stats; fills the norm's columns of stats (mean, invstd, scale, beta, n)
-    and new_running (mean, var after the update). Returns BN's output."""
+    stats; fills the norm's columns of stats (mean, invstd) and new_running
+    (mean, var after the update). Returns BN's output."""
     sd = stats.dtype
     rm = None if bn.running_mean is None else bn.running_mean.clone()
     rv = None if bn.running_var is None else bn.running_var.clone()
     z, save_mean, save_invstd = torch.native_batch_norm(y, bn.weight, bn.bias, rm, rv, bn.batch_stats, bn.momentum,
                                                         bn.eps)
-    c = y.shape[1]
-    n = y.numel() // c
     if bn.batch_stats:
         mean, invstd = save_mean.to(sd), save_invstd.to(sd)
         if rm is None:  # no running stats: the batch mean and unbiased variance
             rv, rm = torch.var_mean(y.to(sd), dim=(0, 2, 3), correction=1)
     else:
         mean, invstd = rm.to(sd), torch.rsqrt(rv.to(sd) + bn.eps)
-    scale = invstd if bn.weight is None else invstd * bn.weight.to(sd)
-    stats[MEAN], stats[INVSTD], stats[SCALE], stats[COUNT] = mean, invstd, scale, n
-    stats[BETA] = 0.0 if bn.bias is None else bn.bias.to(sd)
+    stats[MEAN], stats[INVSTD] = mean, invstd
     new_running[0], new_running[1] = rm.to(sd), rv.to(sd)
     return z
 
@@ -81,12 +79,13 @@ def bottleneck_training_reference(x, w1, w2, w3, wd, norms, stride, dilation, gr
     channels_last; bn_stats [STATS_ROWS, C_total] and new_running [2, C_total]
     (the running mean and variance after the update; without running stats
     the batch mean and unbiased variance) in stats_dtype(x.dtype), columns per
-    norm as norm_columns gives them. The running stats passed in are not modified.
+    norm as norm_columns gives them; bn_stats has SAVED_ROWS rows (mean,
+    invstd). The running stats passed in are not modified.
     """
     width, cout = w1.shape[0], w3.shape[0]
     cols = norm_columns(width, cout, wd is not None)
     sd = stats_dtype(x.dtype)
-    bn_stats = torch.empty(STATS_ROWS, cols[-1].stop, dtype=sd, device=x.device)
+    bn_stats = torch.empty(SAVED_ROWS, cols[-1].stop, dtype=sd, device=x.device)
     new_running = torch.empty(2, cols[-1].stop, dtype=sd, device=x.device)
 
     def bn(i, y):
@@ -113,21 +112,29 @@ def _conv_backward(grad, inp, weight, stride=1, padding=0, dilation=1, groups=1,
     return gi, gw
 
 
-def bottleneck_training_backward_reference(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, batch_stats,
-                                           stride, dilation, groups, need_x_grad):
+def bottleneck_training_backward_reference(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, affine,
+                                           batch_stats, stride, dilation, groups, need_x_grad):
     """The training op's backward from ATen ops (convolution_backward,
     threshold_backward) and BatchNorm's backward formula, from what the
-    forward saved (post-BN/ReLU activations recomputed from y and bn_stats).
+    forward saved (post-BN/ReLU activations recomputed from y, bn_stats and
+    the affine parameters).
 
-    batch_stats: per norm, whether it normalized with batch statistics.
+    affine: per norm (weight, bias), either may be None; batch_stats: per
+    norm, whether it normalized with batch statistics.
     Returns (dx or None, dw1, dw2, dw3, dwd or None, grad_bn [2, C_total]):
     grad_bn row 0 the BN weights' gradients sum(dz * xhat), row 1 the
     biases' sum(dz), in bn_stats' dtype.
     """
     width, cout = w1.shape[0], w3.shape[0]
     cols = norm_columns(width, cout, wd is not None)
-    stats = [bn_stats[:, c, None, None] for c in cols]  # [STATS_ROWS, C, 1, 1]: broadcasts over NCHW
     sd, dtype = bn_stats.dtype, x.dtype
+    work = torch.empty(STATS_ROWS, cols[-1].stop, dtype=sd, device=x.device)  # restored: see batch_stats
+    for col, (weight, bias), n in zip(cols, affine, norm_counts(x.shape, stride, len(cols))):
+        work[MEAN, col], work[INVSTD, col] = bn_stats[MEAN, col], bn_stats[INVSTD, col]
+        work[SCALE, col] = bn_stats[INVSTD, col] * (1.0 if weight is None else weight.to(sd))
+        work[BETA, col] = 0.0 if bias is None else bias.to(sd)
+        work[COUNT, col] = n
+    stats = [work[:, c, None, None] for c in cols]  # [STATS_ROWS, C, 1, 1]: broadcasts over NCHW
     grad_bn = torch.empty(2, cols[-1].stop, dtype=sd, device=x.device)
 
     def bn_relu(y, s):

@@ -37,6 +37,8 @@ import typing
 
 import torch
 
+from .sizes import conv_output_size
+
 
 class BatchNormArgs(typing.NamedTuple):
     """One BatchNorm of the block as the training op sees it.
@@ -58,11 +60,25 @@ class BatchNormArgs(typing.NamedTuple):
     eps: float
 
 
-# The op's per-channel statistics, bn_stats [STATS_ROWS, C_total] fp32: the
-# norms' channels side by side (norm_columns), and per channel these rows.
-# BatchNorm's output is (y - mean) * scale + beta.
+# Per-channel statistics of the norms, their channels side by side
+# (norm_columns). The backends work with a block of STATS_ROWS rows per
+# channel: mean, invstd, scale = gamma * invstd, beta (bias or 0) and n (values
+# per channel); BatchNorm's output is (y - mean) * scale + beta. The op saves
+# for backward only the first SAVED_ROWS (mean, invstd: what eager's batch
+# norm saves too); the backward rebuilds the others from the affine
+# parameters and the shapes (restore).
 STATS_ROWS = 5
-MEAN, INVSTD, SCALE, BETA, COUNT = range(STATS_ROWS)  # scale = gamma * invstd; beta = bias or 0; COUNT = n
+MEAN, INVSTD, SCALE, BETA, COUNT = range(STATS_ROWS)
+SAVED_ROWS = 2
+
+
+def norm_counts(x_shape, stride, n_norms):
+    """n, the values per channel, of each norm: N*H*W for bn1, N*Ho*Wo for
+    the others (one process; a multi-process exchange would pass the global
+    counts)."""
+    n, _, h, w = x_shape
+    out = n * conv_output_size(h, stride) * conv_output_size(w, stride)
+    return [n * h * w] + [out] * (n_norms - 1)
 
 
 def stats_dtype(dtype):

@@ -11,9 +11,9 @@ train-mode block (nn.BatchNorm2d semantics, see below):
 
 and returns (out, y1, y2, y3, yd, bn_stats, new_running): the block's
 output, what the backward needs (the raw conv outputs y*, and bn_stats
-[STATS_ROWS, C_total], the per-channel mean, invstd, scale, beta and count
-of every norm; common/batch_stats.py) and the running statistics after this
-step, new_running [2, C_total] (mean, variance). The op is functional: the
+[SAVED_ROWS, C_total], the per-channel mean and invstd of every norm;
+common/batch_stats.py) and the running statistics after this step,
+new_running [2, C_total] (mean, variance). The op is functional: the
 running stats passed in are not modified; FusedResNeXtBlock copies
 new_running into its buffers. Its autograd formula calls the second op,
 ``resnext_kernels::bottleneck_training_backward``, which returns the
@@ -41,7 +41,7 @@ saying so. Validation happens once per call, in the op (and its fake).
 import torch
 
 from ..backends import registry
-from ..common.batch_stats import STATS_ROWS, BatchNormArgs, norm_columns, stats_dtype
+from ..common.batch_stats import SAVED_ROWS, BatchNormArgs, norm_columns, stats_dtype
 from ..common.sizes import conv_output_size
 from ..common.validation import check_positive_int
 from .inference import check_conv_weights
@@ -148,22 +148,27 @@ def _(x, w1, w2, w3, wd, *rest):
 
     yd = act(cout, ho, wo) if wd is not None else x.new_empty(0)
     return (act(cout, ho, wo), act(width, h, w), act(width, ho, wo), act(cout, ho, wo), yd,
-            x.new_empty((STATS_ROWS, c_total), dtype=sd), x.new_empty((2, c_total), dtype=sd))
+            x.new_empty((SAVED_ROWS, c_total), dtype=sd), x.new_empty((2, c_total), dtype=sd))
 
 
 @torch.library.custom_op(f"{_NS}::bottleneck_training_backward", mutates_args=())
 def _training_backward_op(
     grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, wd: OptTensor,
     out: Tensor, y1: Tensor, y2: Tensor, y3: Tensor, yd: Tensor, bn_stats: Tensor,
+    bn1_weight: OptTensor, bn1_bias: OptTensor, bn2_weight: OptTensor, bn2_bias: OptTensor,
+    bn3_weight: OptTensor, bn3_bias: OptTensor, bnd_weight: OptTensor, bnd_bias: OptTensor,
     stride: int, dilation: int, groups: int, batch_stats: list[bool], need_x_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2, dw3, dwd, grad_bn): dx is empty unless need_x_grad, dwd
     empty without projection; grad_bn [2, C_total] in bn_stats' dtype (row 0
-    the BN weights' gradients, row 1 the biases')."""
+    the BN weights' gradients, row 1 the biases'). The BN weights and biases
+    rebuild each norm's scale and shift from the saved mean and invstd."""
     _check_backward(grad_out, out, bn_stats, backend)
     _, backward = registry.training_kernels(backend)
+    affine = [(bn1_weight, bn1_bias), (bn2_weight, bn2_bias), (bn3_weight, bn3_bias), (bnd_weight, bnd_bias)]
     dx, dw1, dw2, dw3, dwd, grad_bn = backward(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats,
-                                               batch_stats, stride, dilation, groups, need_x_grad)
+                                               affine[:len(batch_stats)], batch_stats, stride, dilation, groups,
+                                               need_x_grad)
     return (x.new_empty(0) if dx is None else dx, dw1.contiguous(), dw2.contiguous(), dw3.contiguous(),
             x.new_empty(0) if dwd is None else dwd.contiguous(), grad_bn)
 
@@ -174,13 +179,13 @@ def _check_backward(grad_out, out, bn_stats, backend):
     if tuple(grad_out.shape) != tuple(out.shape) or grad_out.dtype != out.dtype or grad_out.device != out.device:
         raise ValueError(f"grad_out must match out ({out.dtype} {tuple(out.shape)} on {out.device}), got "
                          f"{grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")
-    if bn_stats.dim() != 2 or bn_stats.shape[0] != STATS_ROWS:
-        raise ValueError(f"bn_stats must be [{STATS_ROWS}, C_total], got shape {tuple(bn_stats.shape)}")
+    if bn_stats.dim() != 2 or bn_stats.shape[0] != SAVED_ROWS:
+        raise ValueError(f"bn_stats must be [{SAVED_ROWS}, C_total], got shape {tuple(bn_stats.shape)}")
 
 
 @_training_backward_op.register_fake
-def _(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, stride, dilation, groups, batch_stats,
-      need_x_grad, backend):
+def _(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *rest):
+    stride, dilation, groups, batch_stats, need_x_grad, backend = rest[8:]
     _check_backward(grad_out, out, bn_stats, backend)
     dx = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if need_x_grad else x.new_empty(0)
     dwd = wd.new_empty(wd.shape) if wd is not None else x.new_empty(0)
@@ -194,7 +199,8 @@ def _setup_context(ctx, inputs, output):
     stride, dilation, groups, batch_stats, _momentum, _eps, backend = inputs[21:]
     out, y1, y2, y3, yd, bn_stats, new_running = output
     ctx.mark_non_differentiable(y1, y2, y3, yd, bn_stats, new_running)
-    ctx.save_for_backward(x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats)
+    affine = [t for i in range(4) for t in bn_tensors[4 * i:4 * i + 2]]  # the norms' weights and biases
+    ctx.save_for_backward(x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine)
     ctx.conv = (stride, dilation, groups)
     ctx.batch_stats = list(batch_stats)
     ctx.backend = registry.resolve_training_backend(backend, x.device)  # what the forward ran
@@ -207,11 +213,11 @@ def _backward(ctx, grad_out, *_aux_grads):
     n_inputs = 28
     if grad_out is None:
         return (None,) * n_inputs
-    x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats = ctx.saved_tensors
+    x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine = ctx.saved_tensors
     stride, dilation, groups = ctx.conv
     dx, dw1, dw2, dw3, dwd, grad_bn = _training_backward_op(
-        grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, stride, dilation, groups, ctx.batch_stats,
-        ctx.needs_input_grad[0], ctx.backend)
+        grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine, stride, dilation, groups,
+        ctx.batch_stats, ctx.needs_input_grad[0], ctx.backend)
     cols = norm_columns(w1.shape[0], w3.shape[0], wd is not None)
     bn_grads = []
     for (w_dtype, b_dtype), col in zip(ctx.affine, cols):

@@ -1,5 +1,6 @@
 """Per-channel BatchNorm kernels of the training path: the forward finalize
 (statistics rows -> mean, invstd, scale, the running-stat update), the
+backward's restore of a norm's statistics block from what the op saved, the
 fixed-order sum of backward partial rows, and BN's backward coefficients.
 
 Everything is fp32 and per channel (tiny next to the convs). Rows are
@@ -25,8 +26,8 @@ from ._common import interpreting, launch_fixed
 @triton.jit
 def _finalize_kernel(
     count_ptr, rmean_ptr, rm2_ptr, R,
-    weight_ptr, bias_ptr, run_mean_ptr, run_var_ptr, stats_ptr, new_run_ptr,
-    C, STATS_STRIDE, RUN_STRIDE, eps, momentum,
+    weight_ptr, bias_ptr, run_mean_ptr, run_var_ptr, stats_ptr, saved_ptr, new_run_ptr,
+    C, STATS_STRIDE, SAVED_STRIDE, RUN_STRIDE, eps, momentum,
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BATCH_STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
 ):
@@ -36,6 +37,8 @@ def _finalize_kernel(
     weight_ptr, bias_ptr: gamma, beta [C] (any float type; HAS_WEIGHT /
     HAS_BIAS). run_mean_ptr, run_var_ptr: running stats [C] (HAS_RUNNING).
     stats_ptr: out, [STATS_ROWS, C] at row * STATS_STRIDE + c (module docstring).
+    saved_ptr: out, [2, C] at row * SAVED_STRIDE + c: mean, invstd again (what
+    the op saves for backward).
     new_run_ptr: out, [2, C] at row * RUN_STRIDE + c: the running mean and
     variance after this step (nn.BatchNorm2d's update with the exponential
     average factor `momentum`, unbiased variance n/(n-1)); without running
@@ -96,8 +99,34 @@ def _finalize_kernel(
     tl.store(stats_ptr + 2 * STATS_STRIDE + offs_c, scale, mask=c_mask)
     tl.store(stats_ptr + 3 * STATS_STRIDE + offs_c, beta, mask=c_mask)
     tl.store(stats_ptr + 4 * STATS_STRIDE + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32) + n, mask=c_mask)
+    tl.store(saved_ptr + offs_c, mean, mask=c_mask)
+    tl.store(saved_ptr + SAVED_STRIDE + offs_c, invstd, mask=c_mask)
     tl.store(new_run_ptr + offs_c, new_mean, mask=c_mask)
     tl.store(new_run_ptr + RUN_STRIDE + offs_c, new_var, mask=c_mask)
+
+
+@triton.jit
+def _restore_kernel(saved_ptr, weight_ptr, bias_ptr, stats_ptr, C, SAVED_STRIDE, STATS_STRIDE, n,
+                    BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The backward's [STATS_ROWS, C] block of one norm from what the op
+    saved: saved_ptr [2, C] (mean, invstd; row stride SAVED_STRIDE), the
+    affine parameters (HAS_WEIGHT / HAS_BIAS; any float type) and n.
+    stats_ptr: out, rows at row * STATS_STRIDE."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mean = tl.load(saved_ptr + offs_c, mask=c_mask, other=0.0)
+    invstd = tl.load(saved_ptr + SAVED_STRIDE + offs_c, mask=c_mask, other=0.0)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(stats_ptr + offs_c, mean, mask=c_mask)
+    tl.store(stats_ptr + STATS_STRIDE + offs_c, invstd, mask=c_mask)
+    tl.store(stats_ptr + 2 * STATS_STRIDE + offs_c, scale, mask=c_mask)
+    tl.store(stats_ptr + 3 * STATS_STRIDE + offs_c, beta, mask=c_mask)
+    tl.store(stats_ptr + 4 * STATS_STRIDE + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32) + n, mask=c_mask)
 
 
 @triton.jit
@@ -154,21 +183,34 @@ def _block_c(c):
 BLOCK_R = 64  # rows per tl.sum step: fixes the merge order (deterministic)
 
 
-def finalize(rows, weight, bias, running_mean, running_var, stats, new_running, eps, momentum, batch_stats):
-    """Launch the forward finalize of one norm: writes stats [STATS_ROWS, C]
-    and new_running [2, C] (fp32 views; see _finalize_kernel). rows:
-    StatisticsRows (ignored without batch_stats); weight, bias, running_mean,
-    running_var: the norm's tensors or None."""
+def finalize(rows, weight, bias, running_mean, running_var, stats, saved, new_running, eps, momentum, batch_stats):
+    """Launch the forward finalize of one norm: writes stats [STATS_ROWS, C],
+    saved [2, C] and new_running [2, C] (fp32 views; see _finalize_kernel).
+    rows: StatisticsRows (ignored without batch_stats); weight, bias,
+    running_mean, running_var: the norm's tensors or None."""
     c = stats.shape[1]
     bc = _block_c(c)
     rows_mean = rows.mean if batch_stats else stats
     args = (rows.count if batch_stats else stats, rows_mean, rows.m2 if batch_stats else stats,
             rows_mean.shape[0] if batch_stats else 0, *(t if t is not None else stats for t in
                                                        (weight, bias, running_mean, running_var)),
-            stats, new_running, c, stats.stride(0), new_running.stride(0), float(eps), float(momentum))
+            stats, saved, new_running, c, stats.stride(0), saved.stride(0), new_running.stride(0), float(eps),
+            float(momentum))
     consts = {"BLOCK_C": bc, "BLOCK_R": BLOCK_R, "BATCH_STATS": bool(batch_stats), "HAS_WEIGHT": weight is not None,
               "HAS_BIAS": bias is not None, "HAS_RUNNING": running_mean is not None}
     launch_fixed(_finalize_kernel, (cdiv(c, bc),), args, consts, 4, 1)
+
+
+def restore(saved, weight, bias, n, stats):
+    """Fill one norm's backward stats block [STATS_ROWS, C] (a view) from its
+    saved [2, C] rows, affine parameters (or None) and count n."""
+    c = stats.shape[1]
+    bc = _block_c(c)
+    args = (saved, saved if weight is None else weight, saved if bias is None else bias, stats, c, saved.stride(0),
+            stats.stride(0), float(n))
+    launch_fixed(_restore_kernel, (cdiv(c, bc),), args,
+                 {"BLOCK_C": bc, "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}, 4, 1)
+    return stats
 
 
 def sum_rows(part, out):
@@ -191,4 +233,4 @@ def backward_coefficients(sum_dz, sum_dzx, stats, coef, batch_stats):
     return coef
 
 
-__all__ = ["backward_coefficients", "finalize", "sum_rows"]
+__all__ = ["backward_coefficients", "finalize", "restore", "sum_rows"]

@@ -23,8 +23,10 @@ reduction is split):
     dx = conv1 dgrad (BN1 backward prologue) + shortcut (dz3, or the projection's dgrad)
     dw1 = conv1 wgrad
 
-Saved by the op for backward: x, y1, y2, y3, yd, out and bn_stats (fp32 per
-channel); no post-BN or post-ReLU tensor. `exchange` (common/batch_stats.py)
+Saved by the op for backward: x, y1, y2, y3, yd, out and bn_stats (the
+mean and invstd of every norm, fp32); no post-BN or post-ReLU tensor. The
+backward rebuilds each norm's scale and beta from its affine parameters
+(bn_statistics.restore). `exchange` (common/batch_stats.py)
 is the SyncBatchNorm seam: rows pass through exchange.gather_statistics
 before each finalize, gradient sums through exchange.reduce_gradient_sums
 before each coefficient kernel.
@@ -34,10 +36,10 @@ import contextlib
 
 import torch
 
-from ...common.batch_stats import BETA, LOCAL, MEAN, SCALE, STATS_ROWS, norm_columns
+from ...common.batch_stats import BETA, LOCAL, MEAN, SAVED_ROWS, SCALE, STATS_ROWS, norm_columns, norm_counts
 from ...common.sizes import conv_output_size
 from .bn_add_relu import bn_add_relu, bn_add_relu_backward
-from .bn_statistics import backward_coefficients, finalize, sum_rows
+from .bn_statistics import backward_coefficients, finalize, restore, sum_rows
 from .conv1x1_bn_stats import conv1x1_bn_stats
 from .conv1x1_dgrad import conv1x1_dgrad
 from .conv1x1_wgrad import conv1x1_wgrad
@@ -64,7 +66,7 @@ def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, group
     x [N, Cin, H, W] (channels_last used in place, NCHW converted once),
     conv weights in x's dtype, norms: 3 or 4 BatchNormArgs (bn1, bn2, bn3,
     bn_d). Returns (out, y1, y2, y3, yd, bn_stats, new_running); yd is an
-    empty tensor without projection.
+    empty tensor without projection, bn_stats [SAVED_ROWS, C_total].
     """
     x = x.contiguous(memory_format=CL)
     n, _, h, w = x.shape
@@ -73,7 +75,8 @@ def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, group
     projection = wd is not None
     cols = norm_columns(width, cout, projection)
     dev = x.device
-    bn_stats = torch.empty(STATS_ROWS, cols[-1].stop, device=dev)
+    work = torch.empty(STATS_ROWS, cols[-1].stop, device=dev)  # the forward's per-channel block
+    bn_stats = torch.empty(SAVED_ROWS, cols[-1].stop, device=dev)
     new_running = torch.empty(2, cols[-1].stop, device=dev)
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
 
@@ -81,9 +84,9 @@ def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, group
             bn = norms[i]
             if bn.batch_stats:
                 rows = exchange.gather_statistics(rows)
-            finalize(rows, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn_stats[:, cols[i]],
-                     new_running[:, cols[i]], bn.eps, bn.momentum, bn.batch_stats)
-            return bn_stats[:, cols[i]]
+            finalize(rows, bn.weight, bn.bias, bn.running_mean, bn.running_var, work[:, cols[i]],
+                     bn_stats[:, cols[i]], new_running[:, cols[i]], bn.eps, bn.momentum, bn.batch_stats)
+            return work[:, cols[i]]
 
         y1 = _empty(n, width, h, w, x)
         stats1 = finish(0, conv1x1_bn_stats(x, w1, y1))
@@ -104,9 +107,10 @@ def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, group
     return out, y1, y2, y3, yd, bn_stats, new_running
 
 
-def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, batch_stats,
-                                        stride, dilation, groups, need_x_grad, exchange=LOCAL):
+def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, affine,
+                                        batch_stats, stride, dilation, groups, need_x_grad, exchange=LOCAL):
     """Backward; contract of reference.bottleneck_training_backward_reference.
+    affine: per norm (weight, bias), either may be None.
     Returns (dx or None, dw1, dw2, dw3, dwd or None, grad_bn [2, C_total] fp32:
     row 0 the BN weights' gradients, row 1 the biases')."""
     g = grad_out.contiguous(memory_format=CL)  # e.g. an expanded (stride 0) gradient
@@ -114,11 +118,14 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
     width, cout = w1.shape[0], w3.shape[0]
     projection = wd is not None
     cols = norm_columns(width, cout, projection)
-    stats = [bn_stats[:, c] for c in cols]
     dev = x.device
+    work = torch.empty(STATS_ROWS, cols[-1].stop, device=dev)
+    stats = [work[:, c] for c in cols]
     grad_bn = torch.empty(2, cols[-1].stop, device=dev)
     coefs = [torch.empty(3, c.stop - c.start, device=dev) for c in cols]
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+        for i, n in enumerate(norm_counts(x.shape, stride, len(cols))):
+            restore(bn_stats[:, cols[i]], *affine[i], n, stats[i])
 
         def coefficients(i, sum_dz, sum_dzx):
             """BN i's backward coefficients from its (exchanged) gradient sums;
@@ -139,17 +146,17 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
 
         dz2 = torch.empty_like(y2, memory_format=CL)
         sums2 = reduce(conv1x1_dgrad(dz3, y3, stats[2][MEAN], coef3, w3, dz2, prev=(y2, stats[1])))
-        dw3 = conv1x1_wgrad(dz3, y3, stats[2][MEAN], coef3, y2, w3.shape, prologue=_prologue(stats[1]))
+        dw3 = conv1x1_wgrad(dz3, y3, stats[2][MEAN], coef3, y2, w3.shape, w3.dtype, prologue=_prologue(stats[1]))
         dwd = None
         if projection:
-            dwd = conv1x1_wgrad(dz3, yd, stats[3][MEAN], coefd, x, wd.shape, stride=stride)
+            dwd = conv1x1_wgrad(dz3, yd, stats[3][MEAN], coefd, x, wd.shape, wd.dtype, stride=stride)
         coef2 = coefficients(1, sums2[0], sums2[1])
 
         tiling = GroupTiling(width, groups)
         dz1 = torch.empty_like(y1, memory_format=CL)
         sums1 = reduce(grouped_conv_dgrad(dz2, y2, stats[1], coef2, pack_w2(w2, tiling), tiling, y1, stats[0], dz1,
                                           stride, dilation))
-        dw2 = grouped_conv_wgrad(y1, stats[0], dz2, y2, stats[1], coef2, tiling, stride, dilation)
+        dw2 = grouped_conv_wgrad(y1, stats[0], dz2, y2, stats[1], coef2, tiling, stride, dilation, w2.dtype)
         coef1 = coefficients(0, sums1[0], sums1[1])
 
         dx = None
@@ -157,10 +164,8 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
             dx = torch.empty_like(x, memory_format=CL)
             shortcut = (dz3, yd, stats[3][MEAN], coefd, wd) if projection else (dz3,)
             conv1x1_dgrad(dz1, y1, stats[0][MEAN], coef1, w1, dx, shortcut=shortcut, stride=stride)
-        dw1 = conv1x1_wgrad(dz1, y1, stats[0][MEAN], coef1, x, w1.shape)
-    # The weight gradients are accumulated in fp32 and rounded once.
-    return (dx, dw1.to(w1.dtype), dw2.to(w2.dtype), dw3.to(w3.dtype), None if dwd is None else dwd.to(wd.dtype),
-            grad_bn)
+        dw1 = conv1x1_wgrad(dz1, y1, stats[0][MEAN], coef1, x, w1.shape, w1.dtype)
+    return dx, dw1, dw2, dw3, dwd, grad_bn  # weight gradients accumulated in fp32, rounded once
 
 
 __all__ = ["bottleneck_training_backward_triton", "bottleneck_training_triton"]
