@@ -108,11 +108,13 @@ def splits(m, output_tiles, partial_bytes, read_bytes):
 def gpu_tiles(n_ch, k, itemsize, prec):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on a GPU for dW [n_ch, k]:
     up to 128 x 128 output tiles, 64 pixels per step (32 pixels and 64-row
-    tiles for full-fp32 "ieee" dots, whose operands sit in registers)."""
+    tiles for full-fp32 "ieee" dots, whose operands sit in registers), 3
+    stages (2 for fp32 operands: 3 needed up to 279 KB of shared memory on
+    sm_90a)."""
     ieee = itemsize == 4 and prec == "ieee"
     bn = min(64 if ieee else 128, max(16, next_pow2(n_ch)))
     bk = min(128, max(16, next_pow2(k)))
-    return 32 if ieee else 64, bn, bk, 8 if bn * bk >= 128 * 128 else 4, 3
+    return 32 if ieee else 64, bn, bk, 8 if bn * bk >= 128 * 128 else 4, 2 if itemsize == 4 else 3
 
 
 def tiles(dz, k):

@@ -92,13 +92,16 @@ def _grouped_conv_bn_stats_kernel(
         tl.store(pcount_ptr + pid_p, cnt)
 
 
-def block_p(tiling):
-    """Output pixels per program: 128 (one warpgroup's wgmma M) on 4 warps,
-    64 for 64-wide tiles with KCH > 1 (the t1 windows of all chunks are
-    live); the interpreter takes 128."""
+def block_p(tiling, dtype):
+    """Pixels per program of the grouped-conv kernels (forward and dgrad):
+    128 (one warpgroup's wgmma M) on 4 warps; 64 where ptxas spilled at 128
+    on sm_90a (bench/triton_compile.py --training): groups of 64 channels
+    or more per tile sweep (GT * KCH >= 64) and full-fp32 "ieee" dots. The
+    interpreter takes 128."""
     if interpreting():
         return 128
-    return 64 if tiling.gt * tiling.kch > 64 else 128
+    ieee = dtype == torch.float32 and dot_precision(dtype) == "ieee"
+    return 64 if tiling.gt * tiling.kch >= 64 or ieee else 128
 
 
 def _kernel_args(y1, w2p, y2, tiling, bn1, stride, dilation, stats):
@@ -119,7 +122,7 @@ def grouped_conv_bn_stats(y1, w2p, y2, tiling, bn1, stride, dilation):
     contiguous, real channel order; w2p, tiling: packing.pack_w2 / GroupTiling;
     bn1 = (mean, scale, beta), fp32 [width] each.
     """
-    bp = block_p(tiling)
+    bp = block_p(tiling, y1.dtype)
     m_out = y2.shape[0] * y2.shape[2] * y2.shape[3]
     n_rows = cdiv(m_out, bp)
     width, dev = y2.shape[1], y2.device

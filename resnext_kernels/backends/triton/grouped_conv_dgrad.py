@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...common.sizes import cdiv
 from ._bn import bn_apply, bn_grad_input, real_channel, relu_grad
-from ._common import dot_precision, launch_fixed
+from ._common import dot_precision, interpreting, launch_fixed
 from .grouped_conv_bn_stats import block_p
 
 
@@ -106,7 +106,10 @@ def grouped_conv_dgrad(dz2, y2, stats2, coef2, w2p, tiling, y1, stats1, dz1, str
     """
     n, width, h, w = y1.shape
     ho, wo = y2.shape[2], y2.shape[3]
-    bp = block_p(tiling)
+    # At stride 2 the tap's output-pixel arithmetic (divisibility, bounds)
+    # took the 128-pixel tile to 255 registers and 20 bytes of spills on
+    # sm_90a (s2_first, bf16; bench/triton_compile.py --training); 64 fit.
+    bp = block_p(tiling, y1.dtype) if stride == 1 or interpreting() else 64
     m_in = n * h * w
     t = tiling
     part = torch.empty(cdiv(m_in, bp), 2, width, device=y1.device)
