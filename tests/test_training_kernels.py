@@ -13,11 +13,9 @@ so an element a kernel fails to write fails the finiteness check.
 
 import pytest
 import torch
-from training_cases import CASES, DEVICE, close, models, needs_triton, random_case, run_steps
+from training_cases import CASES, DEVICE, check_backward_on_same_state, models, needs_triton, random_case, run_steps
 
-from resnext_kernels.backends import registry
 from resnext_kernels.backends.triton import packing
-from resnext_kernels.common.batch_stats import BatchNormArgs
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
@@ -75,47 +73,9 @@ def test_two_identical_steps_are_bitwise_identical(allow_tf32):
         assert torch.equal(a, b)
 
 
-def _norm_args(bn, dtype):
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return BatchNormArgs(cast(bn.weight), cast(bn.bias), cast(bn.running_mean), cast(bn.running_var), True, 0.1,
-                         bn.eps)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fp16_backward_on_the_same_forward_state(case, poisoned_empty):
-    """The fp16 backward against float64 given identical forward state: the
-    triton backward and the reference (ATen) backward run on the tensors the
-    triton forward saved (upcast to float64 for the reference, as they are
-    for eager's error), so every ReLU mask is the same and the errors are
-    rounding only. dx, every conv weight's and BN parameter's gradient
-    within 3x the ATen fp16 backward's error."""
-    tv = case.torchvision_block()
-    dt = torch.float16
-    norms = [m for m in tv.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    convs = [tv.conv1.weight, tv.conv2.weight, tv.conv3.weight,
-             tv.downsample[0].weight if tv.downsample is not None else None]
-    x = torch.randn(case.n, case.inplanes, case.h, case.w, dtype=torch.float64)
-    conv = (case.stride, case.dilation, case.groups)
-    forward, backward = registry.training_kernels("triton")
-    _, reference_backward = registry.training_kernels("reference")
-
-    def at(dtype, *tensors):
-        out = [None if t is None else t.detach().to(device=DEVICE, dtype=dtype) for t in tensors]
-        return [t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 and t.shape[0] ==
-                case.n else t for t in out]
-
-    x16, *w16 = at(dt, x, *convs)
-    args16 = [_norm_args(bn, dt) for bn in norms]
-    saved = forward(x16, *w16, args16, *conv)  # out, y1, y2, y3, yd, bn_stats, new_running
-    grad = torch.randn(saved[0].shape, dtype=torch.float64)
-    batch = [True] * len(norms)
-    affine16 = [a[:2] for a in args16]
-    affine64 = [a[:2] for a in (_norm_args(bn, torch.float64) for bn in norms)]
-    got = backward(at(dt, grad)[0], x16, *w16, *saved[:6], affine16, batch, *conv, True)
-    eager = reference_backward(at(dt, grad)[0], x16, *w16, *saved[:6], affine16, batch, *conv, True)
-    saved64 = at(torch.float64, *saved[:6])
-    expect = reference_backward(grad, *at(torch.float64, x, *convs), *saved64, affine64, batch, *conv, True)
-    for name, a, e, b in zip(("dx", "dw1", "dw2", "dw3", "dwd", "grad_bn"), got, expect, eager):
-        assert (a is None) == (e is None), name
-        if e is not None:
-            close(name, a, e.cpu(), b)
+    """The fp16 backward against float64 given identical forward state
+    (training_cases.check_backward_on_same_state): dx, every conv weight's
+    and BN parameter's gradient within 3x the ATen fp16 backward's error."""
+    check_backward_on_same_state(case, torch.float16)

@@ -31,6 +31,7 @@ from torchvision.models.resnet import Bottleneck  # noqa: E402
 from resnext_kernels import FusedResNeXtBlock  # noqa: E402
 from resnext_kernels.backends import registry  # noqa: E402
 from resnext_kernels.common import tolerance  # noqa: E402
+from resnext_kernels.common.batch_stats import BatchNormArgs  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -211,3 +212,51 @@ def close(what, actual, expected, eager):
         assert_close_to_reference(actual.cpu(), expected, eager.cpu(), factor=FACTOR, floor=floor)
     except AssertionError as exc:
         raise AssertionError(f"{what}: {exc}") from None
+
+
+def _norm_args(bn, dtype, device):
+    def cast(t):
+        return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+    return BatchNormArgs(cast(bn.weight), cast(bn.bias), cast(bn.running_mean), cast(bn.running_var), True, 0.1,
+                         bn.eps)
+
+
+def check_backward_on_same_state(case, dtype, device=DEVICE):
+    """The triton backward at `dtype` against float64 given identical
+    forward state: the triton forward runs at dtype, then the triton
+    backward and the reference (ATen) backward run on the tensors it saved
+    (upcast to float64 for the reference, as they are for eager's error:
+    the reference backward at dtype). Every ReLU mask is then the same, so
+    the errors are rounding only. Compares dx, dw1, dw2, dw3, dwd and the BN
+    gradients with `close`."""
+    tv = case.torchvision_block()
+    norms = [m for m in tv.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [tv.conv1.weight, tv.conv2.weight, tv.conv3.weight,
+             tv.downsample[0].weight if tv.downsample is not None else None]
+    x = torch.randn(case.n, case.inplanes, case.h, case.w, dtype=F64)
+    conv = (case.stride, case.dilation, case.groups)
+    forward, backward = registry.training_kernels("triton")
+    _, reference_backward = registry.training_kernels("reference")
+
+    def at(dt, dev, *tensors):
+        out = [None if t is None else t.detach().to(device=dev, dtype=dt) for t in tensors]
+        return [t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4
+                and t.shape[0] == case.n else t for t in out]
+
+    xd, *wd = at(dtype, device, x, *convs)
+    args = [_norm_args(bn, dtype, device) for bn in norms]
+    saved = forward(xd, *wd, args, *conv)  # out, y1, y2, y3, yd, bn_stats, new_running
+    grad = torch.randn(saved[0].shape, dtype=F64)
+    batch = [True] * len(norms)
+    affine = [a[:2] for a in args]
+    gd = at(dtype, device, grad)[0]
+    got = backward(gd, xd, *wd, *saved[:6], affine, batch, *conv, True)
+    eager = reference_backward(gd, xd, *wd, *saved[:6], affine, batch, *conv, True)
+    affine64 = [a[:2] for a in (_norm_args(bn, F64, "cpu") for bn in norms)]
+    expect = reference_backward(grad, *at(F64, "cpu", x, *convs), *at(F64, "cpu", *saved[:6]), affine64, batch,
+                                *conv, True)
+    for name, a, e, b in zip(("dx", "dw1", "dw2", "dw3", "dwd", "grad_bn"), got, expect, eager):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            close(name, a, e, b)
