@@ -18,7 +18,12 @@ import torch
 from resnext_kernels.bench.cases import make_block, make_model, shape_seed
 from resnext_kernels.bench.measure import RotatingTarget, device_name, plan_rounds
 from resnext_kernels.bench.shapes import SHAPES, dtype_name, training_step_bytes
-from resnext_kernels.bench.training import TRAIN_DTYPE, TRAIN_IMPLS, build_training_step, train_impl_unavailable_reason
+from resnext_kernels.bench.training import (
+    TRAIN_DTYPE,
+    TRAIN_IMPLS,
+    build_training_step,
+    train_impl_unavailable_reason,
+)
 from resnext_kernels.common.timing import round_seconds
 
 CASES = [(shape, impl) for shape in SHAPES for impl in TRAIN_IMPLS]  # shape-major: a time limit cuts whole shapes

@@ -7,7 +7,11 @@ import torch
 from training_cases import TrainCase
 
 from resnext_kernels.bench import report as bench_report
-from resnext_kernels.bench.training import TRAIN_IMPLS, build_training_step, train_impl_unavailable_reason
+from resnext_kernels.bench.training import (
+    TRAIN_IMPLS,
+    build_training_step,
+    train_impl_unavailable_reason,
+)
 
 
 def test_every_impl_skips_on_cpu_with_a_reason():

@@ -12,7 +12,10 @@ import torch
 from training_cases import needs_triton
 
 from resnext_kernels.backends.triton import _common
-from resnext_kernels.backends.triton.conv1x1_wgrad import MIN_PIXELS_PER_SPLIT, gpu_splits
+from resnext_kernels.backends.triton.conv1x1_wgrad import (
+    MIN_PIXELS_PER_SPLIT,
+    gpu_splits,
+)
 from resnext_kernels.bench import triton_compile as compile_check
 from resnext_kernels.common import settings
 

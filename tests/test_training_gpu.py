@@ -7,7 +7,14 @@ on the CPU. Unverified until a GPU runs them (docs/training.md).
 
 import pytest
 import torch
-from training_cases import HAS_CUDA, TrainCase, check_backward_on_same_state, close, models, run_steps
+from training_cases import (
+    HAS_CUDA,
+    TrainCase,
+    check_backward_on_same_state,
+    close,
+    models,
+    run_steps,
+)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (no CUDA device)")]
 

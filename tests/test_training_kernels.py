@@ -13,7 +13,15 @@ so an element a kernel fails to write fails the finiteness check.
 
 import pytest
 import torch
-from training_cases import CASES, DEVICE, check_backward_on_same_state, models, needs_triton, random_case, run_steps
+from training_cases import (
+    CASES,
+    DEVICE,
+    check_backward_on_same_state,
+    models,
+    needs_triton,
+    random_case,
+    run_steps,
+)
 
 from resnext_kernels.backends.triton import packing
 

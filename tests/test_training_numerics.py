@@ -9,7 +9,7 @@ finite values within a loose fp32 tolerance."""
 
 import pytest
 import torch
-from training_cases import CASES, DEVICE, needs_triton, models
+from training_cases import CASES, DEVICE, models, needs_triton
 
 pytestmark = needs_triton
 

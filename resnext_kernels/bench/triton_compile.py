@@ -32,7 +32,13 @@ from ..backends.triton import conv1x1_bias_relu as k1
 from ..backends.triton import grouped_conv_bias_relu as k2a
 from ..backends.triton import grouped_conv_conv3 as k2
 from ..backends.triton import packing, training
-from ..backends.triton._common import MAX_SHARED, interpreting, nhwc_view, pixel_rows, recording_launches
+from ..backends.triton._common import (
+    MAX_SHARED,
+    interpreting,
+    nhwc_view,
+    pixel_rows,
+    recording_launches,
+)
 from ..common.batch_stats import BatchNormArgs
 from ..common.sizes import conv_output_size
 from . import shapes as canonical

@@ -36,7 +36,16 @@ import contextlib
 
 import torch
 
-from ...common.batch_stats import BETA, LOCAL, MEAN, SAVED_ROWS, SCALE, STATS_ROWS, norm_columns, norm_counts
+from ...common.batch_stats import (
+    BETA,
+    LOCAL,
+    MEAN,
+    SAVED_ROWS,
+    SCALE,
+    STATS_ROWS,
+    norm_columns,
+    norm_counts,
+)
 from ...common.sizes import conv_output_size
 from .bn_add_relu import bn_add_relu, bn_add_relu_backward
 from .bn_statistics import backward_coefficients, finalize, restore, sum_rows
