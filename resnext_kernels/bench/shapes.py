@@ -191,8 +191,8 @@ def block_bytes_floor(shape, batch, dtype):
 # training: HBM bytes per step (forward + backward), derived, not measured
 
 
-# One statistics row (fp32 mean and M2) per this many output pixels and
-# channel, and one row of backward partial sums: the training kernels'
+# One statistics row (fp64 mean and M2) per this many output pixels and
+# channel, and one row of backward partial sums (fp64): the training kernels'
 # pixel tile for 16-bit operands (backends/triton/_common.training_gemm_tiles,
 # grouped_conv_bn_stats.block_p).
 STATS_ROW_PIXELS = 128
@@ -279,7 +279,7 @@ def training_step_bytes(shape, batch, dtype):
     Activation maps in `dtype` (training_step_traffic); weights in `dtype`:
     both read each conv weight in forward and in dgrad; eager writes each
     gradient once, the fused wgrads write what _wgrad_output_bytes says (fp32
-    partial sums where the pixel reduction is split); the fused path's fp32
+    partial sums where the pixel reduction is split); the fused path's fp64
     per-channel traffic: forward statistics rows (mean, M2) and backward
     partial sums (2 per norm, 3 for the tail with a projection), one row per
     STATS_ROW_PIXELS pixels, each written and read once. Eager's per-channel
@@ -308,7 +308,7 @@ def training_step_bytes(shape, batch, dtype):
     stats = 2 * (rows_in * shape.width + rows_out * (shape.width + shape.cout * (2 if shape.projection else 1)))
     stats += (3 if shape.projection else 2) * rows_out * shape.cout + 2 * rows_out * shape.width
     stats += 2 * rows_in * shape.width
-    fused = maps["fused"] + 2 * weights * e + fused_wgrads + 2 * stats * 4
+    fused = maps["fused"] + 2 * weights * e + fused_wgrads + 2 * stats * 8
     eager = maps["eager"] + 3 * weights * e
     return {"fused": fused, "eager": eager, "ratio": fused / eager}
 

@@ -55,7 +55,7 @@ SHAPES = {
     "odd_d14": BlockShape("odd_d14", 15, 200, 280, 20, 328, 2),
 }
 
-_PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 
 
 def _ptxas():

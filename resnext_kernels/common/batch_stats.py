@@ -5,7 +5,7 @@ Forward. Every conv of the fused training path writes, in its epilogue,
 *partial* statistics of its raw output y (rounded to the activation dtype,
 as eager computes them): one row per producer (a tile of output pixels),
 
-    StatisticsRows(count [R], mean [R, C], m2 [R, C])   all float32,
+    StatisticsRows(count [R], mean [R, C], m2 [R, C])   all float64,
 
 with m2 the sum of squared deviations from the row's own mean. The
 finalize merges the rows in a fixed order (no atomics, so deterministic):
@@ -16,9 +16,11 @@ finalize merges the rows in a fixed order (no atomics, so deterministic):
     var = M2 / n (normalizes), M2 / (n - 1) (running_var)
 
 Backward. BN's backward needs two per-channel reductions over all pixels,
-GradientSums [2, C] float32: (sum dz, sum dz * xhat), with dz the gradient
+GradientSums [J, C] float64: (sum dz, sum dz * xhat), with dz the gradient
 at BN's output and xhat = (y - mean) * invstd. They are also BN's bias and
-weight gradients.
+weight gradients. They are accumulated in float64: BN's backward applies
+sum/n to every element, so an fp32 cancellation error would shift a whole
+channel's gradient and the next norm's sums would multiply it by n.
 
 The seam (issue 12, SyncBatchNorm): the Triton training path calls
 ``exchange.gather_statistics(rows)`` between each conv's statistics
@@ -97,21 +99,20 @@ def norm_columns(width, cout, projection):
 class StatisticsRows(typing.NamedTuple):
     """Partial per-channel statistics, one row per producer (see module docstring)."""
 
-    count: torch.Tensor  # [R] float32: values in the row
-    mean: torch.Tensor  # [R, C] float32: the row's mean per channel
-    m2: torch.Tensor  # [R, C] float32: sum of squared deviations from the row's mean
+    count: torch.Tensor  # [R] float64: values in the row
+    mean: torch.Tensor  # [R, C] float64: the row's mean per channel
+    m2: torch.Tensor  # [R, C] float64: sum of squared deviations from the row's mean
 
 
 def merge_rows(rows):
-    """The rows merged into one (R = 1), in float64 then float32, by the
-    formula of the module docstring; what a multi-process exchange would
-    contribute per rank. (The Triton finalize merges in float32 in-kernel.)"""
-    count = rows.count.double()
-    mean_r, m2_r = rows.mean.double(), rows.m2.double()
+    """The rows merged into one (R = 1) by the formula of the module
+    docstring, in float64: what a multi-process exchange would contribute
+    per rank. (The Triton finalize merges the same way in-kernel.)"""
+    count, mean_r, m2_r = rows.count.double(), rows.mean.double(), rows.m2.double()
     n = count.sum()
     mean = (count[:, None] * mean_r).sum(0) / n
     m2 = (m2_r + count[:, None] * (mean_r - mean) ** 2).sum(0)
-    return StatisticsRows(n.reshape(1).float(), mean[None].float(), m2[None].float())
+    return StatisticsRows(n.reshape(1), mean[None], m2[None])
 
 
 class StatisticsExchange:

@@ -56,13 +56,28 @@ def bn_grad_input(dz, y, mean, a, b, c, dtype: tl.constexpr):
 
 
 @triton.jit
-def tile_mean_m2(v, rows_valid, cnt):
-    """Per-column (mean, M2) of the fp32 tile v [ROWS, C] over its valid rows
-    (rows_valid [ROWS]; cnt of them, fp32): two passes in registers."""
-    v = tl.where(rows_valid[:, None], v, 0.0)
+def tile_mean_m2(y, rows_valid, cnt):
+    """Per-column (mean, M2) of the tile y [ROWS, C] (the rounded conv output)
+    over its valid rows (rows_valid [ROWS]; cnt of them), two passes in
+    registers, in fp64: the normalization (invstd) and BN's parameter
+    gradients are sensitive to the statistics' last bits (measured: fp32
+    tile sums gave invstd ~3x eager-on-CPU's error, which sums in double)."""
+    v = tl.where(rows_valid[:, None], y.to(tl.float64), 0.0)
     mean = tl.sum(v, 0) / cnt
     dev = tl.where(rows_valid[:, None], v - mean[None, :], 0.0)
     return mean, tl.sum(dev * dev, 0)
+
+
+@triton.jit
+def bn_grad_sums(dz, xhat):
+    """Per-column (sum dz, sum dz*xhat) of a tile (dz zero in masked
+    entries), accumulated in fp64. BatchNorm's backward divides them by n
+    and applies the result to every element: an fp32 sum's cancellation
+    error would shift all gradients of a channel coherently, and the next
+    norm's sums would add that shift n times over (measured: 9x eager-on-CPU's
+    error at bn1 of a three-norm block in fp32)."""
+    dz64 = dz.to(tl.float64)
+    return tl.sum(dz64, 0), tl.sum(dz64 * xhat.to(tl.float64), 0)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
-from ._bn import bn_apply, relu, relu_grad
+from ._bn import bn_apply, bn_grad_sums, relu, relu_grad
 from ._common import interpreting, launch_fixed
 
 
@@ -61,7 +61,7 @@ def _bn_add_relu_backward_kernel(
     """g_ptr (grad_out), out_ptr, y3_ptr, yd_ptr (PROJECTION), dz_ptr (out):
     [M, C] pixel rows, act dtype. stats*_ptr as in the forward. part_ptr:
     out, [cdiv(M, BLOCK_M), J, C] fp32 with J = 3 (PROJECTION) or 2: this
-    tile's sum dz, sum dz*xhat3 (, sum dz*xhat_d).
+    tile's sum dz, sum dz*xhat3 (, sum dz*xhat_d), accumulated in fp64.
     Grid: (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C),)."""
     pid = tl.program_id(0)
     n_c = tl.cdiv(C, BLOCK_C)
@@ -82,22 +82,24 @@ def _bn_add_relu_backward_kernel(
     mean3 = tl.load(stats3_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     invstd3 = tl.load(stats3_ptr + STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
     xhat3 = (tl.load(y3_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean3) * invstd3
-    tl.store(part, tl.sum(dz, 0), mask=c_mask)
-    tl.store(part + C, tl.sum(dz * xhat3, 0), mask=c_mask)
+    sum_dz, sum_dzx3 = bn_grad_sums(dz, xhat3)
+    tl.store(part, sum_dz, mask=c_mask)
+    tl.store(part + C, sum_dzx3, mask=c_mask)
     if PROJECTION:
         meand = tl.load(statsd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
         invstdd = tl.load(statsd_ptr + STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
         xhatd = (tl.load(yd_ptr + off, mask=mask, other=0.0).to(tl.float32) - meand) * invstdd
-        tl.store(part + 2 * C, tl.sum(dz * xhatd, 0), mask=c_mask)
+        tl.store(part + 2 * C, bn_grad_sums(dz, xhatd)[1], mask=c_mask)
 
 
-def _tiles(c):
-    """(BLOCK_M, BLOCK_C): 64 pixels x up to 128 channels (a 16-byte vector
-    per thread per row on 4 warps); the interpreter takes whole rows of up to
-    256 channels and 128 pixels."""
+def _tiles(c, backward=False):
+    """(BLOCK_M, BLOCK_C): 64 pixels x up to 128 channels on 4 warps; the
+    backward 32 pixels (its four fp32 input tiles and fp64 sums spilled 60
+    bytes at 64 on sm_90a, bench/triton_compile.py --training). The
+    interpreter takes whole rows of up to 256 channels and 128 pixels."""
     if interpreting():
         return 128, max(16, min(256, triton.next_power_of_2(c)))
-    return 64, min(128, max(16, triton.next_power_of_2(c)))
+    return 32 if backward else 64, min(128, max(16, triton.next_power_of_2(c)))
 
 
 def bn_add_relu(y3, shortcut, out, stats3, statsd):
@@ -114,13 +116,13 @@ def bn_add_relu(y3, shortcut, out, stats3, statsd):
 
 
 def bn_add_relu_backward(grad_out, out, y3, yd, dz, stats3, statsd):
-    """Writes dz (like out) and returns the partial sums [T, J, C] fp32 (J = 3
+    """Writes dz (like out) and returns the partial sums [T, J, C] fp64 (J = 3
     with the projection's yd and statsd, else 2); see the module docstring."""
     n, c, ho, wo = out.shape
     m = n * ho * wo
-    bm, bc = _tiles(c)
+    bm, bc = _tiles(c, backward=True)
     projection = yd is not None
-    part = torch.empty(cdiv(m, bm), 3 if projection else 2, c, device=out.device)
+    part = torch.empty(cdiv(m, bm), 3 if projection else 2, c, device=out.device, dtype=torch.float64)
     args = (grad_out, out, y3, y3 if yd is None else yd, dz, stats3, stats3 if statsd is None else statsd, part, m, c,
             stats3.stride(0))
     launch_fixed(_bn_add_relu_backward_kernel, (cdiv(m, bm) * cdiv(c, bc),), args,

@@ -1,9 +1,11 @@
 """Per-channel BatchNorm kernels of the training path: the forward finalize
 (statistics rows -> mean, invstd, scale, the running-stat update), the
 backward's restore of a norm's statistics block from what the op saved, the
-fixed-order sum of backward partial rows, and BN's backward coefficients.
+fixed-order sum of backward partial rows (fp64), and BN's backward
+coefficients.
 
-Everything is fp32 and per channel (tiny next to the convs). Rows are
+Everything is per channel (tiny next to the convs): statistics rows and
+gradient sums in fp64, what the other kernels read in fp32. Rows are
 merged in a fixed order (common/batch_stats.py's formula: chunks of BLOCK_R
 rows summed by tl.sum, chunks in sequence), so two identical calls give
 bitwise-identical results; nothing uses atomics.
@@ -33,7 +35,8 @@ def _finalize_kernel(
 ):
     """One program: BLOCK_C channels.
 
-    count_ptr [R], rmean_ptr / rm2_ptr [R, C]: the statistics rows (fp32).
+    count_ptr [R], rmean_ptr / rm2_ptr [R, C]: the statistics rows (fp64),
+    merged in fp64; the outputs are fp32.
     weight_ptr, bias_ptr: gamma, beta [C] (any float type; HAS_WEIGHT /
     HAS_BIAS). run_mean_ptr, run_var_ptr: running stats [C] (HAS_RUNNING).
     stats_ptr: out, [STATS_ROWS, C] at row * STATS_STRIDE + c (module docstring).
@@ -51,8 +54,8 @@ def _finalize_kernel(
     c_mask = offs_c < C
     if BATCH_STATS:
         offs_r = tl.arange(0, BLOCK_R)
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        counts = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        counts = tl.zeros((BLOCK_R,), dtype=tl.float64)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + offs_r
             cnt = tl.load(count_ptr + r, mask=r < R, other=0.0)
@@ -60,9 +63,9 @@ def _finalize_kernel(
                              other=0.0)
             total += tl.sum(cnt[:, None] * mean_r, 0)
             counts += cnt
-        n = tl.sum(counts, 0)  # exact: integers below 2**24
+        n = tl.sum(counts, 0)
         mean = total / n
-        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
         for r0 in range(0, R, BLOCK_R):
             r = r0 + offs_r
             rc_mask = (r < R)[:, None] & c_mask[None, :]
@@ -72,7 +75,8 @@ def _finalize_kernel(
             dev = mean_r - mean[None, :]
             m2 += tl.sum(m2_r + cnt[:, None] * dev * dev, 0)
         var = m2 / n
-        unbiased = m2 / (n - 1.0)
+        unbiased = (m2 / (n - 1.0)).to(tl.float32)
+        mean = mean.to(tl.float32)
         if HAS_RUNNING:
             old_mean = tl.load(run_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
             old_var = tl.load(run_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
@@ -81,13 +85,15 @@ def _finalize_kernel(
         else:
             new_mean = mean
             new_var = unbiased
+        invstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+        n = n.to(tl.float32)
     else:
         mean = tl.load(run_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         var = tl.load(run_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         n = 0.0  # unused: the backward of a running-stats norm needs no count
         new_mean = mean
         new_var = var
-    invstd = 1.0 / tl.sqrt(var + eps)
+        invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
@@ -131,21 +137,21 @@ def _restore_kernel(saved_ptr, weight_ptr, bias_ptr, stats_ptr, C, SAVED_STRIDE,
 
 @triton.jit
 def _sum_rows_kernel(part_ptr, out_ptr, R, J, C, OUT_STRIDE, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[j, c] = sum_r part[r, j, c] in a fixed order. part_ptr: [R, J, C]
-    fp32 contiguous; out_ptr: [J, C] at j * OUT_STRIDE + c.
-    Grid: (cdiv(C, BLOCK_C), J)."""
+    """out[j, c] = sum_r part[r, j, c] in a fixed order, accumulated in fp64.
+    part_ptr: [R, J, C] contiguous (fp32 or fp64); out_ptr: [J, C] at
+    j * OUT_STRIDE + c, stored in its own dtype. Grid: (cdiv(C, BLOCK_C), J)."""
     pid = tl.program_id(0)
     j = tl.program_id(1)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     c_mask = offs_c < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for r0 in range(0, R, BLOCK_R):
         r = (r0 + offs_r).to(tl.int64)
         v = tl.load(part_ptr + (r[:, None] * J + j) * C + offs_c[None, :], mask=(r < R)[:, None] & c_mask[None, :],
                     other=0.0)
-        acc += tl.sum(v, 0)
-    tl.store(out_ptr + j * OUT_STRIDE + offs_c, acc, mask=c_mask)
+        acc += tl.sum(v.to(tl.float64), 0)
+    tl.store(out_ptr + j * OUT_STRIDE + offs_c, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -153,7 +159,7 @@ def _coefficients_kernel(sum_dz_ptr, sum_dzx_ptr, stats_ptr, coef_ptr, C, STATS_
                          BLOCK_C: tl.constexpr, BATCH_STATS: tl.constexpr):
     """BatchNorm's backward as dy = a*dz + b*(y - mean) + c per channel.
 
-    sum_dz_ptr, sum_dzx_ptr: [C] fp32, sum dz and sum dz*xhat over all
+    sum_dz_ptr, sum_dzx_ptr: [C] fp64, sum dz and sum dz*xhat over all
     values; stats_ptr: the norm's [STATS_ROWS, C] block. coef_ptr: out, [3, C]
     contiguous (a, b, c). With batch statistics (the mean and variance depend
     on y): a = scale, b = -scale*invstd*sum(dz*xhat)/n, c = -scale*sum(dz)/n;
@@ -169,8 +175,8 @@ def _coefficients_kernel(sum_dz_ptr, sum_dzx_ptr, stats_ptr, coef_ptr, C, STATS_
         n = tl.load(stats_ptr + 4 * STATS_STRIDE + offs_c, mask=c_mask, other=1.0)
         sum_dz = tl.load(sum_dz_ptr + offs_c, mask=c_mask, other=0.0)
         sum_dzx = tl.load(sum_dzx_ptr + offs_c, mask=c_mask, other=0.0)
-        b = -scale * invstd * (sum_dzx / n)
-        c = -scale * (sum_dz / n)
+        b = -scale * invstd * (sum_dzx / n).to(tl.float32)
+        c = -scale * (sum_dz / n).to(tl.float32)
     tl.store(coef_ptr + offs_c, scale, mask=c_mask)
     tl.store(coef_ptr + C + offs_c, b, mask=c_mask)
     tl.store(coef_ptr + 2 * C + offs_c, c, mask=c_mask)
@@ -225,7 +231,7 @@ def sum_rows(part, out):
 
 def backward_coefficients(sum_dz, sum_dzx, stats, coef, batch_stats):
     """coef [3, C] contiguous (a, b, c) of one norm from its gradient sums
-    ([C] fp32 each) and its stats block."""
+    ([C] fp64 each) and its stats block."""
     c = stats.shape[1]
     bc = _block_c(c)
     launch_fixed(_coefficients_kernel, (cdiv(c, bc),), (sum_dz, sum_dzx, stats, coef, c, stats.stride(0)),

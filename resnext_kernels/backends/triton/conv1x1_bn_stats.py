@@ -37,8 +37,8 @@ def _conv1x1_bn_stats_kernel(
     y_ptr:  y, [M, NOUT] pixel rows, act dtype, M = N*HO*WO output pixels.
     mean_ptr, scale_ptr, beta_ptr: [K] fp32, the prologue's BatchNorm
             (PROLOGUE only; else any pointer).
-    pmean_ptr, pm2_ptr: [cdiv(M, BLOCK_M), NOUT] fp32, this tile's row of
-            the statistics (mean, M2); pcount_ptr: [cdiv(M, BLOCK_M)] fp32, its
+    pmean_ptr, pm2_ptr: [cdiv(M, BLOCK_M), NOUT] fp64, this tile's row of
+            the statistics (mean, M2); pcount_ptr: [cdiv(M, BLOCK_M)] fp64, its
             count (written by the programs of the first channel tile).
     HWO = HO*WO, WO: output size; H, W: input size; output pixel (n, ho, wo)
     reads input pixel (n, ho*STRIDE, wo*STRIDE).
@@ -79,8 +79,8 @@ def _conv1x1_bn_stats_kernel(
 
     y = acc.to(dtype)
     tl.store(y_ptr + m64[:, None] * NOUT + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
-    cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    mean_t, m2_t = tile_mean_m2(y.to(tl.float32), m_mask, cnt)
+    cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float64)
+    mean_t, m2_t = tile_mean_m2(y, m_mask, cnt)
     tl.store(pmean_ptr + pid_m * NOUT + offs_n, mean_t, mask=n_mask)
     tl.store(pm2_ptr + pid_m * NOUT + offs_n, m2_t, mask=n_mask)
     if pid_n == 0:
@@ -118,8 +118,10 @@ def conv1x1_bn_stats(a, weight, y, prologue=None, stride=1):
     m = y.shape[0] * y.shape[2] * y.shape[3]
     n_rows = cdiv(m, bm)
     dev = a.device
-    stats = StatisticsRows(torch.empty(n_rows, device=dev), torch.empty(n_rows, y.shape[1], device=dev),
-                           torch.empty(n_rows, y.shape[1], device=dev))
+    f64 = torch.float64
+    stats = StatisticsRows(torch.empty(n_rows, device=dev, dtype=f64),
+                           torch.empty(n_rows, y.shape[1], device=dev, dtype=f64),
+                           torch.empty(n_rows, y.shape[1], device=dev, dtype=f64))
     args, consts = _kernel_args(a, weight, y, prologue, stride, stats)
     grid = (n_rows * cdiv(y.shape[1], bn),)
     launch_fixed(_conv1x1_bn_stats_kernel, grid, args, {**consts, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},

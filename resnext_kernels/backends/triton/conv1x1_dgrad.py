@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, conv_output_size
-from ._bn import bn_apply, bn_grad_input, relu_grad
+from ._bn import bn_apply, bn_grad_input, bn_grad_sums, relu_grad
 from ._common import dot_precision, launch_fixed, training_gemm_tiles
 
 MASK_STATS, IDENTITY, PROJECTION = 0, 1, 2  # the EPILOGUE constexpr
@@ -60,7 +60,7 @@ def _conv1x1_dgrad_kernel(
     out_ptr: out, [M, K] pixel rows, act dtype: dz_prev (MASK_STATS) or dx.
     MASK_STATS: yp_ptr [M, K] the previous conv's output (y2); statsp_ptr
         its BN's [STATS_ROWS, K] block (row stride STATS_STRIDE); part_ptr
-        out, [cdiv(M, BLOCK_M), 2, K] fp32.
+        out, [cdiv(M, BLOCK_M), 2, K] fp64 (_bn.bn_grad_sums).
     IDENTITY: sdz_ptr [M, K], dz at the block's output (K == NSC).
     PROJECTION: sdz_ptr, syd_ptr [Nimg*HO*WO, NSC] pixel rows: dz at the
         block's output and yd; smean_ptr [NSC], scoef_ptr [3, NSC]: BN_d;
@@ -100,9 +100,10 @@ def _conv1x1_dgrad_kernel(
         tl.store(out_ptr + off, dzp, mask=mk_mask)
         dzp = tl.where(mk_mask, dzp.to(tl.float32), 0.0)
         xhat = (yp.to(tl.float32) - mean) * invstd
+        sum_dz, sum_dzx = bn_grad_sums(dzp, xhat)
         part = part_ptr + (pid_m * 2) * K + offs_k
-        tl.store(part, tl.sum(dzp, 0), mask=k_mask)
-        tl.store(part + K, tl.sum(dzp * xhat, 0), mask=k_mask)
+        tl.store(part, sum_dz, mask=k_mask)
+        tl.store(part + K, sum_dzx, mask=k_mask)
     else:
         if EPILOGUE == 1:  # IDENTITY
             acc += tl.load(sdz_ptr + off, mask=mk_mask, other=0.0).to(tl.float32)
@@ -157,7 +158,7 @@ def conv1x1_dgrad(dz, y, mean, coef, weight, out, prev=None, shortcut=None, stri
     the conv's output); mean [N], coef [3, N] fp32; out [Nimg, K, H, W]
     channels_last, written completely.
     prev = (y_prev [Nimg, K, H, W], stats_prev [STATS_ROWS, K]): MASK_STATS
-        epilogue; returns the partial sums [T, 2, K] fp32.
+        epilogue; returns the partial sums [T, 2, K] fp64.
     shortcut = (dz_out,) for IDENTITY (dz_out [Nimg, K, H, W]), or
         (dz_out [Nimg, Cout, Ho, Wo], yd, mean_d, coef_d, wd [Cout, K, 1, 1])
         for PROJECTION at `stride`. Returns None then.
@@ -168,7 +169,7 @@ def conv1x1_dgrad(dz, y, mean, coef, weight, out, prev=None, shortcut=None, stri
     part = None
     if prev is not None:
         epilogue = MASK_STATS
-        part = torch.empty(cdiv(m, bm), 2, out.shape[1], device=out.device)
+        part = torch.empty(cdiv(m, bm), 2, out.shape[1], device=out.device, dtype=torch.float64)
     elif len(shortcut) == 1:
         epilogue, shortcut = IDENTITY, (shortcut[0], out, mean, coef, weight)
     else:

@@ -42,8 +42,8 @@ def _grouped_conv_bn_stats_kernel(
     w2_ptr: w2p [9, N_TILES, KCH, GT, GT] contiguous (packing.pack_w2).
     y2_ptr: y2 [M_OUT, WIDTH] pixel rows, act dtype; M_OUT = N*HO*WO.
     mean_ptr, scale_ptr, beta_ptr: BN1, [WIDTH] fp32 (real channels).
-    pmean_ptr, pm2_ptr: [cdiv(M_OUT, BLOCK_P), WIDTH] fp32 statistics rows;
-    pcount_ptr: [cdiv(M_OUT, BLOCK_P)] fp32 (written by tile 0's programs).
+    pmean_ptr, pm2_ptr: [cdiv(M_OUT, BLOCK_P), WIDTH] fp64 statistics rows;
+    pcount_ptr: [cdiv(M_OUT, BLOCK_P)] fp64 (written by tile 0's programs).
     D, D_P, GROUPS: group width, padded width, groups; input pixel of a tap
     (ho*STRIDE + (kh-1)*DIL, wo*STRIDE + (kw-1)*DIL), padding = DIL.
     Grid: (cdiv(M_OUT, BLOCK_P) * N_TILES,), tiles fastest.
@@ -84,8 +84,8 @@ def _grouped_conv_bn_stats_kernel(
     co, co_ok = real_channel(ot * GT + offs_g, D, D_P, GROUPS)
     y2 = acc.to(dtype)
     tl.store(y2_ptr + p64[:, None] * WIDTH + co[None, :], y2, mask=p_mask[:, None] & co_ok[None, :])
-    cnt = tl.minimum(M_OUT - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
-    mean_t, m2_t = tile_mean_m2(y2.to(tl.float32), p_mask, cnt)
+    cnt = tl.minimum(M_OUT - pid_p * BLOCK_P, BLOCK_P).to(tl.float64)
+    mean_t, m2_t = tile_mean_m2(y2, p_mask, cnt)
     tl.store(pmean_ptr + pid_p * WIDTH + co, mean_t, mask=co_ok)
     tl.store(pm2_ptr + pid_p * WIDTH + co, m2_t, mask=co_ok)
     if ot == 0:
@@ -96,12 +96,13 @@ def block_p(tiling, dtype):
     """Pixels per program of the grouped-conv kernels (forward and dgrad):
     128 (one warpgroup's wgmma M) on 4 warps; 64 where ptxas spilled at 128
     on sm_90a (bench/triton_compile.py --training): groups of 64 channels
-    or more per tile sweep (GT * KCH >= 64) and full-fp32 "ieee" dots. The
-    interpreter takes 128."""
+    or more per tile sweep (GT * KCH >= 64) and full-fp32 "ieee" dots; 32
+    for both at once (676 bytes spilled at 64). The interpreter takes 128."""
     if interpreting():
         return 128
     ieee = dtype == torch.float32 and dot_precision(dtype) == "ieee"
-    return 64 if tiling.gt * tiling.kch >= 64 or ieee else 128
+    wide = tiling.gt * tiling.kch >= 64
+    return 32 if wide and ieee else 64 if wide or ieee else 128
 
 
 def _kernel_args(y1, w2p, y2, tiling, bn1, stride, dilation, stats):
@@ -126,8 +127,9 @@ def grouped_conv_bn_stats(y1, w2p, y2, tiling, bn1, stride, dilation):
     m_out = y2.shape[0] * y2.shape[2] * y2.shape[3]
     n_rows = cdiv(m_out, bp)
     width, dev = y2.shape[1], y2.device
-    stats = StatisticsRows(torch.empty(n_rows, device=dev), torch.empty(n_rows, width, device=dev),
-                           torch.empty(n_rows, width, device=dev))
+    f64 = torch.float64
+    stats = StatisticsRows(torch.empty(n_rows, device=dev, dtype=f64), torch.empty(n_rows, width, device=dev, dtype=f64),
+                           torch.empty(n_rows, width, device=dev, dtype=f64))
     args, consts = _kernel_args(y1, w2p, y2, tiling, bn1, stride, dilation, stats)
     launch_fixed(_grouped_conv_bn_stats_kernel, (n_rows * tiling.n_tiles,), args, {**consts, "BLOCK_P": bp}, 4, 2)
     return stats

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
-from ._bn import bn_apply, bn_grad_input, real_channel, relu_grad
+from ._bn import bn_apply, bn_grad_input, bn_grad_sums, real_channel, relu_grad
 from ._common import dot_precision, interpreting, launch_fixed
 from .grouped_conv_bn_stats import block_p
 
@@ -36,7 +36,7 @@ def _grouped_conv_dgrad_kernel(
     [STATS_ROWS, WIDTH] block (row stride STATS_STRIDE); coef2_ptr [3, WIDTH].
     w2_ptr: w2p [9, N_TILES, KCH, GT, GT]. y1_ptr, dz1_ptr (out): [M_IN,
     WIDTH] pixel rows, M_IN = N*H*W; stats1_ptr: BN1's block.
-    part_ptr: out, [cdiv(M_IN, BLOCK_P), 2, WIDTH] fp32.
+    part_ptr: out, [cdiv(M_IN, BLOCK_P), 2, WIDTH] fp64 (_bn.bn_grad_sums).
     Grid: (cdiv(M_IN, BLOCK_P) * N_TILES,), tiles fastest.
     """
     pid = tl.program_id(0)
@@ -92,13 +92,14 @@ def _grouped_conv_dgrad_kernel(
     tl.store(dz1_ptr + off, dz1, mask=mask)
     dz1 = tl.where(mask, dz1.to(tl.float32), 0.0)
     xhat1 = (y1.to(tl.float32) - mean1) * invstd1
+    sum_dz, sum_dzx = bn_grad_sums(dz1, xhat1)
     part = part_ptr + (pid_p * 2) * WIDTH + c
-    tl.store(part, tl.sum(dz1, 0), mask=c_ok)
-    tl.store(part + WIDTH, tl.sum(dz1 * xhat1, 0), mask=c_ok)
+    tl.store(part, sum_dz, mask=c_ok)
+    tl.store(part + WIDTH, sum_dzx, mask=c_ok)
 
 
 def grouped_conv_dgrad(dz2, y2, stats2, coef2, w2p, tiling, y1, stats1, dz1, stride, dilation):
-    """Launch: dz1 (written completely) and BN1's partial sums [T, 2, width] fp32.
+    """Launch: dz1 (written completely) and BN1's partial sums [T, 2, width] fp64.
 
     dz2, y2 [N, width, Ho, Wo]; y1, dz1 [N, width, H, W]: channels_last
     contiguous, real channel order. stats2, stats1: the norms' [STATS_ROWS,
@@ -112,7 +113,7 @@ def grouped_conv_dgrad(dz2, y2, stats2, coef2, w2p, tiling, y1, stats1, dz1, str
     bp = block_p(tiling, y1.dtype) if stride == 1 or interpreting() else 64
     m_in = n * h * w
     t = tiling
-    part = torch.empty(cdiv(m_in, bp), 2, width, device=y1.device)
+    part = torch.empty(cdiv(m_in, bp), 2, width, device=y1.device, dtype=torch.float64)
     args = (dz2, y2, stats2, coef2, w2p, y1, stats1, dz1, part, m_in, h * w, w, ho, wo, width, t.d, t.d_p,
             t.groups, t.n_tiles, stride, dilation, stats1.stride(0))
     consts = {"BLOCK_P": bp, "GT": t.gt, "KCH": t.kch, "PREC": dot_precision(y1.dtype)}

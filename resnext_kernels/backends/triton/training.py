@@ -144,7 +144,8 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
             return backward_coefficients(sum_dz, sum_dzx, stats[i], coefs[i], batch_stats[i])
 
         def reduce(part):
-            sums = sum_rows(part, torch.empty(part.shape[1], part.shape[2], device=dev))
+            """[T, J, C] fp64 partial sums -> [J, C] fp64, summed over this process, then exchanged."""
+            sums = sum_rows(part, torch.empty(part.shape[1], part.shape[2], device=dev, dtype=torch.float64))
             return exchange.reduce_gradient_sums(sums)
 
         dz3 = torch.empty_like(out, memory_format=CL)
