@@ -15,7 +15,7 @@ from training_cases import CASES, DEVICE, TrainCase, needs_triton
 import resnext_kernels as rk
 from resnext_kernels import FusedResNeXtBlock
 from resnext_kernels.backends import registry
-from resnext_kernels.common.batch_stats import BatchNormArgs
+from resnext_kernels.common.batch_stats import LOCAL, BatchNormArgs, StatisticsExchange, merge_rows
 from resnext_kernels.ops import training
 
 OP = torch.ops.resnext_kernels.bottleneck_training.default
@@ -304,3 +304,51 @@ def test_compile_fullgraph_training_step_through_fused_blocks(allow_tf32):
         torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6, msg=name)
     for (name, b1), (_, b2) in zip(model.named_buffers(), twin.named_buffers()):
         torch.testing.assert_close(b2, b1, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class _RecordingExchange(StatisticsExchange):
+    """A one-process exchange that merges its rows first (as a multi-GPU one
+    would before its all_gather) and records what crosses the seam."""
+
+    def __init__(self):
+        self.gathered, self.reduced = [], []
+
+    def gather_statistics(self, rows):
+        self.gathered.append(tuple(rows.mean.shape))
+        return merge_rows(rows)
+
+    def reduce_gradient_sums(self, sums):
+        self.reduced.append(tuple(sums.shape))
+        return sums
+
+
+@needs_triton
+def test_statistics_exchange_seam(allow_tf32):
+    """The triton path passes each norm's statistics rows through
+    exchange.gather_statistics before its finalize and each backward
+    reduction through exchange.reduce_gradient_sums (the SyncBatchNorm seam,
+    docs/training.md); an exchange that merges the rows first gives the same
+    result as the local one."""
+    allow_tf32(False)
+    from resnext_kernels.backends.triton.training import (
+        bottleneck_training_backward_triton,
+        bottleneck_training_triton,
+    )
+
+    case = CASES[1]  # projection: four norms
+    args = _op_args(case, torch.float32, "triton", device=DEVICE)
+    norms = [BatchNormArgs(*args[5 + 4 * i:9 + 4 * i], True, 0.1, 1e-5) for i in range(4)]
+    conv = (case.stride, case.dilation, case.groups)
+    grad = torch.randn(case.n, 32, 5, 4, device=DEVICE)
+    results = []
+    for exchange in (LOCAL, _RecordingExchange()):
+        saved = bottleneck_training_triton(*args[:5], norms, *conv, exchange=exchange)
+        grads = bottleneck_training_backward_triton(grad, *args[:5], *saved[:6], [n[:2] for n in norms],
+                                                    [True] * 4, *conv, True, exchange=exchange)
+        results.append((saved, grads))
+    width, cout = case.d * case.groups, 4 * case.planes
+    assert [s[1] for s in exchange.gathered] == [width, width, cout, cout]  # bn1, bn2, bn3, bn_d
+    assert exchange.reduced == [(3, cout), (2, width), (2, width)]  # tail (bn3 + bn_d), bn2, bn1
+    for a, b in zip(results[0][0][:1] + results[0][0][5:] + results[0][1], results[1][0][:1] + results[1][0][5:]
+                    + results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
