@@ -61,6 +61,8 @@ CL = torch.channels_last
 
 
 def _empty(n, c, h, w, like):
+    """A channels_last activation, uninitialized (torch.empty: the tests
+    NaN-poison it to catch unwritten elements)."""
     return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device, memory_format=CL)
 
 
@@ -148,13 +150,13 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
             sums = sum_rows(part, torch.empty(part.shape[1], part.shape[2], device=dev, dtype=torch.float64))
             return exchange.reduce_gradient_sums(sums)
 
-        dz3 = torch.empty_like(out, memory_format=CL)
+        dz3 = _empty(*out.shape, out)
         sums3 = reduce(bn_add_relu_backward(g, out, y3, yd if projection else None, dz3, stats[2],
                                             stats[3] if projection else None))
         coef3 = coefficients(2, sums3[0], sums3[1])
         coefd = coefficients(3, sums3[0], sums3[2]) if projection else None
 
-        dz2 = torch.empty_like(y2, memory_format=CL)
+        dz2 = _empty(*y2.shape, y2)
         sums2 = reduce(conv1x1_dgrad(dz3, y3, stats[2][MEAN], coef3, w3, dz2, prev=(y2, stats[1])))
         dw3 = conv1x1_wgrad(dz3, y3, stats[2][MEAN], coef3, y2, w3.shape, w3.dtype, prologue=_prologue(stats[1]))
         dwd = None
@@ -163,7 +165,7 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
         coef2 = coefficients(1, sums2[0], sums2[1])
 
         tiling = GroupTiling(width, groups)
-        dz1 = torch.empty_like(y1, memory_format=CL)
+        dz1 = _empty(*y1.shape, y1)
         sums1 = reduce(grouped_conv_dgrad(dz2, y2, stats[1], coef2, pack_w2(w2, tiling), tiling, y1, stats[0], dz1,
                                           stride, dilation))
         dw2 = grouped_conv_wgrad(y1, stats[0], dz2, y2, stats[1], coef2, tiling, stride, dilation, w2.dtype)
@@ -171,7 +173,7 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
 
         dx = None
         if need_x_grad:
-            dx = torch.empty_like(x, memory_format=CL)
+            dx = _empty(*x.shape, x)
             shortcut = (dz3, yd, stats[3][MEAN], coefd, wd) if projection else (dz3,)
             conv1x1_dgrad(dz1, y1, stats[0][MEAN], coef1, w1, dx, shortcut=shortcut, stride=stride)
         dw1 = conv1x1_wgrad(dz1, y1, stats[0][MEAN], coef1, x, w1.shape, w1.dtype)
