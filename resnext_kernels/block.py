@@ -8,10 +8,11 @@ from torch.nn.utils import parametrize
 
 from . import folding
 from .backends import registry
+from .common.batch_stats import BatchNormArgs, norm_columns
 from .common.settings import REFERENCE_DTYPES
 from .common.validation import check_positive_int
 from .common.weight_cache import TensorSnapshot, cacheable
-from .ops import inference
+from .ops import inference, training
 
 
 def _conv1x1(in_planes, out_planes, stride=1):
@@ -39,9 +40,12 @@ class FusedResNeXtBlock(nn.Module):
         and the block runs as the op ``resnext_kernels::bottleneck_inference``
         on ``backend``. Gradients reach x, conv weights and BN affine params.
       * BatchNorm2d using batch statistics (train mode, or no running stats):
-        the block computes exactly torchvision's math with ATen ops (batch
-        statistics, running-stat and num_batches_tracked updates) whatever
-        ``backend`` says; fused training kernels are future work.
+        the block runs the training op ``resnext_kernels::bottleneck_training``
+        (ops/training.py) on ``backend`` ("triton" kernels, or the
+        "reference" ATen composite; "auto": triton on CUDA, reference on CPU;
+        "cuda"/"cuda_emulated" have no training kernels and raise
+        BackendUnavailableError), with nn.BatchNorm2d's running-stat and
+        num_batches_tracked updates.
 
     backend: "auto" (fastest usable for the input's device), "reference",
     "triton", "cuda", or the testing backend "cuda_emulated". An explicitly
@@ -122,7 +126,7 @@ class FusedResNeXtBlock(nn.Module):
         return norms
 
     def uses_batch_statistics(self):
-        """True when forward normalizes with batch statistics (unfused ATen path)."""
+        """True when forward normalizes with batch statistics (the training op)."""
         return any(folding.uses_batch_statistics(bn) for bn in self._norms())
 
     # -- forward -----------------------------------------------------------
@@ -138,17 +142,28 @@ class FusedResNeXtBlock(nn.Module):
                                         groups=c2.groups, backend=self.backend)
 
     def _forward_batch_statistics(self, x):
-        # Exactly torchvision's Bottleneck.forward. Check x first so that bad
-        # input gets the same clear error as on the fused path.
+        # The training op (ops/training.py) with nn.BatchNorm2d's bookkeeping
+        # around it: num_batches_tracked and the exponential average factor
+        # before, the running statistics after (the op returns them). Under
+        # autocast the convs run in the autocast dtype, as eager's would.
         self._check_input(x)
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        norms = self._norms()
+        args = [_batch_norm_args(bn) for bn in norms]
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        convs = [self.conv1, self.conv2, self.conv3] + ([self.downsample[0]] if self.downsample is not None else [])
+        w1, w2, w3, wd = [c.weight.to(dtype) for c in convs] + [None] * (4 - len(convs))
+        c2 = self.conv2
+        out, new_running = training.bottleneck_training(x.to(dtype), w1, w2, w3, wd, args, stride=c2.stride[0],
+                                                        dilation=c2.dilation[0], groups=c2.groups,
+                                                        backend=self.backend)
+        with torch.no_grad():
+            for bn, arg, col in zip(norms, args, norm_columns(w1.shape[0], w3.shape[0], wd is not None)):
+                if arg.batch_stats and arg.running_mean is not None:
+                    bn.running_mean.copy_(new_running[0, col])
+                    bn.running_var.copy_(new_running[1, col])
+        return out
 
     def _check_input(self, x):
         w = self.conv1.weight
@@ -274,6 +289,25 @@ class FusedResNeXtBlock(nn.Module):
 
 
 _SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+
+
+def _batch_norm_args(bn):
+    """The training op's view of a norm for this forward, with the
+    bookkeeping of nn.BatchNorm2d.forward (torch/nn/modules/batchnorm.py):
+    num_batches_tracked += 1 in training mode with running stats, and the
+    exponential average factor `momentum` or 1/num_batches_tracked for
+    momentum=None; batch statistics in training mode or without running
+    stats. FrozenBatchNorm2d normalizes with its fixed statistics."""
+    if folding.is_frozen_batchnorm(bn):
+        return BatchNormArgs(bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0, bn.eps)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats  # running stats passed on (used or updated)
+    return BatchNormArgs(bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None,
+                         batch_stats, factor, bn.eps)
 
 
 def _is_torchvision_bottleneck(m):

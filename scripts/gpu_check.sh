@@ -19,6 +19,10 @@
 #              (scripts/gpu_check_cuda.sh)
 #   bench      the block benchmark suite without the torch.compile baseline: every
 #              shape, bfloat16 first (then float16, float32, as time allows)
+#   train      the training benchmark (benchmarks/test_training_bench.py): one training step
+#              (forward + backward, bf16 autocast, channels_last, batch 128) of the s1, s2, s3
+#              blocks, then resnext50_32x4d: eager AMP, the fused triton path, torch.compile;
+#              its JSON goes into the logs archive and the STEM.md tables
 #   compile    the torch.compile(max-autotune) baselines: bfloat16 blocks, then the model
 #   model      the whole-model benchmark (eager and fused backends)
 #   cli        python -m resnext_kernels bench --quick (validation table, chart)
@@ -26,7 +30,7 @@
 #              plans timed, vs the cost model's choice
 #   ncu        Nsight Compute on one forward of the cuda and triton backends at s1, s4
 # Sets: "first" = build info tests sanitizer bench (the default);
-#       "second" = build compile plans ncu model cli.
+#       "second" = build train compile plans ncu model cli.
 # The device tool allows 600 s per call and 15 min per session, so a session runs
 #   call 1: scripts/gpu_check.sh $OUT            (timeout_s 600)
 #   call 2: scripts/gpu_check.sh $OUT second     (timeout_s 600, at once: machine warm)
@@ -71,8 +75,8 @@ STAGES=()
 for arg in "${@:-first}"; do
   case "$arg" in
     first) STAGES+=(build info tests sanitizer bench) ;;
-    second) STAGES+=(build compile plans ncu model cli) ;;
-    build|info|tests|sanitizer|bench|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
+    second) STAGES+=(build train compile plans ncu model cli) ;;
+    build|info|tests|sanitizer|bench|train|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
     *) echo "unknown stage or set: $arg" >&2; exit 2 ;;
   esac
 done
@@ -121,6 +125,8 @@ publish() {  # copy the results into OUTDIR (at most 8 files, all named STEM_*)
   for name in "$STEM.json" "${STEM}_compile.json" "${STEM}_model.json" "${STEM}_cli.json"; do
     [ -s "$RES/$name" ] && jsons+=("$RES/$name")
   done
+  # The training benchmark's JSON travels in the logs archive (OUTDIR holds 8 files at most).
+  [ -s "$LOGS/train.json" ] && jsons+=("$LOGS/train.json")
   if [ ${#jsons[@]} -gt 0 ]; then
     $PY -m resnext_kernels.bench_report "${jsons[@]}" > "$RES/$STEM.md" 2> "$LOGS/bench_report.log" || true
   fi
@@ -178,8 +184,11 @@ for stage in "${STAGES[@]}"; do
     bench)
       run_stage bench 240 INT "${BENCH[@]}" benchmarks/test_block_bench.py -k "not compile" --bench-compile none \
         --benchmark-json "$RES/$STEM.json" ;;
+    train)
+      run_stage train 180 INT "${BENCH[@]}" benchmarks/test_training_bench.py --bench-shapes s1,s2,s3 \
+        --benchmark-json "$LOGS/train.json" ;;
     compile)
-      run_stage compile 200 INT "${BENCH[@]}" benchmarks/test_block_bench.py benchmarks/test_model_bench.py \
+      run_stage compile 150 INT "${BENCH[@]}" benchmarks/test_block_bench.py benchmarks/test_model_bench.py \
         -k compile --bench-compile bfloat16 --bench-dtypes bfloat16 --benchmark-json "$RES/${STEM}_compile.json" ;;
     model)
       run_stage model 90 INT "${BENCH[@]}" benchmarks/test_model_bench.py -k "not compile" --bench-compile none \

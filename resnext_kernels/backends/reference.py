@@ -1,4 +1,5 @@
-"""The `reference` backend: the folded inference block from ATen ops.
+"""The `reference` backend: the folded inference block, and the training
+block (batch-statistics BatchNorm, forward and backward), from ATen ops.
 
 Works on any device and in any floating dtype (float64 included, which
 gradcheck needs). It is also the ground truth the fused kernels are tested
@@ -7,6 +8,19 @@ against, computed in float64 on CPU.
 
 import torch
 import torch.nn.functional as F
+
+from ..common.batch_stats import (
+    BETA,
+    COUNT,
+    INVSTD,
+    MEAN,
+    SAVED_ROWS,
+    SCALE,
+    STATS_ROWS,
+    norm_columns,
+    norm_counts,
+    stats_dtype,
+)
 
 
 def bottleneck_intermediates(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
@@ -28,3 +42,127 @@ def bottleneck_inference_reference(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, di
     """y for the folded block (see `bottleneck_intermediates`), channels_last."""
     y = bottleneck_intermediates(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)[2]
     return y.contiguous(memory_format=torch.channels_last)
+
+
+# -- the training op (batch-statistics BatchNorm) ---------------------------------
+
+
+def _bn_forward(y, bn, stats, new_running):
+    """ATen's batch norm of y for one BatchNormArgs, on copies of the running
+    stats; fills the norm's columns of stats (mean, invstd) and new_running
+    (mean, var after the update). Returns BN's output."""
+    sd = stats.dtype
+    rm = None if bn.running_mean is None else bn.running_mean.clone()
+    rv = None if bn.running_var is None else bn.running_var.clone()
+    z, save_mean, save_invstd = torch.native_batch_norm(y, bn.weight, bn.bias, rm, rv, bn.batch_stats, bn.momentum,
+                                                        bn.eps)
+    if bn.batch_stats:
+        mean, invstd = save_mean.to(sd), save_invstd.to(sd)
+        if rm is None:  # no running stats: the batch mean and unbiased variance
+            rv, rm = torch.var_mean(y.to(sd), dim=(0, 2, 3), correction=1)
+    else:
+        mean, invstd = rm.to(sd), torch.rsqrt(rv.to(sd) + bn.eps)
+    stats[MEAN], stats[INVSTD] = mean, invstd
+    new_running[0], new_running[1] = rm.to(sd), rv.to(sd)
+    return z
+
+
+def bottleneck_training_reference(x, w1, w2, w3, wd, norms, stride, dilation, groups):
+    """The training op's forward from ATen ops (conv2d, native_batch_norm,
+    relu), any device and floating dtype: the ground truth of the triton
+    backend's kernels.
+
+    x [N, Cin, H, W]; conv weights w1, w2, w3 (wd or None) in x's dtype;
+    norms: bn1, bn2, bn3 (, bn_d) as common.batch_stats.BatchNormArgs.
+    Returns (out, y1, y2, y3, yd, bn_stats, new_running): out = relu(bn3(y3) +
+    shortcut) and the raw conv outputs y1..y3, yd ([0] without projection),
+    channels_last; bn_stats [STATS_ROWS, C_total] and new_running [2, C_total]
+    (the running mean and variance after the update; without running stats
+    the batch mean and unbiased variance) in stats_dtype(x.dtype), columns per
+    norm as norm_columns gives them; bn_stats has SAVED_ROWS rows (mean,
+    invstd). The running stats passed in are not modified.
+    """
+    width, cout = w1.shape[0], w3.shape[0]
+    cols = norm_columns(width, cout, wd is not None)
+    sd = stats_dtype(x.dtype)
+    bn_stats = torch.empty(SAVED_ROWS, cols[-1].stop, dtype=sd, device=x.device)
+    new_running = torch.empty(2, cols[-1].stop, dtype=sd, device=x.device)
+
+    def bn(i, y):
+        return _bn_forward(y, norms[i], bn_stats[:, cols[i]], new_running[:, cols[i]])
+
+    y1 = F.conv2d(x, w1)
+    y2 = F.conv2d(F.relu(bn(0, y1)), w2, stride=stride, padding=dilation, dilation=dilation, groups=groups)
+    y3 = F.conv2d(F.relu(bn(1, y2)), w3)
+    z3 = bn(2, y3)
+    if wd is None:
+        yd, shortcut = x.new_empty(0), x
+    else:
+        yd = F.conv2d(x, wd, stride=stride)
+        shortcut = bn(3, yd)
+    out = F.relu(z3 + shortcut)
+    cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in (out, y1, y2, y3, yd)]
+    return (*cl, bn_stats, new_running)
+
+
+def _conv_backward(grad, inp, weight, stride=1, padding=0, dilation=1, groups=1, need_input=True):
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        grad, inp, weight, None, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups,
+        [need_input, True, False])
+    return gi, gw
+
+
+def bottleneck_training_backward_reference(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, affine,
+                                           batch_stats, stride, dilation, groups, need_x_grad):
+    """The training op's backward from ATen ops (convolution_backward,
+    threshold_backward) and BatchNorm's backward formula, from what the
+    forward saved (post-BN/ReLU activations recomputed from y, bn_stats and
+    the affine parameters).
+
+    affine: per norm (weight, bias), either may be None; batch_stats: per
+    norm, whether it normalized with batch statistics.
+    Returns (dx or None, dw1, dw2, dw3, dwd or None, grad_bn [2, C_total]):
+    grad_bn row 0 the BN weights' gradients sum(dz * xhat), row 1 the
+    biases' sum(dz), in bn_stats' dtype.
+    """
+    width, cout = w1.shape[0], w3.shape[0]
+    cols = norm_columns(width, cout, wd is not None)
+    sd, dtype = bn_stats.dtype, x.dtype
+    work = torch.empty(STATS_ROWS, cols[-1].stop, dtype=sd, device=x.device)  # restored: see batch_stats
+    for col, (weight, bias), n in zip(cols, affine, norm_counts(x.shape, stride, len(cols))):
+        work[MEAN, col], work[INVSTD, col] = bn_stats[MEAN, col], bn_stats[INVSTD, col]
+        work[SCALE, col] = bn_stats[INVSTD, col] * (1.0 if weight is None else weight.to(sd))
+        work[BETA, col] = 0.0 if bias is None else bias.to(sd)
+        work[COUNT, col] = n
+    stats = [work[:, c, None, None] for c in cols]  # [STATS_ROWS, C, 1, 1]: broadcasts over NCHW
+    grad_bn = torch.empty(2, cols[-1].stop, dtype=sd, device=x.device)
+
+    def bn_relu(y, s):
+        return F.relu(((y.to(sd) - s[MEAN]) * s[SCALE] + s[BETA]).to(dtype))
+
+    def bn_backward(i, dz, y):
+        s = stats[i]
+        dzf = dz.to(sd)
+        xhat = (y.to(sd) - s[MEAN]) * s[INVSTD]
+        sum_dz, sum_dzx = dzf.sum((0, 2, 3)), (dzf * xhat).sum((0, 2, 3))
+        grad_bn[0, cols[i]], grad_bn[1, cols[i]] = sum_dzx, sum_dz
+        if not batch_stats[i]:
+            return (s[SCALE] * dzf).to(dtype)
+        n = s[COUNT]
+        return (s[SCALE] * (dzf - sum_dz[:, None, None] / n - xhat * sum_dzx[:, None, None] / n)).to(dtype)
+
+    t1, t2 = bn_relu(y1, stats[0]), bn_relu(y2, stats[1])
+    dz3 = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    dt2, dw3 = _conv_backward(bn_backward(2, dz3, y3), t2, w3)
+    dwd = shortcut = None
+    if wd is not None:
+        shortcut, dwd = _conv_backward(bn_backward(3, dz3, yd), x, wd, stride, need_input=need_x_grad)
+    elif need_x_grad:
+        shortcut = dz3
+    dz2 = torch.ops.aten.threshold_backward(dt2, t2, 0)
+    dt1, dw2 = _conv_backward(bn_backward(1, dz2, y2), t1, w2, stride, dilation, dilation, groups)
+    dz1 = torch.ops.aten.threshold_backward(dt1, t1, 0)
+    dx, dw1 = _conv_backward(bn_backward(0, dz1, y1), x, w1, need_input=need_x_grad)
+    if need_x_grad:
+        dx = (dx + shortcut).contiguous(memory_format=torch.channels_last)
+    return dx, dw1, dw2, dw3, dwd, grad_bn

@@ -29,6 +29,15 @@ naming the backend and the reason; there is no silent fallback.
 Each backend kernel has the signature of ``reference.bottleneck_inference_reference``:
 (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups) -> y, where the
 inputs were already validated by ``ops.inference.check_inputs``.
+
+Training (the op ``resnext_kernels::bottleneck_training``: BatchNorm with
+batch statistics, forward and backward) has kernels in TRAINING_BACKENDS
+only: ``reference`` (ATen ops) and ``triton``. ``auto`` picks triton on CUDA
+and the reference on CPU; an explicit ``cuda`` or ``cuda_emulated`` raises
+BackendUnavailableError naming training as the reason (no silent ATen run).
+``training_kernels(name)`` gives (forward, backward) with the signatures of
+``reference.bottleneck_training_reference`` and
+``reference.bottleneck_training_backward_reference``.
 """
 
 import importlib
@@ -146,6 +155,53 @@ def resolve_backend(backend, device):
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run on {device.type} tensors: {reason}")
     return backend
+
+
+TRAINING_BACKENDS = ("reference", "triton")
+TRAINING_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+
+
+def training_unavailable_reason(backend, device):
+    """None if `backend` can run the training op on tensors of `device`, else the reason."""
+    if backend not in TRAINING_BACKENDS:
+        return (f"it has no training kernels (BatchNorm with batch statistics); training runs on "
+                f"{' or '.join(repr(b) for b in TRAINING_BACKENDS)}")
+    return unavailable_reason(backend, device)
+
+
+def resolve_training_backend(backend, device):
+    """The training backend for an explicit name (raises if it cannot run on
+    `device`) or for 'auto' (the first usable in TRAINING_AUTO_ORDER)."""
+    check_backend_name(backend)
+    device = torch.device(device)
+    if backend == "auto":
+        for name in TRAINING_AUTO_ORDER.get(device.type, ("reference",)):
+            if training_unavailable_reason(name, device) is None:
+                return name
+        return "reference"
+    reason = training_unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run training on {device.type} tensors: {reason}")
+    return backend
+
+
+def training_kernels(backend):
+    """(forward, backward) callables of a training backend (imported lazily)."""
+    if backend == "reference":
+        from .reference import (
+            bottleneck_training_backward_reference,
+            bottleneck_training_reference,
+        )
+
+        return bottleneck_training_reference, bottleneck_training_backward_reference
+    if backend == "triton":
+        from .triton.training import (
+            bottleneck_training_backward_triton,
+            bottleneck_training_triton,
+        )
+
+        return bottleneck_training_triton, bottleneck_training_backward_triton
+    raise ValueError(f"backend={backend!r} has no training kernels; those are {TRAINING_BACKENDS}")
 
 
 def kernel(backend):

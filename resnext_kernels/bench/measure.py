@@ -204,3 +204,31 @@ def performance(shape, batch, dtype, seconds, ceilings):
         "floor_ms": floor * 1e3,
         "pct_of_floor": 100.0 * floor / seconds,
     }
+
+
+def saved_activation_bytes(model, *inputs, shapes=None):
+    """(bytes, output): the bytes of the unique storages autograd saves for
+    backward during model(*inputs), counted with
+    torch.autograd.graph.saved_tensors_hooks, leaving out the model's own
+    parameters and buffers and the inputs (they exist anyway, whatever the
+    model saves) and empty tensors.
+
+    The output is returned so that the caller decides when the graph (and
+    the saved tensors, whose storage addresses identify them) may go.
+    shapes: a list that receives the shape of the first tensor saved from
+    each counted storage.
+    """
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *inputs)}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in own and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = storage.nbytes()
+            if shapes is not None:
+                shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*inputs)
+    return sum(saved.values()), out

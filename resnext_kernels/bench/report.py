@@ -29,7 +29,7 @@ def block_rows_from_pytest(data):
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        if "shape" not in info:
+        if "shape" not in info or info.get("training"):
             continue
         row = dict(info)
         row["median_s"] = b["stats"]["median"]
@@ -41,11 +41,21 @@ def model_rows_from_pytest(data):
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
-        if info.get("model") is None:
+        if info.get("model") is None or info.get("training"):
             continue
         row = dict(info)
         row["median_s"] = b["stats"]["median"]
         rows.append(row)
+    return rows
+
+
+def training_rows_from_pytest(data):
+    """Rows of the training-step cases (benchmarks/test_training_bench.py)."""
+    rows = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if info.get("training"):
+            rows.append({**info, "median_s": b["stats"]["median"]})
     return rows
 
 
@@ -132,6 +142,23 @@ def model_table(rows):
     return _table(header, lines)
 
 
+def training_table(rows):
+    """Markdown table of training-step rows (after add_speedups)."""
+    header = ["shape", "impl", "batch", "ms", "vs eager AMP", "vs compile", "derived GB/s", "images/s", "peak MiB",
+              "first call s", "max diff vs eager"]
+    lines = []
+    for r in rows:
+        peak = r.get("peak_mem_bytes")
+        lines.append([
+            r["shape"], r["impl"], str(r.get("batch")), _fmt(r["median_s"] * 1e3 if r.get("median_s") else None, ".4g"),
+            _fmt(r.get("vs_eager"), ".2f", "x"), _fmt(r.get("vs_compile"), ".2f", "x"),
+            _fmt(r.get("achieved_GBps"), ".3g"), _fmt(r.get("images_per_s"), ".1f"),
+            _fmt(peak / 2**20 if peak else None, ".0f"), _fmt(r.get("first_call_s"), ".3g"),
+            _fmt(r.get("max_abs_diff_vs_eager"), ".2e"),
+        ])
+    return _table(header, lines)
+
+
 def _ceilings_line(c):
     rates = ", ".join(f"{k} {v:.3g}" for k, v in c.get("matmul_TFLOPs", {}).items())
     return f"ceilings on {c['device']}: copy {c['copy_GBps']:.3g} GB/s (read + write); matmul TFLOP/s: {rates}"
@@ -139,10 +166,11 @@ def _ceilings_line(c):
 
 def render_pytest(docs):
     """Markdown for one or more pytest-benchmark documents (merged)."""
-    blocks, models, ceilings = [], [], {}
+    blocks, models, trains, ceilings = [], [], [], {}
     for d in docs:
         blocks += block_rows_from_pytest(d)
         models += model_rows_from_pytest(d)
+        trains += training_rows_from_pytest(d)
     for r in blocks:  # each case snapshots the ceilings measured so far; merge per device and run
         if "ceilings" in r:
             c = ceilings.setdefault((r["ceilings"]["device"], r["ceilings"]["copy_GBps"]), dict(r["ceilings"]))
@@ -163,6 +191,10 @@ def render_pytest(docs):
         models = sorted(models, key=lambda r: (r["batch"], MODEL_IMPLS.index(r["impl"])))
         add_model_error_ratio(add_speedups(models, key=("batch",), eager_impls=("eager",)))
         out += ["", "### Whole model (bfloat16, channels_last)", "", model_table(models)]
+    if trains:
+        add_speedups(trains, key=("shape",), eager_impls=("eager_amp",), compile_impl="compile_amp")
+        out += ["", "### Training step: forward + backward (bf16 autocast, channels_last; GB/s from the derived "
+                    "bytes of bench.shapes.training_step_bytes)", "", training_table(trains)]
     return "\n".join(out) + "\n"
 
 

@@ -10,7 +10,9 @@ import dataclasses
 
 import torch
 
-from ..common.sizes import conv_output_size
+from ..backends.triton.conv1x1_wgrad import gpu_splits, gpu_tiles
+from ..backends.triton.packing import GroupTiling
+from ..common.sizes import cdiv, conv_output_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,3 +185,142 @@ def block_bytes_floor(shape, batch, dtype):
     elems += batch * shape.cout * shape.out_hw * shape.out_hw
     elems += block_parameter_count(shape)
     return elems * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------
+# training: HBM bytes per step (forward + backward), derived, not measured
+
+
+# One statistics row (fp64 mean and M2) per this many output pixels and
+# channel, and one row of backward partial sums (fp64): the training kernels'
+# pixel tile for 16-bit operands (backends/triton/_common.training_gemm_tiles,
+# grouped_conv_bn_stats.block_p).
+STATS_ROW_PIXELS = 128
+
+
+def _training_maps(shape, batch):
+    """Elements of the activation maps of one block at `batch`."""
+    p_in, p_out = batch * shape.hw * shape.hw, batch * shape.out_hw * shape.out_hw
+    return {
+        "x": p_in * shape.cin, "y1": p_in * shape.width, "y2": p_out * shape.width, "y3": p_out * shape.cout,
+        "xs": p_out * shape.cin,  # x at the strided pixels the projection reads
+        "p_in": p_in, "p_out": p_out,
+    }
+
+
+def training_step_traffic(shape, batch):
+    """The kernels of one training step (forward + backward) of a block and
+    the activation-map elements each reads and writes, assuming each kernel
+    reads its inputs once from DRAM (tiles that neighbouring programs
+    re-read, like a 3x3 halo or a GEMM's A rows, hit L2).
+
+    Returns {"fused": [(kernel, read, written)], "eager": [...]}: "fused" is
+    this package's triton training path; "eager" is eager PyTorch's kernels
+    (conv, a batch norm reading its input twice (statistics, then
+    normalize), in-place ReLU, the residual add; in backward
+    threshold_backward, a batch-norm backward reading its gradient and input
+    twice (reduce, then elementwise), conv dgrad/wgrad, the accumulation of
+    x's two gradients). Weights and per-channel vectors are counted by
+    training_step_bytes.
+    """
+    m = _training_maps(shape, batch)
+    x, y1, y2, y3, xs = m["x"], m["y1"], m["y2"], m["y3"], m["xs"]
+    proj = shape.projection
+    short = y3 if proj else x  # the tail's shortcut input: yd, or x
+    fused = [
+        ("conv1 + stats", x, y1), ("gconv + bn1-relu prologue + stats", y1, y2),
+        ("conv3 + bn2-relu prologue + stats", y2, y3),
+        *([("projection + stats", xs, y3)] if proj else []),
+        ("bn3 + shortcut + relu", y3 + short, y3),
+        ("tail backward: dz3, bn3 (bn_d) sums", 3 * y3 + (y3 if proj else 0), y3),
+        ("conv3 dgrad + relu2 mask + bn2 sums", 2 * y3 + y2, y2), ("conv3 wgrad", 2 * y3 + y2, 0),
+        *([("projection wgrad", 2 * y3 + xs, 0)] if proj else []),
+        ("gconv dgrad + relu1 mask + bn1 sums", 2 * y2 + y1, y1), ("gconv wgrad", y1 + 2 * y2, 0),
+        ("conv1 dgrad + shortcut", 2 * y1 + (2 * y3 if proj else x), x), ("conv1 wgrad", x + 2 * y1, 0),
+    ]
+    eager = [
+        ("conv1", x, y1), ("bn1", 2 * y1, y1), ("relu1", y1, y1), ("conv2", y1, y2), ("bn2", 2 * y2, y2),
+        ("relu2", y2, y2), ("conv3", y2, y3), ("bn3", 2 * y3, y3),
+        *([("downsample conv", xs, y3), ("downsample bn", 2 * y3, y3)] if proj else []),
+        ("add", y3 + short, y3), ("relu3", y3, y3),
+        ("relu3 backward", 2 * y3, y3),
+        ("bn3 backward", 4 * y3, y3), ("conv3 dgrad", y3, y2), ("conv3 wgrad", y3 + y2, 0),
+        *([("downsample bn backward", 4 * y3, y3), ("downsample dgrad", y3, x), ("downsample wgrad", y3 + xs, 0)]
+          if proj else []),
+        ("relu2 backward", 2 * y2, y2), ("bn2 backward", 4 * y2, y2), ("conv2 dgrad", y2, y1),
+        ("conv2 wgrad", y2 + y1, 0), ("relu1 backward", 2 * y1, y1), ("bn1 backward", 4 * y1, y1),
+        ("conv1 dgrad", y1, x), ("conv1 wgrad", y1 + x, 0), ("x grad accumulation", 2 * x, x),
+    ]
+    return {"fused": fused, "eager": eager}
+
+
+def _wgrad_output_bytes(n_splits, real, packed, e):
+    """Bytes a fused wgrad writes and reads for its result: `real` weight
+    elements, `packed` of them in the kernel's layout (the grouped conv's
+    block-diagonal tiles). One pixel range: the result in the weights' dtype
+    (packed, then the real entries copied out); several: fp32 partials
+    written and read, their fp32 sum written and read, the result written."""
+    if n_splits == 1:
+        return packed * e + (2 * real * e if packed != real else 0)
+    return 2 * n_splits * packed * 4 + 2 * packed * 4 + real * e
+
+
+def _conv1x1_wgrad_bytes(pixels, n_ch, k, e, prec="tf32"):
+    """_wgrad_output_bytes of a 1x1 conv's wgrad [n_ch, k] over `pixels`,
+    split as conv1x1_wgrad splits it on a GPU."""
+    _, bn, bk, _, _ = gpu_tiles(n_ch, k, e, prec)
+    n_splits = gpu_splits(pixels, cdiv(n_ch, bn) * cdiv(k, bk), n_ch * k * 4, pixels * (k + 2 * n_ch) * e)
+    return _wgrad_output_bytes(n_splits, n_ch * k, n_ch * k, e)
+
+
+def training_step_bytes(shape, batch, dtype):
+    """HBM bytes of one training step of a block, {"fused", "eager", "ratio"}.
+
+    Activation maps in `dtype` (training_step_traffic); weights in `dtype`:
+    both read each conv weight in forward and in dgrad; eager writes each
+    gradient once, the fused wgrads write what _wgrad_output_bytes says (fp32
+    partial sums where the pixel reduction is split); the fused path's fp64
+    per-channel traffic: forward statistics rows (mean, M2) and backward
+    partial sums (2 per norm, 3 for the tail with a projection), one row per
+    STATS_ROW_PIXELS pixels, each written and read once. Eager's per-channel
+    vectors (tens of KB) are left out.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    traffic = training_step_traffic(shape, batch)
+    maps = {k: sum(r + w for _, r, w in v) * e for k, v in traffic.items()}
+    m = _training_maps(shape, batch)
+    p_in, p_out = m["p_in"], m["p_out"]
+    w_conv1, w_conv3 = shape.width * shape.cin, shape.cout * shape.width
+    w_conv2 = shape.width * shape.group_width * 9
+    w_proj = shape.cout * shape.cin if shape.projection else 0
+    weights = w_conv1 + w_conv2 + w_conv3 + w_proj
+    t = GroupTiling(shape.width, shape.groups)
+    packed = 9 * t.width_p * t.gt  # the grouped wgrad's [9, n_tiles, KCH, GT, GT]
+    gconv_splits = gpu_splits(p_out, 9 * t.n_tiles * t.kch, packed * 4, 3 * p_out * shape.width * e)
+    fused_wgrads = (_conv1x1_wgrad_bytes(p_in, shape.width, shape.cin, e)
+                    + _conv1x1_wgrad_bytes(p_out, shape.cout, shape.width, e)
+                    + _wgrad_output_bytes(gconv_splits, w_conv2, packed, e)
+                    + (_conv1x1_wgrad_bytes(p_out, shape.cout, shape.cin, e) if shape.projection else 0))
+    rows_in, rows_out = p_in / STATS_ROW_PIXELS, p_out / STATS_ROW_PIXELS
+    # forward rows: bn1 (conv1 at p_in), bn2, bn3 (, bn_d) at p_out; backward
+    # sums: bn3 (+ bn_d) from the tail, bn2 from conv3's dgrad, bn1 from the
+    # grouped dgrad at p_in.
+    stats = 2 * (rows_in * shape.width + rows_out * (shape.width + shape.cout * (2 if shape.projection else 1)))
+    stats += (3 if shape.projection else 2) * rows_out * shape.cout + 2 * rows_out * shape.width
+    stats += 2 * rows_in * shape.width
+    fused = maps["fused"] + 2 * weights * e + fused_wgrads + 2 * stats * 8
+    eager = maps["eager"] + 3 * weights * e
+    return {"fused": fused, "eager": eager, "ratio": fused / eager}
+
+
+def training_bytes_table(batch=128, dtype=torch.bfloat16):
+    """Markdown table of training_step_bytes for every canonical shape (docs/training.md)."""
+    lines = ["| shape | eager GB | fused GB | fused / eager | maps only (units of y2) |", "|---|---|---|---|---|"]
+    for s in SHAPES.values():
+        b = training_step_bytes(s, batch, dtype)
+        traffic = training_step_traffic(s, batch)
+        unit = _training_maps(s, batch)["y2"]
+        units = {k: sum(r + w for _, r, w in v) / unit for k, v in traffic.items()}
+        lines.append(f"| {s.name} | {b['eager'] / 1e9:.2f} | {b['fused'] / 1e9:.2f} | {b['ratio']:.3f} | "
+                     f"{units['fused']:.0f} / {units['eager']:.0f} |")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ Triton for an sm_90 target and runs the bundled ptxas on the PTX to read
 registers and spill stores. Used by the Triton tests and by hand:
 
     TRITON_INTERPRET=0 python -m resnext_kernels.bench.triton_compile
+    TRITON_INTERPRET=0 python -m resnext_kernels.bench.triton_compile --training s1 s2_first
 
 It must run with the Triton interpreter off (the kernels are then real
 JITFunctions). It relies on triton.compile / ASTSource / GPUTarget as found
@@ -30,8 +31,15 @@ from triton.compiler import ASTSource
 from ..backends.triton import conv1x1_bias_relu as k1
 from ..backends.triton import grouped_conv_bias_relu as k2a
 from ..backends.triton import grouped_conv_conv3 as k2
-from ..backends.triton import packing
-from ..backends.triton._common import MAX_SHARED, interpreting, nhwc_view, pixel_rows
+from ..backends.triton import packing, training
+from ..backends.triton._common import (
+    MAX_SHARED,
+    interpreting,
+    nhwc_view,
+    pixel_rows,
+    recording_launches,
+)
+from ..common.batch_stats import BatchNormArgs
 from ..common.sizes import conv_output_size
 from . import shapes as canonical
 from .shapes import BlockShape
@@ -47,7 +55,7 @@ SHAPES = {
     "odd_d14": BlockShape("odd_d14", 15, 200, 280, 20, 328, 2),
 }
 
-_PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 
 
 def _ptxas():
@@ -65,6 +73,8 @@ def _source(fn, args, consts):
         if isinstance(a, torch.Tensor):
             signature[name] = _PTR_TYPES[a.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            signature[name] = "fp32"
         elif a == 1:
             signature[name] = "constexpr"
             constexprs[(i,)] = 1
@@ -137,6 +147,58 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
     return tiling, launches
 
 
+def training_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+    """The kernel launches of one training step (forward and backward) of
+    `shape` as the triton training path issues them on a GPU, built on meta
+    tensors: {name: (kernel, args, consts, num_warps, num_stages)}, one entry
+    per distinct kernel and constexpr set (the per-channel kernels run once
+    per norm)."""
+    cin, width, cout, groups, h = shape.cin, shape.width, shape.cout, shape.groups, shape.hw
+    proj, stride = shape.projection, shape.stride
+
+    def meta(*size, dt=dtype):
+        return torch.empty(*size, device="meta", dtype=dt)
+
+    x = meta(batch, cin, h, h).contiguous(memory_format=torch.channels_last)
+    w1, w2, w3 = meta(width, cin, 1, 1), meta(width, width // groups, 3, 3), meta(cout, width, 1, 1)
+    wd = meta(cout, cin, 1, 1) if proj else None
+    norms = [BatchNormArgs(*(meta(c, dt=torch.float32) for _ in range(4)), True, 0.1, 1e-5)
+             for c in (width, width, cout) + ((cout,) if proj else ())]
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        with recording_launches() as launches:
+            out, y1, y2, y3, yd, bn_stats, _ = training.bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride,
+                                                                                   1, groups)
+            training.bottleneck_training_backward_triton(
+                torch.empty_like(out), x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, [n[:2] for n in norms],
+                [True] * len(norms), stride, 1, groups, True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    found, names = {}, {}
+    for kernel, args, consts, warps, stages in launches:
+        name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        key = (name, tuple(sorted(consts.items())), warps, stages)
+        if key not in found:
+            names[name] = names.get(name, 0) + 1
+            found[key] = (f"{name}#{names[name]}" if names[name] > 1 else name, (kernel, args, consts, warps, stages))
+    return dict(found.values())
+
+
+def check_training_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+    """Compile every distinct training kernel launch of one step of this
+    shape with its (fixed) config; list of result dicts."""
+    if interpreting():
+        raise RuntimeError("triton_compile needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
+    results = []
+    for kname, (fn, args, consts, warps, stages) in training_launches(SHAPES[name], dtype, allow_tf32,
+                                                                       batch).items():
+        res = _compile(fn, args, consts, triton.Config({}, num_warps=warps, num_stages=stages))
+        res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts.get("PREC", "-"))
+        results.append(res)
+    return results
+
+
 def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
     """Compile every config the prune callbacks keep for this shape, for
     every kernel launched on it; list of result dicts."""
@@ -158,13 +220,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-tf32", action="store_true", help="fp32 with allow_tf32=False (ieee dots)")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    parser.add_argument("--training", action="store_true",
+                        help="the training kernels (one forward + backward step) instead of the inference ones")
     opts = parser.parse_args(argv)
     unknown = set(opts.shapes) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
     results = []
     for name in opts.shapes or list(SHAPES):
-        found = check_shape(name, getattr(torch, opts.dtype), not opts.no_tf32)
+        check = check_training_shape if opts.training else check_shape
+        found = check(name, getattr(torch, opts.dtype), not opts.no_tf32)
         results += found
         if not opts.json:
             for r in found:

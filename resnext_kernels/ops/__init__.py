@@ -2,8 +2,11 @@
 family (schema, fake kernel, autograd, input checks).
 
 inference   resnext_kernels::bottleneck_inference, the block with BN folded
+training    resnext_kernels::bottleneck_training (+ its backward op), the block
+            with BatchNorm using batch statistics
 """
 
 from .inference import bottleneck_inference
+from .training import bottleneck_training
 
-__all__ = ["bottleneck_inference"]
+__all__ = ["bottleneck_inference", "bottleneck_training"]

@@ -74,13 +74,27 @@ def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, ba
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
 
+    check_conv_weights(x, w1, w2, w3, wd, stride, groups)
+    width, cout = w1.shape[0], w3.shape[0]
+    biases = [("b1", b1, width), ("b2", b2, width), ("b3", b3, cout)]
+    if wd is not None:
+        biases.append(("bd", bd, cout))
+    for name, t, n in biases:
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have {n} elements, got {t.shape[0]}")
+
+
+def check_conv_weights(x, w1, w2, w3, wd, stride, groups):
+    """The block's shape rules for x and the conv weights (shared with the
+    training op): ValueError naming the argument. Dtypes and devices are the
+    caller's to check."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    expect_rank = {"w1": 4, "w2": 4, "w3": 4, "wd": 4, "b1": 1, "b2": 1, "b3": 1, "bd": 1}
-    for name, t in named.items():
-        if name != "x" and t.dim() != expect_rank[name]:
-            raise ValueError(f"{name} must be {expect_rank[name]}-D, got shape {tuple(t.shape)}")
-
+    for name, t in (("w1", w1), ("w2", w2), ("w3", w3), ("wd", wd)):
+        if t is not None and t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
     cin = x.shape[1]
     width = w1.shape[0]
     cout = w3.shape[0]
@@ -94,9 +108,6 @@ def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, ba
         )
     if tuple(w3.shape[1:]) != (width, 1, 1):
         raise ValueError(f"w3 must have shape [Cout, width={width}, 1, 1], got {tuple(w3.shape)}")
-    for name, t, n in (("b1", b1, width), ("b2", b2, width), ("b3", b3, cout)):
-        if t.shape[0] != n:
-            raise ValueError(f"{name} must have {n} elements, got {t.shape[0]}")
     if wd is None:
         if cin != cout:
             raise ValueError(
@@ -104,11 +115,8 @@ def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, ba
             )
         if stride != 1:
             raise ValueError(f"identity shortcut needs stride=1, got stride={stride}; pass wd/bd")
-    else:
-        if tuple(wd.shape) != (cout, cin, 1, 1):
-            raise ValueError(f"wd must have shape [Cout={cout}, Cin={cin}, 1, 1], got {tuple(wd.shape)}")
-        if bd.shape[0] != cout:
-            raise ValueError(f"bd must have {cout} elements, got {bd.shape[0]}")
+    elif tuple(wd.shape) != (cout, cin, 1, 1):
+        raise ValueError(f"wd must have shape [Cout={cout}, Cin={cin}, 1, 1], got {tuple(wd.shape)}")
     if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must be non-empty in N, H and W, got shape {tuple(x.shape)}")
 

@@ -1,9 +1,12 @@
 """Helpers shared by the kernel launchers (no kernels here)."""
 
+import contextlib
+
 import torch
 import triton
 
 from ...common import settings
+from ...common.sizes import next_pow2
 
 # Largest dynamic shared memory per block on H100/H200 (227 KB). The
 # pipeliner keeps num_stages copies of a loop's operand tiles there.
@@ -80,3 +83,53 @@ def pixel_rows(t):
     x and their batch slices), for K1's out and residual; the inverse of
     nhwc_view. Raises rather than copies when t is not one."""
     return t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+
+
+# -- the training kernels: fixed configs, no autotuning ----------------------
+#
+# The training kernels (issue 11) launch one config per kernel, chosen by the
+# rules below; autotuning them is future work (docs/training.md). Under the
+# interpreter the tiles are as large as the problem allows (fewer programs,
+# fewer numpy round trips).
+
+
+def training_gemm_tiles(n_cols, k_depth, itemsize, prec):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a training GEMM
+    whose output has n_cols columns and whose reduction is k_depth deep:
+    128 x min(128, N) x min(64, K) tiles on 8 warps, 3 stages; full-fp32
+    ("ieee") dots keep their operands in registers, so they get 64-row tiles;
+    fp32 operands get 2 stages (3 needed up to 297 KB of shared memory for
+    the dgrad on sm_90a, over the 227 KB; bench/triton_compile.py --training)."""
+    block_n = min(128, max(16, next_pow2(n_cols)))
+    block_k = min(64, max(16, next_pow2(k_depth)))
+    block_m = 64 if (itemsize == 4 and prec == "ieee") else 128
+    if interpreting():
+        block_m = 128
+    return block_m, block_n, block_k, 8 if block_n >= 128 else 4, 2 if itemsize == 4 else 3
+
+
+_RECORDED = None  # a list while recording_launches() is active
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within, launch_fixed records (kernel, args, consts, num_warps,
+    num_stages) in the yielded list instead of launching: the sm_90a compile
+    check (bench/triton_compile.py) runs a training step on meta tensors this
+    way to compile exactly what a GPU would launch."""
+    global _RECORDED
+    saved, _RECORDED = _RECORDED, []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = saved
+
+
+def launch_fixed(kernel, grid, args, consts, num_warps, num_stages):
+    """Launch a training kernel with one config (no autotuning); the
+    interpreter ignores num_warps and num_stages."""
+    if _RECORDED is not None:
+        _RECORDED.append((kernel, args, consts, num_warps, num_stages))
+        return
+    kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+

@@ -70,7 +70,7 @@ class GroupTiling:
         return (c // self.d) * self.d_p + c % self.d
 
 
-def _pack_w2(w2, tiling):
+def pack_w2(w2, tiling):
     """w2 [width, d, 3, 3] -> [9, n_tiles, KCH, GT, GT] (see module docstring)."""
     t = tiling
     d, d_p, gt = t.d, t.d_p, t.gt
@@ -95,6 +95,21 @@ def _pack_w2(w2, tiling):
     return packed.reshape(9, t.n_tiles, kch, gt, gt).contiguous()
 
 
+def unpack_w2(packed, tiling):
+    """The inverse of pack_w2 on the real entries: packed [9, n_tiles, KCH,
+    GT, GT] -> [width, d, 3, 3] (the training path's grouped-conv weight
+    gradient is computed packed). Entries between groups and in padding are
+    dropped."""
+    t = tiling
+    dev = packed.device
+    co = torch.arange(t.width, device=dev)[:, None]  # real output channel
+    i = torch.arange(t.d, device=dev)[None, :]  # input channel within the group
+    q_out = (co // t.d) * t.d_p + co % t.d  # packed output channel
+    q_in = (co // t.d) * t.d_p + i  # packed input channel
+    w = packed[:, q_out // t.gt, i // t.gt, q_in % t.gt, q_out % t.gt]  # [9, width, d]
+    return w.permute(1, 2, 0).reshape(t.width, t.d, 3, 3)
+
+
 @torch.no_grad()
 def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
     """Pack the folded weights for the kernels; returns (tiling, dict of tensors)."""
@@ -114,7 +129,7 @@ def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
     packed = {
         "w1p": w1p,
         "b1p": b1p,
-        "w2p": _pack_w2(w2, t),
+        "w2p": pack_w2(w2, t),
         "b2p": b2p,
         "w3p": w3p,
         "b3p": b3.to(f32).contiguous(),

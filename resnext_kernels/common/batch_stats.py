@@ -1,0 +1,131 @@
+"""Per-channel batch statistics of the training op, and the seam where a
+multi-GPU (SyncBatchNorm) exchange goes in.
+
+Forward. Every conv of the fused training path writes, in its epilogue,
+*partial* statistics of its raw output y (rounded to the activation dtype,
+as eager computes them): one row per producer (a tile of output pixels),
+
+    StatisticsRows(count [R], mean [R, C], m2 [R, C])   all float64,
+
+with m2 the sum of squared deviations from the row's own mean. The
+finalize merges the rows in a fixed order (no atomics, so deterministic):
+
+    n = sum_r count_r
+    mean = sum_r count_r * mean_r / n
+    M2 = sum_r (m2_r + count_r * (mean_r - mean)^2)        (exact: the parallel-axis rule)
+    var = M2 / n (normalizes), M2 / (n - 1) (running_var)
+
+Backward. BN's backward needs two per-channel reductions over all pixels,
+GradientSums [J, C] float64: (sum dz, sum dz * xhat), with dz the gradient
+at BN's output and xhat = (y - mean) * invstd. They are also BN's bias and
+weight gradients. They are accumulated in float64: BN's backward applies
+sum/n to every element, so an fp32 cancellation error would shift a whole
+channel's gradient and the next norm's sums would multiply it by n.
+
+The seam (issue 12, SyncBatchNorm): the Triton training path calls
+``exchange.gather_statistics(rows)`` between each conv's statistics
+epilogue and its finalize, and ``exchange.reduce_gradient_sums(sums)``
+between each backward reduction and the BN backward coefficients. LOCAL,
+the identity, is the one-process exchange. A multi-GPU exchange would merge
+its rows locally (merge_rows), all_gather the one row per rank (counts may
+differ between ranks; rows carry their count) and return the gathered rows;
+in backward it all_reduces the sums. The total count the backward
+coefficients divide by is the finalize's n, i.e. the global count. See
+docs/training.md, "The SyncBatchNorm seam".
+"""
+
+import itertools
+import typing
+
+import torch
+
+from .sizes import conv_output_size
+
+
+class BatchNormArgs(typing.NamedTuple):
+    """One BatchNorm of the block as the training op sees it.
+
+    weight, bias: the affine parameters (None for affine=False);
+    running_mean, running_var: the running statistics (None without them);
+    batch_stats: normalize with the batch's statistics (train mode, or no
+    running stats) rather than the running ones; momentum: the exponential
+    average factor of this step's running-stat update (nn.BatchNorm2d's:
+    `momentum`, or 1/num_batches_tracked when momentum is None); eps.
+    """
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    batch_stats: bool
+    momentum: float
+    eps: float
+
+
+# Per-channel statistics of the norms, their channels side by side
+# (norm_columns). The backends work with a block of STATS_ROWS rows per
+# channel: mean, invstd, scale = gamma * invstd, beta (bias or 0) and n (values
+# per channel); BatchNorm's output is (y - mean) * scale + beta. The op saves
+# for backward only the first SAVED_ROWS (mean, invstd: what eager's batch
+# norm saves too); the backward rebuilds the others from the affine
+# parameters and the shapes (restore).
+STATS_ROWS = 5
+MEAN, INVSTD, SCALE, BETA, COUNT = range(STATS_ROWS)
+SAVED_ROWS = 2
+
+
+def norm_counts(x_shape, stride, n_norms):
+    """n, the values per channel, of each norm: N*H*W for bn1, N*Ho*Wo for
+    the others (one process; a multi-process exchange would pass the global
+    counts)."""
+    n, _, h, w = x_shape
+    out = n * conv_output_size(h, stride) * conv_output_size(w, stride)
+    return [n * h * w] + [out] * (n_norms - 1)
+
+
+def stats_dtype(dtype):
+    """The dtype of the per-channel statistics for activations of `dtype`:
+    float64 for float64 (the reference backend, gradcheck), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_columns(width, cout, projection):
+    """The column slices of bn1, bn2, bn3 (and bn_d) in bn_stats and in the
+    op's other per-channel outputs (running stats, BN gradients)."""
+    bounds = [0, width, 2 * width, 2 * width + cout] + ([2 * width + 2 * cout] if projection else [])
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+class StatisticsRows(typing.NamedTuple):
+    """Partial per-channel statistics, one row per producer (see module docstring)."""
+
+    count: torch.Tensor  # [R] float64: values in the row
+    mean: torch.Tensor  # [R, C] float64: the row's mean per channel
+    m2: torch.Tensor  # [R, C] float64: sum of squared deviations from the row's mean
+
+
+def merge_rows(rows):
+    """The rows merged into one (R = 1) by the formula of the module
+    docstring, in float64: what a multi-process exchange would contribute
+    per rank. (The Triton finalize merges the same way in-kernel.)"""
+    count, mean_r, m2_r = rows.count.double(), rows.mean.double(), rows.m2.double()
+    n = count.sum()
+    mean = (count[:, None] * mean_r).sum(0) / n
+    m2 = (m2_r + count[:, None] * (mean_r - mean) ** 2).sum(0)
+    return StatisticsRows(n.reshape(1), mean[None], m2[None])
+
+
+class StatisticsExchange:
+    """Where per-channel statistics could cross processes. The base class is
+    the identity: one process, nothing exchanged."""
+
+    def gather_statistics(self, rows):
+        """Forward: this process's StatisticsRows -> the rows to finalize."""
+        return rows
+
+    def reduce_gradient_sums(self, sums):
+        """Backward: this process's GradientSums [J, C] -> the summed ones."""
+        return sums
+
+
+LOCAL = StatisticsExchange()
