@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 with a GradScaler on CUDA)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="parameter and input dtype (float64: reference backend only; with --compare the two "
+                        "curves then agree to ~1e-10)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train")
@@ -79,18 +82,18 @@ def build(args, in_channels, fused):
                                in_channels=in_channels, **kwargs)
 
 
-def run_epoch(model, loader, device, amp, optimizer=None, scaler=None, desc=""):
+def run_epoch(model, loader, device, dtype, amp, optimizer=None, scaler=None, desc=""):
     """One pass over loader; trains when optimizer is given. Returns (mean loss, accuracy)."""
     import torch
     from tqdm import tqdm
 
     model.train(optimizer is not None)
     total, correct, loss_sum = 0, 0, 0.0
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     with torch.set_grad_enabled(optimizer is not None):
         for x, y in tqdm(loader, desc=desc, leave=False):
-            x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            x, y = x.to(device, dtype).contiguous(memory_format=torch.channels_last), y.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 logits = model(x)
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
             if optimizer is not None:
@@ -108,7 +111,8 @@ def train(args, name, model, train_set, test_set, device):
     """Train `model`; returns its metrics rows. Checkpoints to --out/<name>.pt after every epoch."""
     import torch
 
-    model = model.to(device, memory_format=torch.channels_last)
+    dtype = getattr(torch, args.dtype)
+    model = model.to(device, dtype, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
@@ -124,10 +128,10 @@ def train(args, name, model, train_set, test_set, device):
         train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, generator=order)
         test_loader = torch.utils.data.DataLoader(test_set, 256)
         t0 = time.perf_counter()
-        train_loss, train_acc = run_epoch(model, train_loader, device, args.amp, optimizer, scaler,
+        train_loss, train_acc = run_epoch(model, train_loader, device, dtype, args.amp, optimizer, scaler,
                                           f"{name} epoch {epoch + 1}/{args.epochs}")
         scheduler.step()
-        test_loss, test_acc = run_epoch(model, test_loader, device, args.amp, desc=f"{name} test")
+        test_loss, test_acc = run_epoch(model, test_loader, device, dtype, args.amp, desc=f"{name} test")
         rows.append({"model": name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                      "test_loss": test_loss, "test_acc": test_acc, "seconds": time.perf_counter() - t0})
         print(f"{name} epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.3f} | "
@@ -192,7 +196,7 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    dtype = ("fp16" if device.type == "cuda" else "bf16") + " autocast" if args.amp else "fp32"
+    dtype = ("fp16" if device.type == "cuda" else "bf16") + " autocast" if args.amp else args.dtype
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     title = (f"{args.dataset}, {args.model} {args.cardinality}x{args.width_per_group}d, "
              f"{args.blocks_per_stage} blocks/stage, batch {args.batch_size}: fused backend={args.backend} on "
