@@ -57,6 +57,32 @@ def _ptxas():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+def _nvdisasm():
+    """Triton's bundled nvdisasm (next to its ptxas), or None."""
+    path = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
+    return path if os.path.exists(path) else None
+
+
+# One PTX instruction per line: an opcode after optional whitespace and
+# predicate, ending in ';' (directives start with '.', labels end with ':').
+_PTX_INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*(\s[^;]*)?;", re.MULTILINE)
+# SASS from nvdisasm: "/*0010*/   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;"
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
+
+
+def _static_instructions(compiled, cubin):
+    """Static instruction counts of one compiled kernel: TTGIR operations,
+    PTX instructions and SASS instructions (None without nvdisasm). Static,
+    not executed: they show what a code change adds, not its run time."""
+    ttgir = sum(1 for line in compiled.asm["ttgir"].splitlines() if re.match(r"\s*(%\S+ = )?\"?[a-z_]+\.", line))
+    sass = None
+    if _nvdisasm() is not None:
+        text = subprocess.run([_nvdisasm(), cubin], capture_output=True, text=True, check=True).stdout
+        sass = len(_SASS_INSTRUCTION.findall(text))
+    return {"ttgir_ops": ttgir, "ptx_instructions": len(_PTX_INSTRUCTION.findall(compiled.asm["ptx"])),
+            "sass_instructions": sass}
+
+
 def _source(fn, args, consts):
     """ASTSource with the runtime's specialisation: 16-byte aligned pointers,
     ints equal to 1 folded as constants, multiples of 16 marked divisible."""
@@ -88,8 +114,10 @@ def _compile(fn, args, consts, config):
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        cubin = os.path.join(tmp, "k.cubin")
+        log = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin],
                              capture_output=True, text=True, check=True).stderr
+        counts = _static_instructions(compiled, cubin)
     return {
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
         "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
@@ -97,6 +125,7 @@ def _compile(fn, args, consts, config):
         "shared": compiled.metadata.shared,
         "tensor_cores": "wgmma" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"],
         "compile_s": round(seconds, 2),
+        **counts,
     }
 
 
@@ -170,7 +199,7 @@ def main(argv=None):
             for r in found:
                 print(f"{r['shape']:11s} {r['kernel']:3s} {r['dtype']:8s} {r['prec']:4s} {r['config']} "
                       f"regs {r['registers']:3d} spills {r['spill_stores']:4d} smem {r['shared']:6d} "
-                      f"tc {r['tensor_cores']} {r['compile_s']:.1f}s", flush=True)
+                      f"tc {r['tensor_cores']} sass {r['sass_instructions']} {r['compile_s']:.1f}s", flush=True)
     if opts.json:
         json.dump(results, sys.stdout)
     return 0
