@@ -66,8 +66,10 @@ def _nvdisasm():
 # One PTX instruction per line: an opcode after optional whitespace and
 # predicate, ending in ';' (directives start with '.', labels end with ':').
 _PTX_INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*(\s[^;]*)?;", re.MULTILINE)
-# SASS from nvdisasm: "/*0010*/   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;"
-_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+\S", re.MULTILINE)
+# SASS from nvdisasm: "/*0010*/   @!P0 IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;" (an
+# optional predicate, then an upper-case opcode: not the ".byte" lines of the
+# .debug_* sections, which follow the source line info, not the code).
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?[A-Z]", re.MULTILINE)
 
 
 def _static_instructions(compiled, cubin):
@@ -129,11 +131,12 @@ def _compile(fn, args, consts, config):
     }
 
 
-def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=False):
     """(tiling, {kernel name: (kernel, module, args, constexpr kwargs)}) as
     the launchers build them for `shape` (a SHAPES value), on meta tensors:
     K1 and K2 (fused) and, for identity blocks, K2a and K2b (split; K2b is
-    K1's kernel with RESIDUAL, so its module is K1's)."""
+    K1's kernel with RESIDUAL, so its module is K1's). nchw: y NCHW-contiguous,
+    as for an NCHW x (K2 and K2b store through its strides); else channels_last."""
     cin, width, cout, groups, h = shape.cin, shape.width, shape.cout, shape.groups, shape.hw
     stride, proj = shape.stride, shape.projection
     ho = conv_output_size(h, stride)
@@ -147,12 +150,13 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
         groups)
     x = meta(batch, cin, h, h).contiguous(memory_format=torch.channels_last)
     t1 = meta(batch * h * h, tiling.width_p)
-    y = meta(batch, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+    y = meta(batch, cout, ho, ho).contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     try:
         launches = {
-            "K1": (k1._conv1x1_bias_relu_kernel, k1, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)),
+            "K1": (k1._conv1x1_bias_relu_kernel, k1,
+                   *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1, tiling=tiling)),
             "K2": (k2._grouped_conv_conv3_kernel, k2, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
         }
         if not proj:
@@ -160,23 +164,27 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
             launches["K2a"] = (k2a._grouped_conv_bias_relu_kernel, k2a,
                                *k2a._kernel_args(nhwc_view(t1, batch, h, h), tiling, packed, t2, stride, 1))
             launches["K2b"] = (k1._conv1x1_bias_relu_kernel, k1,
-                               *k1._kernel_args(t2, packed["w3p"], packed["b3p"], pixel_rows(y), pixel_rows(x)))
+                               *k1._kernel_args(t2, packed["w3p"], packed["b3p"], y, pixel_rows(x)))
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     return tiling, launches
 
 
-def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=False):
     """Compile every config the prune callbacks keep for this shape, for
-    every kernel launched on it; list of result dicts."""
+    every kernel launched on it (with nchw only those that write y: K2, K2b);
+    list of result dicts."""
     if interpreting():
         raise RuntimeError("triton_compile needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
-    _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch)
+    _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch, nchw)
     results = []
     for kname, (fn, mod, args, consts) in launches.items():
+        if nchw and kname not in ("K2", "K2b"):
+            continue
         for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
             res = _compile(fn, args, consts, config)
-            res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"])
+            res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"],
+                       y_format="nchw" if nchw else "channels_last")
             results.append(res)
     return results
 
@@ -186,6 +194,7 @@ def main(argv=None):
     parser.add_argument("shapes", nargs="*", help=f"some of {list(SHAPES)} (default: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-tf32", action="store_true", help="fp32 with allow_tf32=False (ieee dots)")
+    parser.add_argument("--nchw", action="store_true", help="y NCHW-contiguous (an NCHW x): K2 and K2b only")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     opts = parser.parse_args(argv)
     unknown = set(opts.shapes) - set(SHAPES)
@@ -193,7 +202,7 @@ def main(argv=None):
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
     results = []
     for name in opts.shapes or list(SHAPES):
-        found = check_shape(name, getattr(torch, opts.dtype), not opts.no_tf32)
+        found = check_shape(name, getattr(torch, opts.dtype), not opts.no_tf32, nchw=opts.nchw)
         results += found
         if not opts.json:
             for r in found:

@@ -2,6 +2,7 @@
 
 settings     dtypes, environment switches, device limits
 sizes        integer helpers (cdiv, round_up, next_pow2) and the conv output size
+layout       the output memory format rule (follows x: NCHW or channels_last)
 validation   argument checks shared by the layers above
 tolerance    the one "close to PyTorch" rule of tests and benchmarks
 timing       synchronizing, timing rounds of calls, medians, cache size

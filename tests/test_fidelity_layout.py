@@ -1,0 +1,87 @@
+"""The output's memory format follows the input's, like ATen's conv (issue 10):
+NCHW-contiguous x gives NCHW-contiguous y, channels_last x channels_last y,
+on every backend usable on CPU, through the block and the op, and the op's
+fake kernel (torch.compile) reports the strides the backends write."""
+
+import pytest
+import torch
+from fidelity_cases import BLOCKS, NEEDS_CUDA_MMA, block_input, cpu_backends, twin_blocks
+from helpers import Block, assert_close_to_reference
+
+from resnext_kernels.backends import registry
+from resnext_kernels.backends.reference import bottleneck_inference_reference
+
+OP = torch.ops.resnext_kernels.bottleneck_inference.default
+FORMATS = {"nchw": False, "channels_last": True}
+
+
+def _needs_cuda_mma(request, backend, channels_last):
+    # The CUDA kernel writes channels_last y whatever x is, until the cuda-mma branch.
+    if backend == "cuda_emulated" and not channels_last:
+        request.applymarker(NEEDS_CUDA_MMA)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("block_name", BLOCKS)
+def test_block_output_has_torchvisions_strides(request, allow_tf32, backend, fmt, block_name):
+    """The fused block's y has exactly the strides eager torchvision's has for
+    the same x (so .view() and format-sensitive code behave the same), and
+    its values are right."""
+    _needs_cuda_mma(request, backend, FORMATS[fmt])
+    allow_tf32(False)
+    cfg = BLOCKS[block_name]
+    tv, fused = twin_blocks(cfg, backend)
+    x = block_input(cfg[0], channels_last=FORMATS[fmt])
+    with torch.no_grad():
+        expected, y = tv(x), fused(x)
+        reference = tv.double()(x.double())
+    assert y.stride() == expected.stride(), f"{fmt} x: y strides {y.stride()}, torchvision's {expected.stride()}"
+    assert_close_to_reference(y, reference, expected)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fake_kernel_reports_the_real_strides(request, backend, fmt):
+    """torch.library.opcheck's fake-tensor check compares the fake kernel's
+    output (shape, dtype, strides) with the real kernel's, for each format."""
+    _needs_cuda_mma(request, backend, FORMATS[fmt])
+    block = Block(2, 12, 16, 20, 4, 5, 7, stride=2, projection=True)
+    args = block.make(torch.float32, channels_last=FORMATS[fmt])
+    torch.library.opcheck(OP, (*args, *block.conv, backend), test_utils=("test_faketensor",))
+
+
+def test_triton_writes_nchw_y_directly(allow_tf32, poisoned_empty):
+    """NCHW x through the Triton launcher, both strategies and 1-image
+    chunks (batch slices of an NCHW y): every element of y written (NaN-
+    poisoned allocations), NCHW-contiguous, bitwise equal to the
+    channels_last run (same arithmetic, only y's strides differ)."""
+    if registry.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(f"triton unusable here: {registry.unavailable_reason('triton', 'cpu')}")
+    from resnext_kernels.backends.triton import bottleneck_inference_triton
+
+    allow_tf32(False)
+    block = Block(2, 20, 16, 20, 4, 5, 7)  # identity: the split path applies
+    args = block.make(torch.float32, channels_last=False)
+    cl_args = [args[0].contiguous(memory_format=torch.channels_last), *args[1:]]
+    expected = bottleneck_inference_reference(*[a.double() if a is not None else None for a in args], *block.conv)
+    for strategy in ("fused", "split"):
+        for chunk in (1, 2):
+            y = bottleneck_inference_triton(*args, *block.conv, strategy=strategy, batch_chunk=chunk)
+            y_cl = bottleneck_inference_triton(*cl_args, *block.conv, strategy=strategy, batch_chunk=chunk)
+            assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last), (strategy, chunk)
+            assert torch.equal(y, y_cl), (strategy, chunk)
+            assert_close_to_reference(y, expected, bottleneck_inference_reference(*args, *block.conv))
+    assert len(poisoned_empty) >= 8  # y (and t1, t2) came from the NaN-filled torch.empty
+
+
+def test_triton_out_must_be_in_xs_format():
+    if registry.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(f"triton unusable here: {registry.unavailable_reason('triton', 'cpu')}")
+    from resnext_kernels.backends.triton import bottleneck_inference_triton
+
+    block = Block(1, 16, 16, 16, 4, 3, 3)
+    args = block.make(torch.float32, channels_last=False)
+    out = torch.empty(1, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="out must be a torch.contiguous_format"):
+        bottleneck_inference_triton(*args, *block.conv, out=out)
