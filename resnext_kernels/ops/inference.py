@@ -228,8 +228,9 @@ def compute_dtype(x):
     torch.autocast is on for x's device type and x is one autocast casts
     (floating, not float64), else x's dtype. The block folds its weights in
     it, so that the op's autocast cast of them is a no-op."""
-    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
-    if device_type is not None and torch.is_autocast_enabled(device_type) and x.is_floating_point() \
+    # Every call of the block asks: the common answer (autocast off) first.
+    device_type = "cuda" if x.is_cuda else "cpu"
+    if torch.is_autocast_enabled(device_type) and (x.is_cuda or x.is_cpu) and x.is_floating_point() \
             and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return x.dtype
