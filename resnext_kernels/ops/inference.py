@@ -228,10 +228,15 @@ def compute_dtype(x):
     torch.autocast is on for x's device type and x is one autocast casts
     (floating, not float64), else x's dtype. The block folds its weights in
     it, so that the op's autocast cast of them is a no-op."""
-    # Every call of the block asks: the common answer (autocast off) first.
-    device_type = "cuda" if x.is_cuda else "cpu"
-    if torch.is_autocast_enabled(device_type) and (x.is_cuda or x.is_cpu) and x.is_floating_point() \
-            and x.dtype != torch.float64:
+    # Every call of the block asks, so the cheapest questions come first:
+    # is_autocast_enabled() without an argument (CUDA's) skips parsing a
+    # device string (~0.2 us instead of ~0.5 us).
+    if x.is_cuda:
+        device_type, enabled = "cuda", torch.is_autocast_enabled()
+    else:
+        device_type = "cpu"
+        enabled = x.is_cpu and torch.is_autocast_enabled(device_type)
+    if enabled and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
