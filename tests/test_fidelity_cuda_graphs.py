@@ -43,7 +43,10 @@ def test_cuda_graph_capture_replays_new_inputs(backend):
         with torch.no_grad():
             expected = fused(x)
         torch.cuda.synchronize()
-        assert torch.equal(static_y, expected), backend
+        if backend == "reference":  # cuDNN may pick another algorithm outside the capture
+            torch.testing.assert_close(static_y, expected, rtol=2e-2, atol=2e-2)
+        else:  # the same kernels and configs: bitwise
+            assert torch.equal(static_y, expected), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

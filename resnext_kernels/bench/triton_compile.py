@@ -136,7 +136,8 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128, nch
     the launchers build them for `shape` (a SHAPES value), on meta tensors:
     K1 and K2 (fused) and, for identity blocks, K2a and K2b (split; K2b is
     K1's kernel with RESIDUAL, so its module is K1's). nchw: y NCHW-contiguous,
-    as for an NCHW x (K2 and K2b store through its strides); else channels_last."""
+    as for an NCHW x (then only K1 and K2: the split path needs a channels_last
+    y); else channels_last."""
     cin, width, cout, groups, h = shape.cin, shape.width, shape.cout, shape.groups, shape.hw
     stride, proj = shape.stride, shape.projection
     ho = conv_output_size(h, stride)
@@ -159,12 +160,12 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128, nch
                    *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1, tiling=tiling)),
             "K2": (k2._grouped_conv_conv3_kernel, k2, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
         }
-        if not proj:
+        if not proj and not nchw:  # the split path needs a channels_last y
             t2 = nhwc_view(meta(batch * ho * ho, tiling.width_p), batch, ho, ho)
             launches["K2a"] = (k2a._grouped_conv_bias_relu_kernel, k2a,
                                *k2a._kernel_args(nhwc_view(t1, batch, h, h), tiling, packed, t2, stride, 1))
             launches["K2b"] = (k1._conv1x1_bias_relu_kernel, k1,
-                               *k1._kernel_args(t2, packed["w3p"], packed["b3p"], y, pixel_rows(x)))
+                               *k1._kernel_args(t2, packed["w3p"], packed["b3p"], pixel_rows(y), pixel_rows(x)))
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     return tiling, launches
@@ -172,14 +173,14 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128, nch
 
 def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=False):
     """Compile every config the prune callbacks keep for this shape, for
-    every kernel launched on it (with nchw only those that write y: K2, K2b);
+    every kernel launched on it (with nchw only K2, the one that writes y);
     list of result dicts."""
     if interpreting():
         raise RuntimeError("triton_compile needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
     _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch, nchw)
     results = []
     for kname, (fn, mod, args, consts) in launches.items():
-        if nchw and kname not in ("K2", "K2b"):
+        if nchw and kname != "K2":
             continue
         for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
             res = _compile(fn, args, consts, config)
@@ -194,7 +195,7 @@ def main(argv=None):
     parser.add_argument("shapes", nargs="*", help=f"some of {list(SHAPES)} (default: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-tf32", action="store_true", help="fp32 with allow_tf32=False (ieee dots)")
-    parser.add_argument("--nchw", action="store_true", help="y NCHW-contiguous (an NCHW x): K2 and K2b only")
+    parser.add_argument("--nchw", action="store_true", help="y NCHW-contiguous (an NCHW x): K2 only")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     opts = parser.parse_args(argv)
     unknown = set(opts.shapes) - set(SHAPES)

@@ -49,8 +49,8 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     out: optional preallocated y, [N, Cout, Ho, Wo] contiguous in that
     memory format, in x's dtype on x's device; every element is overwritten
     (tests pass a NaN-filled one to catch unwritten elements).
-    strategy: "fused" (K1, K2), "split" (K1, K2a, K2b; identity blocks only)
-    or None; batch_chunk: images per launch sequence, or None. Both None:
+    strategy: "fused" (K1, K2), "split" (K1, K2a, K2b; identity blocks with
+    a channels_last x only: K2b writes y as pixel rows) or None; batch_chunk: images per launch sequence, or None. Both None:
     chosen (choose_candidate); either given: no timing, and the other one
     is "fused" / the whole batch.
     Returns y, [N, Cout, Ho, Wo] in x's memory format, x's dtype.
@@ -84,6 +84,11 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     if strategy == "split" and not identity:
         raise ValueError("strategy='split' is for identity blocks only (stride 1, Cin == Cout); "
                          "this block has a projection shortcut")
+    # K2b writes y as pixel rows: the split path needs a channels_last y.
+    splittable = identity and y_format == torch.channels_last
+    if strategy == "split" and not splittable:
+        raise ValueError("strategy='split' writes y as pixel rows: it needs a channels_last x (this x gives an "
+                         "NCHW y); use 'fused'")
     # Triton launches on the current CUDA device; make it x's device.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         tiling, packed = cached_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
@@ -105,13 +110,13 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
                 else:
                     t2s = nhwc_view(t2[:c * ho * wo], c, ho, wo)
                     _k2a.grouped_conv_bias_relu(nhwc_view(t1s, c, h, w), tiling, packed, t2s, stride, dilation)
-                    _k1.conv1x1_bias_relu(t2s, packed["w3p"], packed["b3p"], ys, residual=pixel_rows(xs))
+                    _k1.conv1x1_bias_relu(t2s, packed["w3p"], packed["b3p"], pixel_rows(ys), residual=pixel_rows(xs))
 
         if strategy is None and batch_chunk is None:
             # x's own layout: it decides y's format (NCHW y is stored strided).
             key = tuning.tune_key(x_in, w1.shape[0], cout, stride, dilation, groups, not identity,
                                   torch.backends.cudnn.allow_tf32)
-            strategy, batch_chunk = choose_candidate(key, x, tiling.width_p, identity, run)
+            strategy, batch_chunk = choose_candidate(key, x, tiling.width_p, splittable, run)
         run((strategy or "fused", min(batch_chunk or n, n)))
     return out
 
@@ -152,17 +157,17 @@ def chunk_candidates(n, bytes_per_image, l2_bytes):
     return found
 
 
-def candidates(n, t1_bytes_per_image, l2_bytes, identity):
+def candidates(n, t1_bytes_per_image, l2_bytes, splittable):
     """(strategy, chunk) pairs to time: "fused" over the chunk candidates
-    for t1, then, for identity blocks, "split" over those for t1 + t2 (t2 is
-    as large as t1 at stride 1)."""
+    for t1, then, when `splittable` (an identity block with a channels_last
+    y), "split" over those for t1 + t2 (t2 is as large as t1 at stride 1)."""
     found = [("fused", c) for c in chunk_candidates(n, t1_bytes_per_image, l2_bytes)]
-    if identity:
+    if splittable:
         found += [("split", c) for c in chunk_candidates(n, 2 * t1_bytes_per_image, l2_bytes)]
     return found
 
 
-def choose_candidate(key, x, width_p, identity, run):
+def choose_candidate(key, x, width_p, splittable, run):
     """(strategy, chunk) for this call: timed on the first call of key
     (run(candidate) runs the block with it), ("fused", whole batch) where
     not tuning."""
@@ -171,7 +176,7 @@ def choose_candidate(key, x, width_p, identity, run):
         return "fused", n
     t1_per_image = h * w * width_p * x.element_size()
     return tuning.select_fastest(
-        CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), identity),
+        CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), splittable),
         lambda c: tuning.seconds_per_call(lambda: run(c), x.device),
         enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n))
 

@@ -24,9 +24,9 @@ def _conv1x1_bias_relu_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
     M, HW, W, CIN, NOUT, D, REAL_END,
     sxn, sxc, sxh, sxw,
-    srm, src, son, sop, soc,
+    srm, src, som, soc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    RESIDUAL: tl.constexpr, OUT_ROWS: tl.constexpr, PAD_D_P: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, PAD_D_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program computes a [BLOCK_M pixels, BLOCK_N channels] tile of out.
 
@@ -37,16 +37,13 @@ def _conv1x1_bias_relu_kernel(
     b_ptr:  b1p (or b3p), [NOUT] fp32.
     r_ptr:  with RESIDUAL: the shortcut, [M, NOUT] in x's dtype, element
             (m, j) at m*srm + j*src; else unused (any pointer).
-    out_ptr: out, [M, NOUT] in x's dtype, element (m, j) of pixel
-            m = n*HW + r at n*son + r*sop + j*soc. OUT_ROWS (son == HW*sop:
-            t1's buffer, channels_last y) addresses it as m*sop + j*soc, so
-            only m stays live across the K loop (4-D addressing there kept
-            img/h/w live and spilled the fp32 128x128x32 tile); else (NCHW y
-            of the split path: sop = 1, soc = HW) img and r are recomputed
-            after the loop.
+    out_ptr: out, [M, NOUT] in x's dtype at m*som + j*soc. Pixel rows, not
+            4-D strides: t1 is such a buffer and y, x are channels_last
+            contiguous (batch slices too); 4-D addressing kept img/h/w live
+            across the K loop and spilled the fp32 128x128x32 tile.
     M = N*H*W pixels in (n, h, w) order; HW = H*W; W: image width (to split
-    m into n, h, w for x). Channel offsets are int32: c*sxc < CIN (x is
-    channels_last, sxc = 1), j*soc < one image of out.
+    m into n, h, w for x). Pixel offsets are int64; channel offsets int32
+    (c*sxc < CIN: x is channels_last, sxc = 1).
     PAD_D_P: 0, or K1's d_p when out has padded channels (packing.py): then
     channels j that are not real_channels(j, D, REAL_END, PAD_D_P) are
     stored as exact zeros, whatever x holds.
@@ -86,11 +83,7 @@ def _conv1x1_bias_relu_kernel(
     out = relu(acc)
     if PAD_D_P:
         out = tl.where(real_channels(offs_n, D, REAL_END, PAD_D_P)[None, :], out, 0.0)
-    if OUT_ROWS:
-        out_off = m64[:, None] * sop + offs_n[None, :] * soc
-    else:
-        out_off = ((m64 // HW) * son + (m64 % HW) * sop)[:, None] + offs_n[None, :] * soc
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mn_mask)
+    tl.store(out_ptr + m64[:, None] * som + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 # Autotune key: the shape, RESIDUAL (K1 or K2b), PREC (the tiles depend on
@@ -168,46 +161,27 @@ def heuristic_config(args):
 _INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
 
 
-def _out_strides(out, h, w):
-    """(son, sop, soc, OUT_ROWS) of the kernel for `out`: [N*H*W, Nout]
-    pixel rows, or [N, Nout, H, W] whose h and w merge into one pixel index
-    (stride(2) == W * stride(3): channels_last or NCHW, batch slices too)."""
-    if out.dim() == 2:
-        son, sop, soc = h * w * out.stride(0), out.stride(0), out.stride(1)
-    else:
-        assert out.stride(2) == w * out.stride(3) or h == 1, out.stride()
-        son, sop, soc = out.stride(0), out.stride(3), out.stride(1)
-    return son, sop, soc, son == h * w * sop
-
-
 def _kernel_args(x, weight, bias, out, residual=None, tiling=None):
     """(positional args, constexpr kwargs) of the K1 kernel for these
     tensors; `tiling` (packing.GroupTiling) when out holds t1's packed
     channels, whose padding is then kept at zero."""
     n, cin, h, w = x.shape
-    son, sop, soc, out_rows = _out_strides(out, h, w)
-    if residual is None:  # r_ptr unread: any pointer and strides (t1's)
-        residual_args = (out, sop, soc)
-    else:
-        assert residual.shape == (n * h * w, weight.shape[1])
-        residual_args = (residual, *residual.stride())
+    r = out if residual is None else residual  # unread without RESIDUAL
     padded = tiling is not None and tiling.has_padding
     d, real_end = (tiling.d, tiling.groups * tiling.d_p) if padded else (1, 1)
-    r, srm, src = residual_args
-    args = (x, weight, bias, r, out, n * h * w, h * w, w, cin, weight.shape[1], d, real_end, *x.stride(), srm, src,
-            son, sop, soc)
-    assert out.numel() == n * h * w * weight.shape[1]
-    consts = {"RESIDUAL": residual is not None, "OUT_ROWS": out_rows, "PAD_D_P": tiling.d_p if padded else 0,
-              "PREC": dot_precision(x.dtype)}
+    args = (x, weight, bias, r, out, n * h * w, h * w, w, cin, weight.shape[1], d, real_end, *x.stride(),
+            *r.stride(), *out.stride())
+    assert out.shape == r.shape == (n * h * w, weight.shape[1])
+    consts = {"RESIDUAL": residual is not None, "PAD_D_P": tiling.d_p if padded else 0, "PREC": dot_precision(x.dtype)}
     return args, consts
 
 
 def conv1x1_bias_relu(x, weight, bias, out, residual=None, tiling=None):
     """Launch K1 (or K2b with `residual`). x [N, Cin, H, W] (strided),
-    weight [Cin, Nout], bias [Nout] fp32; out (written completely): t1's
-    buffer [N*H*W, Nout] with `tiling` (its padded channels are stored as
-    zeros), or y [N, Nout, H, W] channels_last or NCHW; residual: None or
-    [N*H*W, Nout] pixel rows (_common.pixel_rows of channels_last x)."""
+    weight [Cin, Nout], bias [Nout] fp32, out [N*H*W, Nout] (written
+    completely) and residual (None or [N*H*W, Nout]): pixel rows (t1's
+    buffer, _common.pixel_rows of channels_last y and x). With `tiling`
+    (K1: out is t1) its padded channels are stored as zeros."""
     args, consts = _kernel_args(x, weight, bias, out, residual, tiling)
     m, nout = args[5], args[9]
 

@@ -55,7 +55,7 @@ def _grouped_conv_conv3_kernel(
     syn, syc, syh, syw,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
     GT: tl.constexpr, KCH: tl.constexpr, D_P: tl.constexpr, PADDED: tl.constexpr, PROJECTION: tl.constexpr,
-    PREC: tl.constexpr,
+    Y_NCHW: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program computes y for BLOCK_P output pixels x BLOCK_CO channels.
 
@@ -72,8 +72,8 @@ def _grouped_conv_conv3_kernel(
     wd_ptr: wdp, [CIN, COUT] contiguous; bd_ptr: bd, [COUT] fp32. Only read
             when PROJECTION (else any pointer, e.g. w3p / b3p).
     y_ptr:  y, [N, COUT, HO, WO], element (n, c, h, w) at
-            n*syn + c*syc + h*syh + w*syw (channels_last or NCHW: x's
-            format), act dtype.
+            n*syn + c*syc + h*syh + w*syw, act dtype: channels_last, or
+            with Y_NCHW NCHW-contiguous (x's format; syw = 1, syh = WO).
     M_OUT = N*HO*WO output pixels; HWO = HO*WO; WO output width; H, W input
     size; N_TILES width tiles of GT packed channels (WIDTH_P = N_TILES*GT);
     STRIDE, DIL of the 3x3 conv (padding = DIL); the projection reads x at
@@ -81,7 +81,12 @@ def _grouped_conv_conv3_kernel(
     grouped_conv_tile. PREC: tl.dot input_precision (fp32 only).
     Offsets from pixel indices are int64 (N*HO*WO*COUT can pass 2**31).
     Grid: (cdiv(M_OUT, BLOCK_P) * cdiv(COUT, BLOCK_CO),), Cout tiles fastest
-    so the programs that recompute the same t2 tiles run together (t1 in L2).
+    so the programs that recompute the same t2 tiles run together (t1 in L2);
+    with Y_NCHW (N * cdiv(HWO, BLOCK_P) * cdiv(COUT, BLOCK_CO),): each
+    program's pixels lie in one image, so their NCHW y offsets are visibly
+    contiguous and the stores are vectorized along pixels (with the flat
+    mapping the compiler cannot see it through the div/mod, and the
+    per-element 64-bit addresses spilled kilobytes).
     """
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
@@ -89,14 +94,20 @@ def _grouped_conv_conv3_kernel(
     pid_co = pid % n_co
     dtype = y_ptr.dtype.element_ty
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    p_mask = offs_p < M_OUT
     co_mask = offs_co < COUT
-
-    p64 = offs_p.to(tl.int64)
-    img = p64 // HWO
-    rem = p64 % HWO
+    if Y_NCHW:
+        n_rows = tl.cdiv(HWO, BLOCK_P)  # pixel blocks per image
+        img = (pid_p // n_rows).to(tl.int64)  # one image per program
+        offs_r = (pid_p % n_rows) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_r < HWO
+        rem = offs_r.to(tl.int64)
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < M_OUT
+        p64 = offs_p.to(tl.int64)
+        img = p64 // HWO
+        rem = p64 % HWO
     ho = rem // WO
     wo = rem % WO
 
@@ -130,7 +141,10 @@ def _grouped_conv_conv3_kernel(
                        other=0.0).to(tl.float32)
 
     y = relu(acc).to(dtype)
-    y_row = img * syn + ho * syh + wo * syw
+    if Y_NCHW:
+        y_row = img * syn + rem * syw  # ho*syh + wo*syw, written so the contiguity shows
+    else:
+        y_row = img * syn + ho * syh + wo * syw
     # int64 channel offsets: NCHW y has syc = HO*WO.
     tl.store(y_ptr + y_row[:, None] + offs_co.to(tl.int64)[None, :] * syc, y, mask=p_mask[:, None] & co_mask[None, :])
 
@@ -167,7 +181,7 @@ def _operand_class(ptr, prec):
 
 # Autotune key: the shape, PREC (the tiles depend on it) and, implicitly, the
 # dtypes of the tensor args.
-TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION", "PREC"]
+TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION", "Y_NCHW", "PREC"]
 
 
 def _gpu_configs():
@@ -198,7 +212,15 @@ def _allowed_tiles(args):
         # and the wider tiles spill kilobytes (ptxas). Such blocks are rare
         # (every ResNeXt stage is aligned); they get the narrowest tile.
         return _UNALIGNED_TILES
-    return _TILES[_operand_class(args["t1_ptr"], args["PREC"])][args["GT"] > 16]
+    operand_class = _operand_class(args["t1_ptr"], args["PREC"])
+    tiles = _TILES[operand_class][args["GT"] > 16]
+    if operand_class == "ieee" and args["D_P"] < args["GT"]:
+        # Several groups per tile: the NaN check and the exact grouped-conv
+        # path (grouped_conv_tile EXACT) push the 64x256 "ieee" tile (230-255
+        # registers without them) to 1-2 KB of spill stores (ptxas, sm_90a);
+        # the 64x128 one stays spill-free.
+        tiles = tuple(t for t in tiles if t[1] <= 128)
+    return tiles
 
 
 def _prune(configs, nargs, **kwargs):
@@ -244,20 +266,24 @@ def _kernel_args(t1, x, tiling, packed, y, stride, dilation):
         n * ho * wo, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles, cin, cout, stride, dilation,
         *group_args(tiling), *x.stride(), *y.stride(),
     )
-    consts = {**group_consts(tiling), "PROJECTION": projection, "PREC": dot_precision(x.dtype)}
+    # NCHW y (an NCHW x): channels are not its contiguous dimension.
+    y_nchw = y.stride(1) != 1
+    assert not y_nchw or (y.stride(3) == 1 and y.stride(2) == wo), y.stride()
+    consts = {**group_consts(tiling), "PROJECTION": projection, "Y_NCHW": y_nchw, "PREC": dot_precision(x.dtype)}
     return args, consts
 
 
 def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
     """Launch K2. t1 [N*H*W, width_p] from K1; x [N, Cin, H, W] (strided);
-    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo] (strided,
-    written completely)."""
+    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo]
+    channels_last or NCHW-contiguous (written completely)."""
     args, consts = _kernel_args(t1, x, tiling, packed, y, stride, dilation)
     n, cout, ho, wo = y.shape
     m_out = n * ho * wo
 
     def grid(meta):
-        return (cdiv(m_out, meta["BLOCK_P"]) * cdiv(cout, meta["BLOCK_CO"]),)
+        pixel_blocks = n * cdiv(ho * wo, meta["BLOCK_P"]) if consts["Y_NCHW"] else cdiv(m_out, meta["BLOCK_P"])
+        return (pixel_blocks * cdiv(cout, meta["BLOCK_CO"]),)
 
     launch(_grouped_conv_conv3_kernel, _grouped_conv_conv3_tuned, grid, args, consts, _INTERPRET_CONFIG,
            heuristic_config)
