@@ -8,6 +8,7 @@ works (and skips the step on inf/NaN gradients)."""
 import pytest
 import torch
 from fidelity_cases import HAS_CUDA, IDENTITY_D4, NEEDS_CUDA_MMA, PROJECTION_D3, block_input, cpu_backends, twin_blocks
+from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
 from helpers import Block, assert_close_to_reference
 
 from resnext_kernels import folding

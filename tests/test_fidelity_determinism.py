@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from fidelity_cases import HAS_CUDA, PROJECTION_D3, block_input, cpu_backends, twin_blocks
+from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
 
 import resnext_kernels
 

@@ -6,6 +6,7 @@ fake kernel (torch.compile) reports the strides the backends write."""
 import pytest
 import torch
 from fidelity_cases import BLOCKS, NEEDS_CUDA_MMA, block_input, cpu_backends, twin_blocks
+from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
 from helpers import Block, assert_close_to_reference
 
 from resnext_kernels.backends import registry

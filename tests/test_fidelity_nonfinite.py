@@ -17,6 +17,7 @@ fp32/bf16 convs skip padded taps, the fp64/fp16 im2col path multiplies them,
 import pytest
 import torch
 from fidelity_cases import BLOCKS, NEEDS_CUDA_MMA, block_input, cpu_backends, torchvision_block
+from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
 from helpers import Block, assert_close_to_reference
 
 from resnext_kernels import FusedResNeXtBlock
