@@ -61,7 +61,10 @@ def test_autocast_dtype_is_read_at_call_time():
     float64 (which autocast leaves alone, as for conv2d)."""
     block = Block(1, 8, 8, 8, 2, 4, 4)
     args = block.make(torch.float32)
-    run = lambda: inference.bottleneck_inference(*args, stride=1, dilation=1, groups=2, backend="reference")  # noqa: E731
+
+    def run():
+        return inference.bottleneck_inference(*args, stride=1, dilation=1, groups=2, backend="reference")
+
     for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype):
             assert run().dtype == dtype

@@ -48,7 +48,7 @@ def test_other_op_errors_pass_through():
 
 def test_convert_warns_when_there_is_no_bottleneck():
     for model in (torchvision.models.resnet18(), nn.Linear(4, 4)):
-        with pytest.warns(rk.ConversionWarning, match="converted nothing: .* contains no torchvision or timm Bottleneck"):
+        with pytest.warns(rk.ConversionWarning, match="converted nothing: .* contains no torchvision or timm"):
             rk.convert(model)
         assert model.resnext_kernels_skipped == {}
 
@@ -56,7 +56,7 @@ def test_convert_warns_when_there_is_no_bottleneck():
 def test_convert_warns_when_every_candidate_was_skipped():
     model = nn.Sequential(torchvision.models.resnet.Bottleneck(64, 16))
     model[0].conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=True)  # a conv the block cannot fold
-    with pytest.warns(rk.ConversionWarning, match=r"converted nothing: left 1 Bottleneck block\(s\) unconverted") as rec:
+    with pytest.warns(rk.ConversionWarning, match=r"converted nothing: left 1 Bottleneck block\(s\)") as rec:
         rk.convert(model)
     assert "0: conv2 must be an nn.Conv2d 3x3 with bias=False" in str(rec[0].message)
 

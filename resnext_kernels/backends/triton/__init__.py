@@ -50,7 +50,8 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     memory format, in x's dtype on x's device; every element is overwritten
     (tests pass a NaN-filled one to catch unwritten elements).
     strategy: "fused" (K1, K2), "split" (K1, K2a, K2b; identity blocks with
-    a channels_last x only: K2b writes y as pixel rows) or None; batch_chunk: images per launch sequence, or None. Both None:
+    a channels_last x only: K2b writes y as pixel rows) or None;
+    batch_chunk: images per launch sequence, or None. Both None:
     chosen (choose_candidate); either given: no timing, and the other one
     is "fused" / the whole batch.
     Returns y, [N, Cout, Ho, Wo] in x's memory format, x's dtype.

@@ -52,7 +52,8 @@ def grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WID
             first = offs_g - offs_g % D_P  # each output channel's group, as a channel of the tile
             for i in range(D_P):  # dynamic: this rare path should not cost registers
                 a = tl.load(t1_ptr + row[:, None] + (first + i)[None, :], mask=valid[:, None], other=0.0)
-                w = tl.load(w2_ptr + ((tap * N_TILES + ot) * GT + first + i) * GT + offs_g)  # w2p[tap, ot, 0, first+i, :]
+                # w2p[tap, ot, 0, first + i, :]
+                w = tl.load(w2_ptr + ((tap * N_TILES + ot) * GT + first + i) * GT + offs_g)
                 t2 += a.to(tl.float32) * w.to(tl.float32)[None, :]
         else:
             for kc in tl.static_range(KCH):
