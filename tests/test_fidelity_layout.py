@@ -91,7 +91,7 @@ def test_train_mode_output_has_torchvisions_strides(allow_tf32, poisoned_empty, 
     memory format as eager's, written directly (NaN-poisoned allocations:
     every element written), its values, x.grad and the parameter gradients
     right; the backward reads out and an NCHW grad_out through their strides."""
-    from training_cases import CASES, F64, close, models, step
+    from training_cases import CASES, F64, close, draw_input, models, step
 
     if registry.unavailable_reason(backend, "cpu") is not None:
         pytest.skip(f"{backend} unusable here: {registry.unavailable_reason(backend, 'cpu')}")
@@ -99,7 +99,7 @@ def test_train_mode_output_has_torchvisions_strides(allow_tf32, poisoned_empty, 
     case = CASES[case_index]
     ref, eager, fused = models(case, torch.float32, backend, "cpu")
     ho, wo = (case.h - 1) // case.stride + 1, (case.w - 1) // case.stride + 1
-    x = torch.randn(case.n, case.inplanes, case.h, case.w, dtype=F64)
+    x = draw_input(case, ref)
     grad = torch.randn(case.n, 4 * case.planes, ho, wo, dtype=F64)
     memory_format = torch.channels_last if FORMATS[fmt] else torch.contiguous_format
     expect = step(ref, x, grad, F64, "cpu", memory_format)

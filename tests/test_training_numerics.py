@@ -9,7 +9,7 @@ finite values within a loose fp32 tolerance."""
 
 import pytest
 import torch
-from training_cases import CASES, DEVICE, models, needs_triton
+from training_cases import CASES, DEVICE, draw_input, models, needs_triton
 
 pytestmark = needs_triton
 
@@ -59,8 +59,8 @@ def _check_step(case, poison_weights, poison_grad):
     poison_grad(grad, out) the output gradient (given eager's output). NaN
     and Inf patterns and finite values must agree for the output, x.grad,
     every parameter gradient and every buffer."""
-    _, eager, fused = models(case, torch.float32, "triton")
-    x = torch.randn(case.n, case.inplanes, case.h, case.w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ref, eager, fused = models(case, torch.float32, "triton")
+    x = draw_input(case, ref).to(device=DEVICE, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
     outs, inputs = [], []
     for block in (eager, fused):
         if poison_weights is not None:
