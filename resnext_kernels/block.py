@@ -144,10 +144,25 @@ class FusedResNeXtBlock(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if self.uses_batch_statistics():
             return self._forward_batch_statistics(x)
-        folded = self.folded_parameters(x.dtype)
+        if torch.compiler.is_compiling():
+            # Traced once: bad input fails here in the block's terms, not in
+            # the op's fake kernel in terms of its own arguments (w1, ...).
+            self._check_input(x)
+        # Under autocast the op computes in the autocast dtype (like conv2d):
+        # fold in it, so the fold is cached in that dtype, not cast per call.
+        folded = self.folded_parameters(inference.compute_dtype(x))
         c2 = self.conv2
-        return inference.bottleneck_inference(x, *folded, stride=c2.stride[0], dilation=c2.dilation[0],
-                                        groups=c2.groups, backend=self.backend)
+        try:
+            return inference.bottleneck_inference(x, *folded, stride=c2.stride[0], dilation=c2.dilation[0],
+                                                  groups=c2.groups, backend=self.backend)
+        except (TypeError, ValueError):
+            # The op names its own arguments (w1, ...); say it in terms of
+            # what the user passed: x and the block's convs. Checked only
+            # on failure, so a good call pays nothing for it.
+            problem = self._input_problem(x)
+            if problem is None:
+                raise
+            raise problem from None
 
     def _forward_batch_statistics(self, x):
         # The training op (ops/training.py) with nn.BatchNorm2d's bookkeeping
@@ -175,15 +190,23 @@ class FusedResNeXtBlock(nn.Module):
         return out
 
     def _check_input(self, x):
+        problem = self._input_problem(x)
+        if problem is not None:
+            raise problem
+
+    def _input_problem(self, x):
+        """None if the block can take x, else the TypeError/ValueError saying
+        why in terms of x and the block's convs (one wording for both modes)."""
         w = self.conv1.weight
         if x.dtype not in REFERENCE_DTYPES:
-            raise TypeError(f"x has dtype {x.dtype}; expected a floating dtype {[str(d) for d in REFERENCE_DTYPES]}")
+            return TypeError(f"x has dtype {x.dtype}; expected a floating dtype {[str(d) for d in REFERENCE_DTYPES]}")
         if x.device != w.device:
-            raise ValueError(f"x is on {x.device} but the block's parameters are on {w.device}")
+            return ValueError(f"x is on {x.device} but the block's parameters (conv1.weight, ...) are on {w.device}")
         if x.dim() != 4:
-            raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+            return ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
         if x.shape[1] != w.shape[1]:
-            raise ValueError(f"x has {x.shape[1]} channels but conv1 expects {w.shape[1]}")
+            return ValueError(f"x has {x.shape[1]} channels but conv1 expects {w.shape[1]}")
+        return None
 
     # -- folding -----------------------------------------------------------
 

@@ -24,6 +24,8 @@ def convert(model, backend="auto"):
     unusual downsample) are left alone and reported with one
     ``ConversionWarning`` naming each block and the reason. The skipped blocks
     are also recorded as ``model.resnext_kernels_skipped`` ({name: reason}).
+    A model in which nothing was converted always gets a ConversionWarning:
+    the skipped blocks and why, or that it has no Bottleneck at all.
     Returns `model`.
     """
     registry.check_backend_name(backend)
@@ -44,8 +46,12 @@ def convert(model, backend="auto"):
             converted += 1
     if skipped:
         lines = "\n".join(f"  {name}: {reason}" for name, reason in skipped.items())
-        warnings.warn(f"resnext_kernels.convert left {len(skipped)} Bottleneck block(s) unconverted "
+        nothing = "converted nothing: " if converted == 0 else ""
+        warnings.warn(f"resnext_kernels.convert {nothing}left {len(skipped)} Bottleneck block(s) unconverted "
                       f"({converted} converted):\n{lines}", ConversionWarning, stacklevel=2)
+    elif converted == 0:
+        warnings.warn(f"resnext_kernels.convert converted nothing: {type(model).__name__} contains no torchvision or "
+                      "timm Bottleneck block", ConversionWarning, stacklevel=2)
     model.resnext_kernels_skipped = skipped
     return model
 

@@ -72,7 +72,13 @@ def test_gpu_config_heuristics(name, dtype, tf32, allow_tf32):
     kept = pruned(k2, k2._grouped_conv_conv3_kernel, args, consts)
     allowed = k2._allowed_tiles(_named(k2._grouped_conv_conv3_kernel, args, consts))
     if cin % 16 == 0 and cout % 16 == 0:
-        assert allowed == k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
+        table = k2._TILES[k2._operand_class(t1, consts["PREC"])][tiling.gt > 16]
+        assert set(allowed) <= set(table)
+        if consts["PREC"] == "ieee" and dtype == torch.float32 and tiling.mixes_groups:
+            # Multi-group tiles in "ieee": the 64x256 tile spills with the exact path.
+            assert allowed == tuple(t for t in table if t[1] <= 128)
+        else:
+            assert allowed == table
     assert all(k2._tile(c) in allowed for c in kept)
     best = triton.cdiv(cout, max(bco for _, bco, _, _ in allowed))
     assert max(triton.cdiv(cout, c.kwargs["BLOCK_CO"]) for c in kept) <= 2 * best
@@ -141,14 +147,17 @@ def _documented_k1(cin, nout, itemsize, ieee, residual=False):
     return [_k1_params(*t) for t in tiles]
 
 
-def _documented_k2(cin, cout, operand_class, gt):
+def _documented_k2(cin, cout, operand_class, gt, groups_per_tile):
     """(the tiles K2's prune keeps, widest BLOCK_CO first, then the larger
-    BLOCK_P; the heuristic's tile). Both start from the allowed tiles no
+    BLOCK_P; the heuristic's tile). Both start from the allowed tiles (for
+    "ieee" with several groups per tile none wider than 128 channels) no
     wider than the padded Cout (else the narrowest allowed). Kept: a t2
     recompute factor cdiv(Cout, BLOCK_CO) within 2x of the fewest. The
     heuristic: the largest BLOCK_P * BLOCK_CO among those with the fewest
     recomputes."""
     allowed = (K2_UNALIGNED_TILE,) if cin % 16 or cout % 16 else K2_TILES[operand_class][gt > 16]
+    if operand_class == "ieee" and groups_per_tile > 1 and allowed != (K2_UNALIGNED_TILE,):
+        allowed = tuple(t for t in allowed if t[1] <= 128)
     fitting = [t for t in allowed if t[1] <= max(16, _pow2_at_least(cout))] or [min(allowed, key=lambda t: t[1])]
     fewest = min(_ceil_div(cout, t[1]) for t in fitting)
     kept = sorted((t for t in fitting if _ceil_div(cout, t[1]) <= 2 * fewest), key=lambda t: (t[1], t[0]),
@@ -181,7 +190,8 @@ def documented_configs(shape, cls, batch=128):
     operand_class = "16bit" if itemsize == 2 else ("ieee" if ieee else "tf32")
     gt, kch, width_p = _documented_packing(shape.width, shape.groups)
     kept = _documented_k1(shape.cin, width_p, itemsize, ieee)
-    found = {"K1": (kept, kept[0]), "K2": _documented_k2(shape.cin, shape.cout, operand_class, gt)}
+    groups_per_tile = gt // _pow2_at_least(shape.width // shape.groups)
+    found = {"K1": (kept, kept[0]), "K2": _documented_k2(shape.cin, shape.cout, operand_class, gt, groups_per_tile)}
     if not shape.projection:
         for name, kept in (("K2a", _documented_k2a(batch * shape.hw * shape.hw, gt, kch, itemsize, ieee)),
                            ("K2b", _documented_k1(width_p, shape.cout, itemsize, ieee, residual=True))):
@@ -222,7 +232,8 @@ DOCUMENTED_EXAMPLES = [
     ("s1", "bf16", "K1", _k1_params(128, 128, 64, 8, 3)),   # the general-purpose tile first
     ("s1", "fp32-ieee", "K1", _k1_params(64, 128, 64, 4, 4)),  # BLOCK_M 64 for "ieee"
     ("s1", "bf16", "K2", _k2_params(64, 256, 8, 2)),          # 64x256 for 16-bit
-    ("s1", "fp32-ieee", "K2", _k2_params(64, 256, 8, 2)),     # and for "ieee" with GT = 16
+    ("s3", "fp32-ieee", "K2", _k2_params(64, 256, 8, 2)),     # and for "ieee" with one group per 16-channel tile
+    ("s1", "fp32-ieee", "K2", _k2_params(64, 128, 8, 2)),     # 64x128 for "ieee" with several groups per tile
     ("s4", "fp32-tf32", "K2", _k2_params(64, 128, 8, 2)),     # 64x128 for TF32
     ("s4", "fp32-ieee", "K2", _k2_params(64, 128, 8, 2)),     # and for "ieee" with GT >= 32
     ("odd_d14", "bf16", "K2", _k2_params(64, 64, 8, 2)),      # 64x64 for unaligned channel counts

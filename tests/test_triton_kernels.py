@@ -78,7 +78,8 @@ def test_group_split_across_tiles(block, max_gt, monkeypatch, allow_tf32, poison
 
 def test_nchw_input_and_op_wrapper(allow_tf32):
     """Through inference.bottleneck_inference(backend="triton"): NCHW-contiguous and
-    channels_last inputs give the same, correct channels_last output."""
+    channels_last inputs give the same, correct output, each in its input's
+    memory format."""
     allow_tf32(False)
     block = Block(2, 24, 32, 40, 8, 7, 9, stride=2, projection=True)
     inputs = block.make(torch.float32, DEVICE, channels_last=False)
@@ -87,7 +88,8 @@ def test_nchw_input_and_op_wrapper(allow_tf32):
     y_nchw = inference.bottleneck_inference(*inputs, **kwargs)
     inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     y_cl = inference.bottleneck_inference(*inputs, **kwargs)
-    assert y_nchw.is_contiguous(memory_format=torch.channels_last)
+    assert y_nchw.is_contiguous() and not y_nchw.is_contiguous(memory_format=torch.channels_last)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
     expected = bottleneck_inference_reference(*_fp64_cpu(inputs), *block.conv)
     eager = bottleneck_inference_reference(*inputs, *block.conv)
     assert_close_to_reference(y_nchw.cpu(), expected, eager.cpu())

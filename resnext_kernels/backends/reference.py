@@ -32,6 +32,7 @@ from ..common.batch_stats import (
     norm_counts,
     stats_dtype,
 )
+from ..common.layout import output_memory_format
 
 
 def bottleneck_intermediates(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
@@ -50,9 +51,12 @@ def bottleneck_intermediates(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation
 
 
 def bottleneck_inference_reference(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
-    """y for the folded block (see `bottleneck_intermediates`), channels_last."""
+    """y for the folded block (see `bottleneck_intermediates`), in x's memory
+    format (common.layout.output_memory_format; ATen's convs already give it,
+    unless a channels_last 3x3 weight makes them switch an NCHW x's output
+    to channels_last)."""
     y = bottleneck_intermediates(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)[2]
-    return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous(memory_format=output_memory_format(x))
 
 
 # -- the training op (batch-statistics BatchNorm) ---------------------------------

@@ -65,6 +65,34 @@ def _ptxas():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
+def _nvdisasm():
+    """Triton's bundled nvdisasm (next to its ptxas), or None."""
+    path = os.path.join(os.path.dirname(_ptxas()), "nvdisasm")
+    return path if os.path.exists(path) else None
+
+
+# One PTX instruction per line: an opcode after optional whitespace and
+# predicate, ending in ';' (directives start with '.', labels end with ':').
+_PTX_INSTRUCTION = re.compile(r"^\s*(@!?%\w+\s+)?[a-z][\w.]*(\s[^;]*)?;", re.MULTILINE)
+# SASS from nvdisasm: "/*0010*/   @!P0 IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;" (an
+# optional predicate, then an upper-case opcode: not the ".byte" lines of the
+# .debug_* sections, which follow the source line info, not the code).
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?[A-Z]", re.MULTILINE)
+
+
+def _static_instructions(compiled, cubin):
+    """Static instruction counts of one compiled kernel: TTGIR operations,
+    PTX instructions and SASS instructions (None without nvdisasm). Static,
+    not executed: they show what a code change adds, not its run time."""
+    ttgir = sum(1 for line in compiled.asm["ttgir"].splitlines() if re.match(r"\s*(%\S+ = )?\"?[a-z_]+\.", line))
+    sass = None
+    if _nvdisasm() is not None:
+        text = subprocess.run([_nvdisasm(), cubin], capture_output=True, text=True, check=True).stdout
+        sass = len(_SASS_INSTRUCTION.findall(text))
+    return {"ttgir_ops": ttgir, "ptx_instructions": len(_PTX_INSTRUCTION.findall(compiled.asm["ptx"])),
+            "sass_instructions": sass}
+
+
 def _source(fn, args, consts):
     """ASTSource with the runtime's specialisation: 16-byte aligned pointers,
     ints equal to 1 folded as constants, multiples of 16 marked divisible."""
@@ -98,8 +126,10 @@ def _compile(fn, args, consts, config):
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        cubin = os.path.join(tmp, "k.cubin")
+        log = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin],
                              capture_output=True, text=True, check=True).stderr
+        counts = _static_instructions(compiled, cubin)
     return {
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
         "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
@@ -107,14 +137,17 @@ def _compile(fn, args, consts, config):
         "shared": compiled.metadata.shared,
         "tensor_cores": "wgmma" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"],
         "compile_s": round(seconds, 2),
+        **counts,
     }
 
 
-def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=False):
     """(tiling, {kernel name: (kernel, module, args, constexpr kwargs)}) as
     the launchers build them for `shape` (a SHAPES value), on meta tensors:
     K1 and K2 (fused) and, for identity blocks, K2a and K2b (split; K2b is
-    K1's kernel with RESIDUAL, so its module is K1's)."""
+    K1's kernel with RESIDUAL, so its module is K1's). nchw: y NCHW-contiguous,
+    as for an NCHW x (then only K1 and K2: the split path needs a channels_last
+    y); else channels_last."""
     cin, width, cout, groups, h = shape.cin, shape.width, shape.cout, shape.groups, shape.hw
     stride, proj = shape.stride, shape.projection
     ho = conv_output_size(h, stride)
@@ -128,15 +161,16 @@ def kernel_launches(shape, dtype=torch.bfloat16, allow_tf32=True, batch=128):
         groups)
     x = meta(batch, cin, h, h).contiguous(memory_format=torch.channels_last)
     t1 = meta(batch * h * h, tiling.width_p)
-    y = meta(batch, cout, ho, ho).contiguous(memory_format=torch.channels_last)
+    y = meta(batch, cout, ho, ho).contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     try:
         launches = {
-            "K1": (k1._conv1x1_bias_relu_kernel, k1, *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1)),
+            "K1": (k1._conv1x1_bias_relu_kernel, k1,
+                   *k1._kernel_args(x, packed["w1p"], packed["b1p"], t1, tiling=tiling)),
             "K2": (k2._grouped_conv_conv3_kernel, k2, *k2._kernel_args(t1, x, tiling, packed, y, stride, 1)),
         }
-        if not proj:
+        if not proj and not nchw:  # the split path needs a channels_last y
             t2 = nhwc_view(meta(batch * ho * ho, tiling.width_p), batch, ho, ho)
             launches["K2a"] = (k2a._grouped_conv_bias_relu_kernel, k2a,
                                *k2a._kernel_args(nhwc_view(t1, batch, h, h), tiling, packed, t2, stride, 1))
@@ -199,17 +233,21 @@ def check_training_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128)
     return results
 
 
-def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128):
+def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=False):
     """Compile every config the prune callbacks keep for this shape, for
-    every kernel launched on it; list of result dicts."""
+    every kernel launched on it (with nchw only K2, the one that writes y);
+    list of result dicts."""
     if interpreting():
         raise RuntimeError("triton_compile needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
-    _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch)
+    _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32, batch, nchw)
     results = []
     for kname, (fn, mod, args, consts) in launches.items():
+        if nchw and kname != "K2":
+            continue
         for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
             res = _compile(fn, args, consts, config)
-            res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"])
+            res.update(kernel=kname, shape=name, dtype=str(dtype).replace("torch.", ""), prec=consts["PREC"],
+                       y_format="nchw" if nchw else "channels_last")
             results.append(res)
     return results
 
@@ -219,6 +257,7 @@ def main(argv=None):
     parser.add_argument("shapes", nargs="*", help=f"some of {list(SHAPES)} (default: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-tf32", action="store_true", help="fp32 with allow_tf32=False (ieee dots)")
+    parser.add_argument("--nchw", action="store_true", help="y NCHW-contiguous (an NCHW x): K2 only")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     parser.add_argument("--training", action="store_true",
                         help="the training kernels (one forward + backward step) instead of the inference ones")
@@ -228,14 +267,16 @@ def main(argv=None):
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
     results = []
     for name in opts.shapes or list(SHAPES):
-        check = check_training_shape if opts.training else check_shape
-        found = check(name, getattr(torch, opts.dtype), not opts.no_tf32)
+        if opts.training:
+            found = check_training_shape(name, getattr(torch, opts.dtype), not opts.no_tf32)
+        else:
+            found = check_shape(name, getattr(torch, opts.dtype), not opts.no_tf32, nchw=opts.nchw)
         results += found
         if not opts.json:
             for r in found:
                 print(f"{r['shape']:11s} {r['kernel']:3s} {r['dtype']:8s} {r['prec']:4s} {r['config']} "
                       f"regs {r['registers']:3d} spills {r['spill_stores']:4d} smem {r['shared']:6d} "
-                      f"tc {r['tensor_cores']} {r['compile_s']:.1f}s", flush=True)
+                      f"tc {r['tensor_cores']} sass {r['sass_instructions']} {r['compile_s']:.1f}s", flush=True)
     if opts.json:
         json.dump(results, sys.stdout)
     return 0

@@ -19,13 +19,14 @@ import contextlib
 import torch
 
 from ...common import settings, timing, tuning
+from ...common.layout import output_memory_format
 from ...common.sizes import conv_output_size
 
 # Modules, not their launchers, so the submodule names stay importable.
 from . import conv1x1_bias_relu as _k1
 from . import grouped_conv_bias_relu as _k2a
 from . import grouped_conv_conv3 as _k2
-from ._common import nhwc_view, pixel_rows
+from ._common import MAX_PIXELS, nhwc_view, pixel_rows
 from .packing import cached_pack_weights
 
 STRATEGIES = ("fused", "split")
@@ -36,36 +37,44 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     """y for the folded block; same contract as reference.bottleneck_inference_reference.
 
     The op (ops/inference.py) validated the inputs and checked that triton
-    can run on x's device before calling this; it does neither again. x may be channels_last or
-    NCHW-contiguous: NCHW is converted to channels_last once here (one copy of
-    x, used by both kernels); channels_last input is used in place. Weights
-    are packed once and cached (packing.PACK_CACHE). CUDA tensors; CPU tensors
-    only under TRITON_INTERPRET=1.
+    can run on x's device before calling this; it does neither again. x may
+    be channels_last or NCHW-contiguous (or strided): the kernels read a
+    channels_last x, so any other x is converted once here (one copy of x,
+    used by both kernels). y is written directly in x's memory format
+    (common.layout.output_memory_format) through its strides. Weights are
+    packed once and cached (packing.PACK_CACHE). CUDA tensors; CPU tensors
+    only under TRITON_INTERPRET=1. Raises ValueError for sizes the kernels'
+    32-bit program offsets cannot address (_common.MAX_PIXELS pixels).
 
-    out: optional preallocated y, [N, Cout, Ho, Wo] channels_last contiguous
-    in x's dtype on x's device; every element is overwritten (tests pass a
-    NaN-filled one to catch unwritten elements).
-    strategy: "fused" (K1, K2), "split" (K1, K2a, K2b; identity blocks only)
-    or None; batch_chunk: images per launch sequence, or None. Both None:
+    out: optional preallocated y, [N, Cout, Ho, Wo] contiguous in that
+    memory format, in x's dtype on x's device; every element is overwritten
+    (tests pass a NaN-filled one to catch unwritten elements).
+    strategy: "fused" (K1, K2), "split" (K1, K2a, K2b; identity blocks with
+    a channels_last x only: K2b writes y as pixel rows) or None;
+    batch_chunk: images per launch sequence, or None. Both None:
     chosen (choose_candidate); either given: no timing, and the other one
     is "fused" / the whole batch.
-    Returns y, [N, Cout, Ho, Wo] channels_last contiguous, x's dtype.
+    Returns y, [N, Cout, Ho, Wo] in x's memory format, x's dtype.
     """
+    x_in, y_format = x, output_memory_format(x)
     x = x.contiguous(memory_format=torch.channels_last)  # no-op for channels_last input
     n, _, h, w = x.shape
     cout = w3.shape[0]
     ho, wo = conv_output_size(h, stride), conv_output_size(w, stride)
+    if n * h * w > MAX_PIXELS:
+        raise ValueError(f"x has N*H*W = {n * h * w} pixels; the triton backend supports at most {MAX_PIXELS} "
+                         "(32-bit program offsets); split the batch")
     if out is None:
-        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=y_format)
     elif (
         tuple(out.shape) != (n, cout, ho, wo)
         or out.dtype != x.dtype
         or out.device != x.device
-        or not out.is_contiguous(memory_format=torch.channels_last)
+        or not out.is_contiguous(memory_format=y_format)
     ):
         raise ValueError(
-            f"out must be a channels_last {x.dtype} tensor of shape {(n, cout, ho, wo)} on {x.device}, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            f"out must be a {y_format} {x.dtype} tensor of shape {(n, cout, ho, wo)} on {x.device} (x's memory "
+            f"format), got {out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}"
         )
     if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int)
                                     or batch_chunk < 1):
@@ -76,6 +85,11 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
     if strategy == "split" and not identity:
         raise ValueError("strategy='split' is for identity blocks only (stride 1, Cin == Cout); "
                          "this block has a projection shortcut")
+    # K2b writes y as pixel rows: the split path needs a channels_last y.
+    splittable = identity and y_format == torch.channels_last
+    if strategy == "split" and not splittable:
+        raise ValueError("strategy='split' writes y as pixel rows: it needs a channels_last x (this x gives an "
+                         "NCHW y); use 'fused'")
     # Triton launches on the current CUDA device; make it x's device.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         tiling, packed = cached_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups)
@@ -88,10 +102,10 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
             if strategy == "split":
                 t2 = torch.empty((chunk * ho * wo, tiling.width_p), dtype=x.dtype, device=x.device)
             for i0 in range(0, n, chunk):
-                xs, ys = x[i0:i0 + chunk], out[i0:i0 + chunk]  # batch slices of NHWC tensors: views
+                xs, ys = x[i0:i0 + chunk], out[i0:i0 + chunk]  # batch slices: views
                 c = xs.shape[0]
                 t1s = t1[:c * h * w]
-                _k1.conv1x1_bias_relu(xs, packed["w1p"], packed["b1p"], t1s)
+                _k1.conv1x1_bias_relu(xs, packed["w1p"], packed["b1p"], t1s, tiling=tiling)
                 if t2 is None:
                     _k2.grouped_conv_conv3(t1s, xs, tiling, packed, ys, stride, dilation)
                 else:
@@ -100,9 +114,10 @@ def bottleneck_inference_triton(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilat
                     _k1.conv1x1_bias_relu(t2s, packed["w3p"], packed["b3p"], pixel_rows(ys), residual=pixel_rows(xs))
 
         if strategy is None and batch_chunk is None:
-            key = tuning.tune_key(x, w1.shape[0], cout, stride, dilation, groups, not identity,
+            # x's own layout: it decides y's format (NCHW y is stored strided).
+            key = tuning.tune_key(x_in, w1.shape[0], cout, stride, dilation, groups, not identity,
                                   torch.backends.cudnn.allow_tf32)
-            strategy, batch_chunk = choose_candidate(key, x, tiling.width_p, identity, run)
+            strategy, batch_chunk = choose_candidate(key, x, tiling.width_p, splittable, run)
         run((strategy or "fused", min(batch_chunk or n, n)))
     return out
 
@@ -143,17 +158,17 @@ def chunk_candidates(n, bytes_per_image, l2_bytes):
     return found
 
 
-def candidates(n, t1_bytes_per_image, l2_bytes, identity):
+def candidates(n, t1_bytes_per_image, l2_bytes, splittable):
     """(strategy, chunk) pairs to time: "fused" over the chunk candidates
-    for t1, then, for identity blocks, "split" over those for t1 + t2 (t2 is
-    as large as t1 at stride 1)."""
+    for t1, then, when `splittable` (an identity block with a channels_last
+    y), "split" over those for t1 + t2 (t2 is as large as t1 at stride 1)."""
     found = [("fused", c) for c in chunk_candidates(n, t1_bytes_per_image, l2_bytes)]
-    if identity:
+    if splittable:
         found += [("split", c) for c in chunk_candidates(n, 2 * t1_bytes_per_image, l2_bytes)]
     return found
 
 
-def choose_candidate(key, x, width_p, identity, run):
+def choose_candidate(key, x, width_p, splittable, run):
     """(strategy, chunk) for this call: timed on the first call of key
     (run(candidate) runs the block with it), ("fused", whole batch) where
     not tuning."""
@@ -162,7 +177,7 @@ def choose_candidate(key, x, width_p, identity, run):
         return "fused", n
     t1_per_image = h * w * width_p * x.element_size()
     return tuning.select_fastest(
-        CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), identity),
+        CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), splittable),
         lambda c: tuning.seconds_per_call(lambda: run(c), x.device),
         enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n))
 

@@ -1,9 +1,10 @@
-"""Helpers shared by the kernel launchers (no kernels here)."""
+"""Helpers shared by the kernels and their launchers (no kernels here)."""
 
 import contextlib
 
 import torch
 import triton
+import triton.language as tl
 
 from ...common import settings
 from ...common.sizes import next_pow2
@@ -11,6 +12,25 @@ from ...common.sizes import next_pow2
 # Largest dynamic shared memory per block on H100/H200 (227 KB). The
 # pipeliner keeps num_stages copies of a loop's operand tiles there.
 MAX_SHARED = settings.H100_SMEM_OPTIN
+
+# Program offsets (pid * BLOCK + arange(BLOCK), every BLOCK <= 256) are
+# int32, so pixel counts stay below this; every element offset computed from
+# a pixel index is int64 (pixels x channels passes 2**31 at large batch).
+# Weight offsets are int32: a packed weight must have fewer than 2**31 elements.
+MAX_PIXELS = 2**31 - 1024
+MAX_WEIGHT_ELEMENTS = 2**31
+
+
+@triton.jit
+def relu(v):
+    """torch.relu with NaN kept: tl.maximum's default (PTX max, like fmaxf)
+    maps NaN to 0 and would hide a diverging network from a NaN check or a
+    GradScaler. propagate_nan=ALL is PTX max.NaN, which ptxas (sm_90a) folds
+    into the conversion to 16 bits (cvt.relu: F2FP...RELU), so it costs no
+    more than the old ReLU; an explicit select (tl.where(v < 0, 0, v)) cost
+    up to 33 more registers and 344 more SASS instructions
+    (docs/triton_backend.md). Only -0.0 differs from torch.relu: it gives +0."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 def interpreting():
@@ -133,3 +153,12 @@ def launch_fixed(kernel, grid, args, consts, num_warps, num_stages):
         return
     kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
 
+
+@triton.jit
+def real_channels(c, D, REAL_END, D_P: tl.constexpr):
+    """Which packed channels `c` hold a real channel (packing.py: channel i
+    of group g sits at g*D_P + i, i < D; REAL_END = groups * D_P). The others
+    are padding, kept exactly 0 by the kernels that write t1 and t2: their
+    zero weights would turn an inf or NaN input into NaN there (0 * inf),
+    which conv3 and the grouped conv would then spread to real channels."""
+    return ((c % D_P) < D) & (c < REAL_END)

@@ -16,17 +16,17 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, next_pow2
-from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch
+from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch, real_channels, relu
 
 
 @triton.jit
 def _conv1x1_bias_relu_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
-    M, HW, W, CIN, NOUT,
+    M, HW, W, CIN, NOUT, D, REAL_END,
     sxn, sxc, sxh, sxw,
     srm, src, som, soc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    RESIDUAL: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, PAD_D_P: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program computes a [BLOCK_M pixels, BLOCK_N channels] tile of out.
 
@@ -42,7 +42,11 @@ def _conv1x1_bias_relu_kernel(
             contiguous (batch slices too); 4-D addressing kept img/h/w live
             across the K loop and spilled the fp32 128x128x32 tile.
     M = N*H*W pixels in (n, h, w) order; HW = H*W; W: image width (to split
-    m into n, h, w for x).
+    m into n, h, w for x). Pixel offsets are int64; channel offsets int32
+    (c*sxc < CIN: x is channels_last, sxc = 1).
+    PAD_D_P: 0, or K1's d_p when out has padded channels (packing.py): then
+    channels j that are not real_channels(j, D, REAL_END, PAD_D_P) are
+    stored as exact zeros, whatever x holds.
     PREC: tl.dot input_precision ("tf32" or "ieee"; only affects fp32).
     Grid: (cdiv(M, BLOCK_M) * cdiv(NOUT, BLOCK_N),), channel tiles fastest so
     programs sharing an x tile run together.
@@ -76,8 +80,10 @@ def _conv1x1_bias_relu_kernel(
     acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if RESIDUAL:
         acc += tl.load(r_ptr + m64[:, None] * srm + offs_n[None, :] * src, mask=mn_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m64[:, None] * som + offs_n[None, :] * soc, tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty),
-             mask=mn_mask)
+    out = relu(acc)
+    if PAD_D_P:
+        out = tl.where(real_channels(offs_n, D, REAL_END, PAD_D_P)[None, :], out, 0.0)
+    tl.store(out_ptr + m64[:, None] * som + offs_n[None, :] * soc, out.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 # Autotune key: the shape, RESIDUAL (K1 or K2b), PREC (the tiles depend on
@@ -155,22 +161,28 @@ def heuristic_config(args):
 _INTERPRET_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}
 
 
-def _kernel_args(x, weight, bias, out, residual=None):
-    """(positional args, constexpr kwargs) of the K1 kernel for these tensors."""
+def _kernel_args(x, weight, bias, out, residual=None, tiling=None):
+    """(positional args, constexpr kwargs) of the K1 kernel for these
+    tensors; `tiling` (packing.GroupTiling) when out holds t1's packed
+    channels, whose padding is then kept at zero."""
     n, cin, h, w = x.shape
     r = out if residual is None else residual  # unread without RESIDUAL
-    args = (x, weight, bias, r, out, n * h * w, h * w, w, cin, weight.shape[1], *x.stride(), *r.stride(),
-            *out.stride())
+    padded = tiling is not None and tiling.has_padding
+    d, real_end = (tiling.d, tiling.groups * tiling.d_p) if padded else (1, 1)
+    args = (x, weight, bias, r, out, n * h * w, h * w, w, cin, weight.shape[1], d, real_end, *x.stride(),
+            *r.stride(), *out.stride())
     assert out.shape == r.shape == (n * h * w, weight.shape[1])
-    return args, {"RESIDUAL": residual is not None, "PREC": dot_precision(x.dtype)}
+    consts = {"RESIDUAL": residual is not None, "PAD_D_P": tiling.d_p if padded else 0, "PREC": dot_precision(x.dtype)}
+    return args, consts
 
 
-def conv1x1_bias_relu(x, weight, bias, out, residual=None):
+def conv1x1_bias_relu(x, weight, bias, out, residual=None, tiling=None):
     """Launch K1 (or K2b with `residual`). x [N, Cin, H, W] (strided),
     weight [Cin, Nout], bias [Nout] fp32, out [N*H*W, Nout] (written
     completely) and residual (None or [N*H*W, Nout]): pixel rows (t1's
-    buffer, _common.pixel_rows of y and x)."""
-    args, consts = _kernel_args(x, weight, bias, out, residual)
+    buffer, _common.pixel_rows of channels_last y and x). With `tiling`
+    (K1: out is t1) its padded channels are stored as zeros."""
+    args, consts = _kernel_args(x, weight, bias, out, residual, tiling)
     m, nout = args[5], args[9]
 
     def grid(meta):

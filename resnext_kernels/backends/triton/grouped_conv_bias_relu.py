@@ -13,12 +13,13 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, next_pow2
-from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch
+from ._common import MAX_SHARED, autotuned, dot_precision, first_kept_config, launch, real_channels, relu
 
 
 @triton.jit
-def grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WIDTH_P, N_TILES, STRIDE, DIL,
-                      BLOCK_P: tl.constexpr, GT: tl.constexpr, KCH: tl.constexpr, PREC: tl.constexpr):
+def grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WIDTH_P, N_TILES, STRIDE, DIL, D,
+                      REAL_END, BLOCK_P: tl.constexpr, GT: tl.constexpr, KCH: tl.constexpr, D_P: tl.constexpr,
+                      PADDED: tl.constexpr, EXACT: tl.constexpr, PREC: tl.constexpr):
     """relu(grouped 3x3 + b2) of packed output tile `ot` at BLOCK_P output
     pixels (img, ho, wo; int64; p_mask: real pixels), [BLOCK_P, GT] fp32.
 
@@ -28,6 +29,14 @@ def grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WID
     the image the load mask gives the zero padding. The tap loop is dynamic
     on purpose (docs/triton_backend.md: a static one makes the pipeliner
     buffer all nine taps in shared memory).
+
+    D_P: padded group width (packing.py); PADDED: the tile may hold padded
+    channels (D < D_P or padding groups, REAL_END = groups * D_P), stored as
+    exact zeros. EXACT (only for D_P < GT, KCH == 1): instead of one dot
+    with the block-diagonal weight, each output channel sums its own group's
+    D_P inputs with FMAs, so an inf or NaN of one group cannot reach the
+    others through the zeros between them (0 * inf = NaN); the callers run
+    it only when the dot's result holds a NaN (never on finite inputs).
     """
     offs_g = tl.arange(0, GT)
     # First packed channel of this output tile's group: its input chunks
@@ -39,27 +48,45 @@ def grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WID
         wi = wo * STRIDE + (tap % 3 - 1) * DIL
         valid = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         row = ((img * H + hi) * W + wi) * WIDTH_P + in_base
-        for kc in tl.static_range(KCH):
-            a = tl.load(t1_ptr + row[:, None] + (kc * GT + offs_g)[None, :], mask=valid[:, None], other=0.0)
-            w_off = (((tap * N_TILES + ot) * KCH + kc) * GT + offs_g[:, None]) * GT + offs_g[None, :]
-            t2 = tl.dot(a, tl.load(w2_ptr + w_off), t2, input_precision=PREC)
-    b2 = tl.load(b2_ptr + ot * GT + offs_g)
-    return tl.maximum(t2 + b2[None, :], 0.0)
+        if EXACT:
+            first = offs_g - offs_g % D_P  # each output channel's group, as a channel of the tile
+            for i in range(D_P):  # dynamic: this rare path should not cost registers
+                a = tl.load(t1_ptr + row[:, None] + (first + i)[None, :], mask=valid[:, None], other=0.0)
+                # w2p[tap, ot, 0, first + i, :]
+                w = tl.load(w2_ptr + ((tap * N_TILES + ot) * GT + first + i) * GT + offs_g)
+                t2 += a.to(tl.float32) * w.to(tl.float32)[None, :]
+        else:
+            for kc in tl.static_range(KCH):
+                a = tl.load(t1_ptr + row[:, None] + (kc * GT + offs_g)[None, :], mask=valid[:, None], other=0.0)
+                w_off = (((tap * N_TILES + ot) * KCH + kc) * GT + offs_g[:, None]) * GT + offs_g[None, :]
+                t2 = tl.dot(a, tl.load(w2_ptr + w_off), t2, input_precision=PREC)
+    t2 = relu(t2 + tl.load(b2_ptr + ot * GT + offs_g)[None, :])
+    if PADDED:
+        t2 = tl.where(real_channels(ot * GT + offs_g, D, REAL_END, D_P)[None, :], t2, 0.0)
+    return t2
+
+
+@triton.jit
+def has_nan(v):
+    """Whether the tile `v` holds a NaN (one reduction over the program)."""
+    return tl.max(tl.max((v != v).to(tl.int32), axis=1), axis=0) > 0
 
 
 @triton.jit
 def _grouped_conv_bias_relu_kernel(
     t1_ptr, w2_ptr, b2_ptr, t2_ptr,
-    M_OUT, HWO, WO, H, W, WIDTH_P, N_TILES, STRIDE, DIL,
-    BLOCK_P: tl.constexpr, GT: tl.constexpr, KCH: tl.constexpr, PREC: tl.constexpr,
+    M_OUT, HWO, WO, H, W, WIDTH_P, N_TILES, STRIDE, DIL, D, REAL_END,
+    BLOCK_P: tl.constexpr, GT: tl.constexpr, KCH: tl.constexpr, D_P: tl.constexpr, PADDED: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """One program computes t2 for BLOCK_P output pixels x one packed tile of
     GT channels.
 
-    t1_ptr, w2_ptr, b2_ptr: as in grouped_conv_tile. t2_ptr: t2, [M_OUT,
-    WIDTH_P] contiguous (NHWC, packed channels), act dtype; rounded to it as
-    PyTorch rounds between convs. M_OUT = N*HO*WO output pixels, HWO = HO*WO,
-    WO output width, H, W input size.
+    t1_ptr, w2_ptr, b2_ptr, D, REAL_END, D_P, PADDED: as in
+    grouped_conv_tile. t2_ptr: t2, [M_OUT, WIDTH_P] contiguous (NHWC, packed
+    channels), act dtype; rounded to it as PyTorch rounds between convs.
+    M_OUT = N*HO*WO output pixels, HWO = HO*WO, WO output width, H, W input
+    size.
     Grid: (cdiv(M_OUT, BLOCK_P) * N_TILES,), tiles fastest so the programs
     reading the same t1 neighbourhood run together (t1 in L2).
     """
@@ -72,7 +99,12 @@ def _grouped_conv_bias_relu_kernel(
     img = p64 // HWO
     rem = p64 % HWO
     t2 = grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, rem // WO, rem % WO, p_mask, H, W, WIDTH_P, N_TILES,
-                           STRIDE, DIL, BLOCK_P, GT, KCH, PREC)
+                           STRIDE, DIL, D, REAL_END, BLOCK_P, GT, KCH, D_P, PADDED, False, PREC)
+    if D_P < GT:
+        # Several groups per tile: a NaN may be 0 * inf from another group.
+        if has_nan(t2):
+            t2 = grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, rem // WO, rem % WO, p_mask, H, W, WIDTH_P,
+                                   N_TILES, STRIDE, DIL, D, REAL_END, BLOCK_P, GT, KCH, D_P, PADDED, True, PREC)
     offs_c = ot * GT + tl.arange(0, GT)
     tl.store(t2_ptr + p64[:, None] * WIDTH_P + offs_c[None, :], t2.to(t2_ptr.dtype.element_ty),
              mask=p_mask[:, None])
@@ -136,8 +168,20 @@ def _kernel_args(t1, tiling, packed, t2, stride, dilation):
     n, _, h, w = t1.shape
     _, _, ho, wo = t2.shape
     args = (t1, packed["w2p"], packed["b2p"], t2, n * ho * wo, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles,
-            stride, dilation)
-    return args, {"GT": tiling.gt, "KCH": tiling.kch, "PREC": dot_precision(t1.dtype)}
+            stride, dilation, *group_args(tiling))
+    return args, {**group_consts(tiling), "PREC": dot_precision(t1.dtype)}
+
+
+def group_args(tiling):
+    """(D, REAL_END) of grouped_conv_tile: the real group width and the end
+    of the real groups' packed channels (1, 1 when nothing is padded: then
+    unread, and specialised away like every int 1)."""
+    return (tiling.d, tiling.groups * tiling.d_p) if tiling.has_padding else (1, 1)
+
+
+def group_consts(tiling):
+    """The constexprs of grouped_conv_tile that describe the packing."""
+    return {"GT": tiling.gt, "KCH": tiling.kch, "D_P": tiling.d_p, "PADDED": tiling.has_padding}
 
 
 def grouped_conv_bias_relu(t1, tiling, packed, t2, stride, dilation):
@@ -155,4 +199,4 @@ def grouped_conv_bias_relu(t1, tiling, packed, t2, stride, dilation):
     return t2
 
 
-__all__ = ["grouped_conv_bias_relu", "grouped_conv_tile"]
+__all__ = ["group_args", "group_consts", "grouped_conv_bias_relu", "grouped_conv_tile", "has_nan"]

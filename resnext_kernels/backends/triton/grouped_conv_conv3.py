@@ -25,18 +25,37 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, next_pow2
-from ._common import autotuned, dot_precision, first_kept_config, launch
-from .grouped_conv_bias_relu import grouped_conv_tile
+from ._common import autotuned, dot_precision, first_kept_config, launch, relu
+from .grouped_conv_bias_relu import group_args, group_consts, grouped_conv_tile, has_nan
+
+
+@triton.jit
+def _conv3_of_grouped_conv(t1_ptr, w2_ptr, b2_ptr, w3_ptr, img, ho, wo, p_mask, offs_co, co_mask, H, W, WIDTH_P,
+                           N_TILES, COUT, STRIDE, DIL, D, REAL_END, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+                           GT: tl.constexpr, KCH: tl.constexpr, D_P: tl.constexpr, PADDED: tl.constexpr,
+                           EXACT: tl.constexpr, PREC: tl.constexpr, DTYPE: tl.constexpr):
+    """conv3 of t2 without bias, [BLOCK_P, BLOCK_CO] fp32: for each packed
+    width tile, t2 = grouped_conv_tile(...) rounded to DTYPE (as PyTorch
+    rounds between convs), then acc += t2 @ w3p[tile, co tile]."""
+    offs_g = tl.arange(0, GT)
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for ot in range(N_TILES):
+        t2 = grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WIDTH_P, N_TILES, STRIDE, DIL,
+                               D, REAL_END, BLOCK_P, GT, KCH, D_P, PADDED, EXACT, PREC).to(DTYPE)
+        w3 = tl.load(w3_ptr + (ot * GT + offs_g)[:, None] * COUT + offs_co[None, :], mask=co_mask[None, :], other=0.0)
+        acc = tl.dot(t2, w3, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
 def _grouped_conv_conv3_kernel(
     t1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, x_ptr, wd_ptr, bd_ptr, y_ptr,
-    M_OUT, HWO, WO, H, W, WIDTH_P, N_TILES, CIN, COUT, STRIDE, DIL,
+    M_OUT, HWO, WO, H, W, WIDTH_P, N_TILES, CIN, COUT, STRIDE, DIL, D, REAL_END,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
-    GT: tl.constexpr, KCH: tl.constexpr, PROJECTION: tl.constexpr, PREC: tl.constexpr,
+    GT: tl.constexpr, KCH: tl.constexpr, D_P: tl.constexpr, PADDED: tl.constexpr, PROJECTION: tl.constexpr,
+    Y_NCHW: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program computes y for BLOCK_P output pixels x BLOCK_CO channels.
 
@@ -48,17 +67,26 @@ def _grouped_conv_conv3_kernel(
     w3_ptr: w3p, [WIDTH_P, COUT] contiguous (row = packed t2 channel).
     b3_ptr: b3, [COUT] fp32.
     x_ptr:  x, [N, CIN, H, W], element (n, c, h, w) at
-            n*sxn + c*sxc + h*sxh + w*sxw (the shortcut's input).
+            n*sxn + c*sxc + h*sxh + w*sxw (the shortcut's input; channels_last,
+            so c*sxc = c stays int32).
     wd_ptr: wdp, [CIN, COUT] contiguous; bd_ptr: bd, [COUT] fp32. Only read
             when PROJECTION (else any pointer, e.g. w3p / b3p).
     y_ptr:  y, [N, COUT, HO, WO], element (n, c, h, w) at
-            n*syn + c*syc + h*syh + w*syw (channels_last), act dtype.
+            n*syn + c*syc + h*syh + w*syw, act dtype: channels_last, or
+            with Y_NCHW NCHW-contiguous (x's format; syw = 1, syh = WO).
     M_OUT = N*HO*WO output pixels; HWO = HO*WO; WO output width; H, W input
     size; N_TILES width tiles of GT packed channels (WIDTH_P = N_TILES*GT);
     STRIDE, DIL of the 3x3 conv (padding = DIL); the projection reads x at
-    (ho*STRIDE, wo*STRIDE). PREC: tl.dot input_precision (fp32 only).
+    (ho*STRIDE, wo*STRIDE). D, REAL_END, D_P, PADDED: the packing, as in
+    grouped_conv_tile. PREC: tl.dot input_precision (fp32 only).
+    Offsets from pixel indices are int64 (N*HO*WO*COUT can pass 2**31).
     Grid: (cdiv(M_OUT, BLOCK_P) * cdiv(COUT, BLOCK_CO),), Cout tiles fastest
-    so the programs that recompute the same t2 tiles run together (t1 in L2).
+    so the programs that recompute the same t2 tiles run together (t1 in L2);
+    with Y_NCHW (N * cdiv(HWO, BLOCK_P) * cdiv(COUT, BLOCK_CO),): each
+    program's pixels lie in one image, so their NCHW y offsets are visibly
+    contiguous and the stores are vectorized along pixels (with the flat
+    mapping the compiler cannot see it through the div/mod, and the
+    per-element 64-bit addresses spilled kilobytes).
     """
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
@@ -66,24 +94,34 @@ def _grouped_conv_conv3_kernel(
     pid_co = pid % n_co
     dtype = y_ptr.dtype.element_ty
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_g = tl.arange(0, GT)
-    p_mask = offs_p < M_OUT
     co_mask = offs_co < COUT
-
-    p64 = offs_p.to(tl.int64)
-    img = p64 // HWO
-    rem = p64 % HWO
+    if Y_NCHW:
+        n_rows = tl.cdiv(HWO, BLOCK_P)  # pixel blocks per image
+        img = (pid_p // n_rows).to(tl.int64)  # one image per program
+        offs_r = (pid_p % n_rows) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_r < HWO
+        rem = offs_r.to(tl.int64)
+    else:
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < M_OUT
+        p64 = offs_p.to(tl.int64)
+        img = p64 // HWO
+        rem = p64 % HWO
     ho = rem // WO
     wo = rem % WO
 
-    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
-    for ot in range(N_TILES):
-        t2 = grouped_conv_tile(t1_ptr, w2_ptr, b2_ptr, ot, img, ho, wo, p_mask, H, W, WIDTH_P, N_TILES, STRIDE, DIL,
-                               BLOCK_P, GT, KCH, PREC).to(dtype)
-        w3 = tl.load(w3_ptr + (ot * GT + offs_g)[:, None] * COUT + offs_co[None, :], mask=co_mask[None, :], other=0.0)
-        acc = tl.dot(t2, w3, acc, input_precision=PREC)
+    acc = _conv3_of_grouped_conv(t1_ptr, w2_ptr, b2_ptr, w3_ptr, img, ho, wo, p_mask, offs_co, co_mask, H, W,
+                                 WIDTH_P, N_TILES, COUT, STRIDE, DIL, D, REAL_END, BLOCK_P, BLOCK_CO, GT, KCH, D_P,
+                                 PADDED, False, PREC, dtype)
+    if D_P < GT:
+        # Several groups per tile: a NaN in t2 reaches every conv3 output of
+        # its pixel, and it may be 0 * inf from another group of the tile
+        # (the block-diagonal zeros). Only then, recompute without them.
+        if has_nan(acc):
+            acc = _conv3_of_grouped_conv(t1_ptr, w2_ptr, b2_ptr, w3_ptr, img, ho, wo, p_mask, offs_co, co_mask, H, W,
+                                         WIDTH_P, N_TILES, COUT, STRIDE, DIL, D, REAL_END, BLOCK_P, BLOCK_CO, GT, KCH,
+                                         D_P, PADDED, True, PREC, dtype)
 
     acc += tl.load(b3_ptr + offs_co, mask=co_mask, other=0.0)[None, :]
     x_row = img * sxn + (ho * STRIDE) * sxh + (wo * STRIDE) * sxw
@@ -102,9 +140,13 @@ def _grouped_conv_conv3_kernel(
         acc += tl.load(x_ptr + x_row[:, None] + offs_co[None, :] * sxc, mask=p_mask[:, None] & co_mask[None, :],
                        other=0.0).to(tl.float32)
 
-    y = tl.maximum(acc, 0.0).to(dtype)
-    y_row = img * syn + ho * syh + wo * syw
-    tl.store(y_ptr + y_row[:, None] + offs_co[None, :] * syc, y, mask=p_mask[:, None] & co_mask[None, :])
+    y = relu(acc).to(dtype)
+    if Y_NCHW:
+        y_row = img * syn + rem * syw  # ho*syh + wo*syw, written so the contiguity shows
+    else:
+        y_row = img * syn + ho * syh + wo * syw
+    # int64 channel offsets: NCHW y has syc = HO*WO.
+    tl.store(y_ptr + y_row[:, None] + offs_co.to(tl.int64)[None, :] * syc, y, mask=p_mask[:, None] & co_mask[None, :])
 
 
 # (BLOCK_P, BLOCK_CO, num_warps, num_stages) per operand class and group
@@ -139,7 +181,7 @@ def _operand_class(ptr, prec):
 
 # Autotune key: the shape, PREC (the tiles depend on it) and, implicitly, the
 # dtypes of the tensor args.
-TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION", "PREC"]
+TUNE_KEY = ["M_OUT", "WIDTH_P", "CIN", "COUT", "STRIDE", "DIL", "GT", "KCH", "PROJECTION", "Y_NCHW", "PREC"]
 
 
 def _gpu_configs():
@@ -170,7 +212,15 @@ def _allowed_tiles(args):
         # and the wider tiles spill kilobytes (ptxas). Such blocks are rare
         # (every ResNeXt stage is aligned); they get the narrowest tile.
         return _UNALIGNED_TILES
-    return _TILES[_operand_class(args["t1_ptr"], args["PREC"])][args["GT"] > 16]
+    operand_class = _operand_class(args["t1_ptr"], args["PREC"])
+    tiles = _TILES[operand_class][args["GT"] > 16]
+    if operand_class == "ieee" and args["D_P"] < args["GT"]:
+        # Several groups per tile: the NaN check and the exact grouped-conv
+        # path (grouped_conv_tile EXACT) push the 64x256 "ieee" tile (230-255
+        # registers without them) to 1-2 KB of spill stores (ptxas, sm_90a);
+        # the 64x128 one stays spill-free.
+        tiles = tuple(t for t in tiles if t[1] <= 128)
+    return tiles
 
 
 def _prune(configs, nargs, **kwargs):
@@ -214,22 +264,26 @@ def _kernel_args(t1, x, tiling, packed, y, stride, dilation):
     args = (
         t1, packed["w2p"], packed["b2p"], packed["w3p"], packed["b3p"], x, wd, bd, y,
         n * ho * wo, ho * wo, wo, h, w, tiling.width_p, tiling.n_tiles, cin, cout, stride, dilation,
-        *x.stride(), *y.stride(),
+        *group_args(tiling), *x.stride(), *y.stride(),
     )
-    consts = {"GT": tiling.gt, "KCH": tiling.kch, "PROJECTION": projection, "PREC": dot_precision(x.dtype)}
+    # NCHW y (an NCHW x): channels are not its contiguous dimension.
+    y_nchw = y.stride(1) != 1
+    assert not y_nchw or (y.stride(3) == 1 and y.stride(2) == wo), y.stride()
+    consts = {**group_consts(tiling), "PROJECTION": projection, "Y_NCHW": y_nchw, "PREC": dot_precision(x.dtype)}
     return args, consts
 
 
 def grouped_conv_conv3(t1, x, tiling, packed, y, stride, dilation):
     """Launch K2. t1 [N*H*W, width_p] from K1; x [N, Cin, H, W] (strided);
-    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo] (strided,
-    written completely)."""
+    tiling/packed from packing.pack_weights; y [N, Cout, Ho, Wo]
+    channels_last or NCHW-contiguous (written completely)."""
     args, consts = _kernel_args(t1, x, tiling, packed, y, stride, dilation)
     n, cout, ho, wo = y.shape
     m_out = n * ho * wo
 
     def grid(meta):
-        return (cdiv(m_out, meta["BLOCK_P"]) * cdiv(cout, meta["BLOCK_CO"]),)
+        pixel_blocks = n * cdiv(ho * wo, meta["BLOCK_P"]) if consts["Y_NCHW"] else cdiv(m_out, meta["BLOCK_P"])
+        return (pixel_blocks * cdiv(cout, meta["BLOCK_CO"]),)
 
     launch(_grouped_conv_conv3_kernel, _grouped_conv_conv3_tuned, grid, args, consts, _INTERPRET_CONFIG,
            heuristic_config)

@@ -37,6 +37,7 @@ import torch
 
 from ...common.sizes import cdiv, next_pow2
 from ...common.weight_cache import WeightCache
+from ._common import MAX_WEIGHT_ELEMENTS
 
 # Largest tile of the grouped conv for d > 16. 64 keeps one tap's weight tile
 # (64 x 64) and the t2 accumulator [BLOCK_P, 64] inside the register budget
@@ -63,6 +64,12 @@ class GroupTiling:
             self.kch = self.d_p // self.gt
             self.n_tiles = groups * self.kch
         self.width_p = self.n_tiles * self.gt
+        # Padded channels inside groups (d not a power of two) or whole
+        # padding groups in the last tile: the kernels must keep them at 0.
+        self.has_padding = self.d != self.d_p or self.groups * self.d_p != self.width_p
+        # Several groups share a tile (block-diagonal w2p): the grouped conv's
+        # zeros between them meet the other groups' inputs (0 * inf = NaN).
+        self.mixes_groups = self.d_p < self.gt
 
     def packed_index(self, device):
         """Long tensor [width]: packed channel of each real channel."""
@@ -136,6 +143,10 @@ def pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups):
         "wdp": None if wd is None else wd.reshape(cout, cin).t().contiguous(),
         "bdp": None if bd is None else bd.to(f32).contiguous(),
     }
+    for name, p in packed.items():
+        if p is not None and p.numel() >= MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"the packed weight {name} has {p.numel()} elements; the triton kernels address "
+                             f"weights with 32-bit offsets (fewer than {MAX_WEIGHT_ELEMENTS})")
     return t, packed
 
 
