@@ -22,8 +22,10 @@ collective (bn3 and bn_d; the tail's backward sums), so a block issues 3
 all_gathers in forward and 3 all_reduces in backward, with or without a
 projection (docs/training.md counts them against nn.SyncBatchNorm's).
 
-Collectives are torch.distributed's own (all_gather with a tensor list,
-which gloo and nccl both support; all_reduce) on the group, synchronous
+Collectives are torch.distributed's own on the group: the all-gather into
+one tensor (all_gather_single, all_gather_into_tensor before torch 2.14),
+which gloo and nccl both support (nn.SyncBatchNorm uses it on nccl; on gloo
+it still gathers into a list of tensors), and all_reduce; synchronous
 (async_op=False) as nn.SyncBatchNorm's; their timeout is the group's.
 Verified on CPU processes over gloo (tests/test_training_sync_bn.py); the
 nccl path is written the same way and is unverified on GPUs.
@@ -60,6 +62,18 @@ def resolve_group(group_name):
         raise ValueError(f"group_name={group_name!r} names no process group of this process: {exc}") from None
 
 
+def all_gather_single(output, local, group):
+    """torch.distributed's all-gather into one tensor: `output` [world_size *
+    L] gets every rank's `local` [L], concatenated in the group's rank order
+    (the form gloo accepts; nccl takes it too).
+    all_gather_single where torch has it (2.14, which deprecates the other
+    name), else all_gather_into_tensor (the same collective under its older
+    name). Run on gloo with torch 2.14 only; nccl unverified."""
+    dist = _distributed()
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local, group=group)
+
+
 class ProcessGroupExchange(StatisticsExchange):
     """The statistics exchange over one torch.distributed process group
     (module docstring). Every rank of the group must run the same blocks
@@ -77,9 +91,9 @@ class ProcessGroupExchange(StatisticsExchange):
         merged = [merge_rows(r) for r in rows]
         # One float64 vector per rank: [count, mean (C), M2 (C)] per norm.
         local = torch.cat([torch.cat([m.count, m.mean[0], m.m2[0]]) for m in merged])
-        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
-        _distributed().all_gather(gathered, local, group=self.group)
-        table = torch.stack(gathered)  # [world_size, len(local)], in the group's rank order
+        flat = local.new_empty(self.world_size * local.numel())
+        all_gather_single(flat, local, self.group)
+        table = flat.view(self.world_size, -1)  # one row per rank, in the group's rank order
         out, start = [], 0
         for m in merged:
             c = m.mean.shape[1]
@@ -97,4 +111,4 @@ class ProcessGroupExchange(StatisticsExchange):
         return flat[:-1].view(sums.shape), flat[-1]
 
 
-__all__ = ["ProcessGroupExchange", "resolve_group"]
+__all__ = ["ProcessGroupExchange", "all_gather_single", "resolve_group"]
