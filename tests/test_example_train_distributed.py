@@ -27,7 +27,8 @@ def test_torchrun_two_cpu_processes_train_with_sync_batchnorm():
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO_ROOT, "examples", "train_distributed.py"), *TINY]
-    run = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+                         check=False)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     losses = [float(v) for v in re.findall(r"epoch \d+: train loss ([0-9.]+) \(2 processes", output)]
