@@ -279,6 +279,7 @@ def _worker(rank, world, port, seed, device, checks):
     the same seed as the other ranks, prints each one's time."""
     if device == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1", "the children must run Triton under the interpreter"
+        torch.set_num_threads(1)  # two processes on a 2-core machine; tiny ops (tests/fidelity_cases.one_thread)
     else:
         torch.cuda.set_device(rank)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
