@@ -286,12 +286,14 @@ struct Rounds {
 //        KC-channel chunks (stream_x: cp.async, double-buffered when shared
 //        memory allows), warp jobs in rounds (Rounds) with register
 //        accumulators; t1s[1 + h] = relu(acc + b1) (row 0 stays zero: the
-//        3x3 conv's padding, read by taps outside the image);
+//        3x3 conv's padding, read by taps outside the image; padded
+//        channels are stored as exact zeros, see real_width_channel);
 //     2. grouped 3x3 over t1s: warp jobs of kWarpM output tiles x the
 //        output tiles sharing A (grouped_job_tiles); the A rows of tap
 //        (ky, kx) are gathered per lane (ldmatrix row addresses), so
 //        stride, dilation, image borders and runs across rows and images
-//        cost nothing; t2s[m][w0 + c] = relu(acc + b2);
+//        cost nothing; t2s[m][w0 + c] = relu(acc + b2) (padded channels 0;
+//        multi-group tiles holding a NaN are recomputed per group);
 //   3. conv3 (+ the projection, x streamed at the output pixels) over the
 //      whole t2s for each job of the slice, in registers; epilogue
 //      y = relu(acc + b3 (+ x for identity)) written through y's strides.
@@ -353,7 +355,8 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
       if (active) {
         for_each_acc(mi, nj, [&](int i, int j, int e, int row, int col) {
           const int h = mb * kJobRows + row, c = ng * r1.nt * 8 + col;
-          if (h < tile.m1) t1s[(1 + h) * p.pitch_t1 + c] = from_float<T>(relu(acc.v[i][j][e] + p.b1p[w0 + c]));
+          const float v = real_width_channel(p, w0 + c) ? relu(acc.v[i][j][e] + p.b1p[w0 + c]) : 0.0f;
+          if (h < tile.m1) t1s[(1 + h) * p.pitch_t1 + c] = from_float<T>(v);
         });
       }
     }
@@ -415,9 +418,49 @@ __global__ void __launch_bounds__(kThreads, 1) fused_block_kernel(const FusedBlo
               },
               [&](int j) { return w2p + (static_cast<size_t>(w0 / 8 + nt0 + j) * p.KS2 + ks) * kTile; });
         }
+        // d_p < 8: the tile is 8/d_p groups with block-diagonal weights, so an
+        // inf in one group's t1 times another group's zero weight is NaN where
+        // eager has a finite value. Only non-finite t1 can do that (rare): a
+        // warp whose tile came out with a NaN recomputes it group by group,
+        // reading the other groups' channels from the zero row.
+        if (p.d_p < 8) {
+          bool nan = false;
+          for_each_acc(mi, nj, [&](int i, int j, int e, int, int) { nan = nan || acc.v[i][j][e] != acc.v[i][j][e]; });
+          if (warp_any(nan)) {
+            for (int gi = 0; gi < 8 / p.d_p; ++gi) {
+              float exact[kWarpM][4];
+#pragma unroll
+              for (auto& r : exact)
+#pragma unroll
+                for (float& v : r) v = 0.0f;
+              for (int ks = 0; ks < p.KS2; ++ks) {
+                typename P::FragB b;  // nj == 1 here: grouped_job_tiles(d_p < 8) is one tile
+                P::load_b(b, w2p + (static_cast<size_t>(w0 / 8 + nt0) * p.KS2 + ks) * kTile);
+#pragma unroll
+                for (int i = 0; i < kWarpM; ++i) {
+                  if (i >= mi) continue;
+                  typename P::FragA a;
+                  P::load_a(a, false, [&](int slot, int k) {
+                    const GroupedK gk = grouped_k(p.d_p, p.atom, nt0, ks * P::kK + k);
+                    int row = 0;  // the zero row: K padding, taps outside the image, other groups
+                    if (gk.tap < 9 && (taps[i][slot] >> gk.tap & 1) && (gk.channel - nt0 * 8) / p.d_p == gi) {
+                      row = 1 + base[i][slot] + (gk.tap / 3) * p.dil * tile.hc + (gk.tap % 3) * p.dil;
+                    }
+                    return static_cast<const T*>(t1s + row * p.pitch_t1 + gk.channel);
+                  });
+                  P::mma(exact[i], a, b);
+                }
+              }
+              for_each_acc(mi, nj, [&](int i, int j, int e, int, int col) {
+                if (col / p.d_p == gi) acc.v[i][j][e] = exact[i][e];
+              });
+            }
+          }
+        }
         for_each_acc(mi, nj, [&](int i, int j, int e, int row, int col) {
           const int m = mb * kJobRows + row, c = w0 + nt0 * 8 + col;
-          t2s[m * p.pitch_t2 + c] = from_float<T>(relu(acc.v[i][j][e] + p.b2p[c]));
+          const float v = real_width_channel(p, c) ? relu(acc.v[i][j][e] + p.b2p[c]) : 0.0f;
+          t2s[m * p.pitch_t2 + c] = from_float<T>(v);
         });
       }
     }

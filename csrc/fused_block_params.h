@@ -69,6 +69,7 @@ struct FusedBlockParams {
   int N, H, W, Cin, Cout, Ho, Wo, stride, dil;
   bool proj;       // projection shortcut (wdp given), else identity
   int Cin_p, Wp, Cout_p, d_p;
+  int d, groups;   // real channels per group, groups: padded width channels (and their t1, t2) are exact 0
   int Wg;          // padded width channels of real groups: groups*d_p rounded up to 8 (t2 is 0 past it)
   int kK;          // K of one MMA step: 16 (fp16/bf16) or 8 (fp32)
   int atom;        // grouped conv: contiguous input channels per K atom, min(8, d_p)
@@ -178,6 +179,12 @@ RK_HD long long halo_pixel(const FusedBlockParams& p, const RunTile& t, int h) {
   const long long pos = t.p_lo + h;
   return (pos / t.hc) * p.W + t.hx_l + pos % t.hc;
 }
+
+// Whether padded width channel c (chunk-independent index) is a real
+// channel: channel c % d_p of group c / d_p, with groups * d_p channels in
+// all. Padded channels have zero weights, but 0 * inf is NaN: the kernel
+// stores exact zeros there instead of computing them.
+RK_HD bool real_width_channel(const FusedBlockParams& p, int c) { return c < p.groups * p.d_p && c % p.d_p < p.d; }
 
 // The grouped conv's K position k (< KS2*kK) of output tile nt: tap (0..8,
 // 9 or more: K padding) and the input channel, relative to the width chunk

@@ -45,7 +45,9 @@ inline int padded_group_width(int d) {
 inline void set_padded_dims(FusedBlockParams& p, int Cin, int width, int Cout, int groups, int elem_bytes) {
   p.Cin_p = round_up(Cin, 16);
   p.Cout_p = round_up(Cout, 8);
-  p.d_p = padded_group_width(width / groups);
+  p.d = width / groups;
+  p.groups = groups;
+  p.d_p = padded_group_width(p.d);
   p.Wp = round_up(groups * p.d_p, 16);
   p.Wg = round_up(groups * p.d_p, 8);
   p.kK = elem_bytes == 2 ? 16 : 8;

@@ -13,6 +13,7 @@
 //   mma_m16n8k16<T>(d, a, b)     d += a @ b, T = half_t or bf16_t, fp32 accumulators
 //   mma_m16n8k8_tf32(d, a, b)    d += a @ b on tf32 operands
 //   to_tf32(v)                   cvt.rna.tf32.f32
+//   warp_any(pred)               __any_sync(0xffffffff, pred): the OR over the warp's 32 lanes
 //   count_fma_macs(n)            no-op on the GPU; the emulation counts the
 //                                CUDA-core multiply-accumulates with it
 //   expect(ok, what)             no-op on the GPU; the emulation reports a broken invariant
@@ -180,6 +181,8 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
+__device__ __forceinline__ bool warp_any(bool pred) { return __any_sync(0xffffffffu, pred); }
+
 __device__ __forceinline__ void count_fma_macs(int) {}
 
 // An invariant of the plan the emulation reports when broken (no check on the GPU).
@@ -281,6 +284,8 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
 }
 
 inline uint32_t to_tf32(float v) { return ::rk_emu::cvt_rna_tf32(v); }
+
+inline bool warp_any(bool pred) { return ::rk_emu::warp_any(pred); }
 
 inline void count_fma_macs(int n) { ::rk_emu::count_fma_macs(n); }
 

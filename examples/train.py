@@ -198,6 +198,8 @@ def main(argv=None):
         writer.writerows(rows)
     dtype = ("fp16" if device.type == "cuda" else "bf16") + " autocast" if args.amp else args.dtype
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        where += ", Triton interpreter"
     title = (f"{args.dataset}, {args.model} {args.cardinality}x{args.width_per_group}d, "
              f"{args.blocks_per_stage} blocks/stage, batch {args.batch_size}: fused backend={args.backend} on "
              f"{where}, {dtype}")

@@ -74,6 +74,15 @@ def test_divergent_syncwarp_is_reported(emu):
         emu.divergent_syncwarp()
 
 
+def test_warp_any_is_the_or_of_its_warp(emu):
+    # Warp 0: one lane set (the last); warp 1: none; warp 2: all; warp 3: one (the first).
+    pred = torch.zeros(4, 32)
+    pred[0, 31] = pred[3, 0] = 1.0
+    pred[2] = 1.0
+    expected = pred.amax(dim=1, keepdim=True).expand(4, 32).reshape(-1)
+    torch.testing.assert_close(emu.warp_any(pred.reshape(-1)), expected, rtol=0, atol=0)
+
+
 def test_async_copy_lands_at_wait(emu):
     x = torch.randn(64 * 4)
     expected = x.view(64, 4).roll(-1, dims=0).reshape(-1)

@@ -81,3 +81,32 @@ def test_triton_out_must_be_in_xs_format():
     out = torch.empty(1, 16, 3, 3).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="out must be a torch.contiguous_format"):
         bottleneck_inference_triton(*args, *block.conv, out=out)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case_index", [0, 1], ids=["identity", "projection_s2"])
+def test_train_mode_output_has_torchvisions_strides(allow_tf32, poisoned_empty, backend, fmt, case_index):
+    """Train mode (batch statistics, the fused training op): out in x's
+    memory format as eager's, written directly (NaN-poisoned allocations:
+    every element written), its values, x.grad and the parameter gradients
+    right; the backward reads out and an NCHW grad_out through their strides."""
+    from training_cases import CASES, F64, close, models, step
+
+    if registry.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(f"{backend} unusable here: {registry.unavailable_reason(backend, 'cpu')}")
+    allow_tf32(False)
+    case = CASES[case_index]
+    ref, eager, fused = models(case, torch.float32, backend, "cpu")
+    ho, wo = (case.h - 1) // case.stride + 1, (case.w - 1) // case.stride + 1
+    x = torch.randn(case.n, case.inplanes, case.h, case.w, dtype=F64)
+    grad = torch.randn(case.n, 4 * case.planes, ho, wo, dtype=F64)
+    memory_format = torch.channels_last if FORMATS[fmt] else torch.contiguous_format
+    expect = step(ref, x, grad, F64, "cpu", memory_format)
+    base = step(eager, x, grad, torch.float32, "cpu", memory_format)
+    got = step(fused, x, grad, torch.float32, "cpu", memory_format)
+    assert got[0].stride() == base[0].stride(), f"{fmt} x: out strides {got[0].stride()}, torchvision's {base[0].stride()}"
+    close("out", got[0], expect[0], base[0])
+    close("x.grad", got[1], expect[1], base[1])
+    for name in expect[2]:
+        close(f"{name}.grad", got[2][name], expect[2][name], base[2][name])

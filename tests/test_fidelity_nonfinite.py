@@ -185,3 +185,23 @@ def test_inf_stays_in_its_group_on_the_triton_split_path(block, allow_tf32):
     args = one_group_inf(block)
     eager = bottleneck_inference_reference(*args, *block.conv)
     _assert_group_case(bottleneck_inference_triton(*args, *block.conv, strategy="split"), eager)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "float16", "bfloat16"])
+@pytest.mark.parametrize("block", [b for b in GROUP_BLOCKS if b.width // b.groups < 8], ids=repr)
+def test_inf_stays_in_its_group_on_cuda_tensor_cores(block, precision, allow_tf32):
+    """The CUDA kernel's block-diagonal tiles (d < 8) on its tensor-core
+    paths (emulated per lane): a tile that comes out with a NaN is
+    recomputed group by group (the fp32 test above covers the CUDA-core path)."""
+    if registry.unavailable_reason("cuda_emulated", "cpu") is not None:
+        pytest.skip(f"cuda_emulated unusable here: {registry.unavailable_reason('cuda_emulated', 'cpu')}")
+    allow_tf32(precision == "tf32")
+    dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
+    args = [None if a is None else a.to(dtype) for a in one_group_inf(block)]
+    eager = bottleneck_inference_reference(*[None if a is None else a.float() for a in args], *block.conv)
+    y = inference.bottleneck_inference(*args, stride=block.stride, dilation=block.dilation, groups=block.groups,
+                                       backend="cuda_emulated").float()
+    assert (eager[0, 1].isinf() & eager[0, 0].isfinite()).any() and eager[0, 2].isnan().any(), "the case's premise"
+    assert_same_nonfinite(y, eager, "y")
+    finite = eager.isfinite()
+    torch.testing.assert_close(y[finite], eager[finite], rtol=5e-2, atol=5e-2)

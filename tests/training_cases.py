@@ -150,12 +150,13 @@ def models(case, dtype, backend, device=DEVICE):
     return ref, eager, fused
 
 
-def step(model, x, grad, dtype, device):
-    """One training step: (output, x.grad, {param name: grad}); grads zeroed first."""
+def step(model, x, grad, dtype, device, memory_format=torch.channels_last):
+    """One training step: (output, x.grad, {param name: grad}); grads zeroed
+    first; x and grad in `memory_format`."""
     model.zero_grad(set_to_none=True)
-    xi = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    xi = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format).detach().requires_grad_(True)
     y = model(xi)
-    y.backward(grad.to(device=device, dtype=dtype))
+    y.backward(grad.to(device=device, dtype=dtype).contiguous(memory_format=memory_format))
     return y.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}
 
 

@@ -13,6 +13,8 @@
 //    phase (a missing barrier) sees poison or stale data in at least one
 //    ordering. A block stops at the first error it reports.
 //  * __syncwarp(): a barrier of the 32 lanes of a warp (full mask only).
+//  * __any_sync(0xffffffff, pred) (rk::warp_any): every lane of the warp
+//    gets the OR of all 32 lanes' predicates (full mask only).
 //  * Warp-level tensor-core instructions, per lane and per register exactly
 //    as the PTX ISA lays out their fragments (section "Warp-level matrix
 //    instructions"): ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16,
@@ -92,7 +94,7 @@ void context_switch(FiberContext& from, FiberContext& to);
 enum class FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
 
 // Warp-collective operations (the kind a lane waits at; 0 is __syncwarp).
-enum Collective : int { kSyncwarp = 0, kLdmatrix = 1, kMmaF16 = 2, kMmaBf16 = 3, kMmaTf32 = 4 };
+enum Collective : int { kSyncwarp = 0, kLdmatrix = 1, kMmaF16 = 2, kMmaBf16 = 3, kMmaTf32 = 4, kVoteAny = 5 };
 
 inline const char* collective_name(int kind) {
   switch (kind) {
@@ -101,6 +103,7 @@ inline const char* collective_name(int kind) {
     case kMmaF16: return "mma.m16n8k16.f16";
     case kMmaBf16: return "mma.m16n8k16.bf16";
     case kMmaTf32: return "mma.m16n8k8.tf32";
+    case kVoteAny: return "__any_sync";
   }
   return "?";
 }
@@ -377,6 +380,19 @@ inline void mma(int kind, float* d, const uint32_t* a, const uint32_t* b, const 
     cur().mma_macs += 16 * 8 * K;
   });
   for (int i = 0; i < 4; ++i) d[i] = x.d[lane][i];
+}
+
+// __any_sync(0xffffffff, pred): the OR of the 32 lanes' predicates, in every lane.
+inline bool warp_any(bool pred) {
+  const int lane = lane_id();
+  WarpExchange& x = begin_collective(kVoteAny, 0);
+  x.r[lane][0] = pred ? 1u : 0u;
+  end_collective(x, [&x]() {
+    uint32_t any = 0;
+    for (int l = 0; l < kWarpSize; ++l) any |= x.r[l][0];
+    for (int l = 0; l < kWarpSize; ++l) x.r[l][1] = any;
+  });
+  return x.r[lane][1] != 0;
 }
 
 // Runs one block: all fibers to completion, honouring barriers; stops at

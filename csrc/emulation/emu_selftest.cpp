@@ -228,6 +228,11 @@ __global__ void divergent_barrier_kernel(float* out) {
   out[threadIdx.x] = 1.0f;
 }
 
+// out[t] = __any_sync over thread t's warp of (pred[t] != 0).
+__global__ void warp_any_kernel(const float* pred, float* out) {
+  out[threadIdx.x] = rk_emu::warp_any(pred[threadIdx.x] != 0.0f) ? 1.0f : 0.0f;
+}
+
 void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   try {
     rk_emu::launch(grid, block, smem, body);
@@ -365,6 +370,16 @@ at::Tensor divergent_barrier(int64_t threads) {
   return out;
 }
 
+at::Tensor warp_any(const at::Tensor& pred) {
+  TORCH_CHECK(pred.scalar_type() == at::kFloat && pred.is_contiguous() && pred.dim() == 1 &&
+              pred.numel() % 32 == 0 && pred.numel() <= 1024);
+  at::Tensor out = at::empty_like(pred);
+  const float* in = pred.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  launch(dim3(1), dim3(pred.numel()), 0, [=]() { warp_any_kernel(in, o); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
@@ -379,4 +394,5 @@ TORCH_LIBRARY_FRAGMENT(resnext_kernels_emu, m) {
   m.def("divergent_syncwarp() -> Tensor", &divergent_syncwarp);
   m.def("async_copy(Tensor x, int mode) -> Tensor", &async_copy);
   m.def("divergent_barrier(int threads) -> Tensor", &divergent_barrier);
+  m.def("warp_any(Tensor pred) -> Tensor", &warp_any);
 }

@@ -119,8 +119,8 @@ def bottleneck_training_reference(x, w1, w2, w3, wd, norms, stride, dilation, gr
     norms: bn1, bn2, bn3 (, bn_d) as common.batch_stats.BatchNormArgs;
     exchange: the statistics exchange (module docstring).
     Returns (out, y1, y2, y3, yd, bn_stats, new_running): out = relu(bn3(y3) +
-    shortcut) and the raw conv outputs y1..y3, yd ([0] without projection),
-    channels_last; bn_stats [STATS_ROWS, C_total] and new_running [2, C_total]
+    shortcut) in x's memory format and the raw conv outputs y1..y3, yd ([0]
+    without projection), channels_last; bn_stats [STATS_ROWS, C_total] and new_running [2, C_total]
     (the running mean and variance after the update; without running stats
     the batch mean and unbiased variance) in stats_dtype(x.dtype), columns per
     norm as norm_columns gives them; bn_stats has SAVED_ROWS rows (mean,
@@ -154,8 +154,8 @@ def bottleneck_training_reference(x, w1, w2, w3, wd, norms, stride, dilation, gr
         yd = F.conv2d(x, wd, stride=stride)
         z3, shortcut = bn([2, 3], [y3, yd])
     out = F.relu(z3 + shortcut)
-    cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in (out, y1, y2, y3, yd)]
-    return (*cl, bn_stats, new_running)
+    cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in (y1, y2, y3, yd)]
+    return (out.contiguous(memory_format=output_memory_format(x)), *cl, bn_stats, new_running)
 
 
 def _conv_backward(grad, inp, weight, stride=1, padding=0, dilation=1, groups=1, need_input=True):

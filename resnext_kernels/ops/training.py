@@ -52,6 +52,7 @@ import torch
 
 from ..backends import registry
 from ..common.batch_stats import LOCAL, SAVED_ROWS, BatchNormArgs, norm_columns, stats_dtype
+from ..common.layout import output_memory_format
 from ..common.process_group_exchange import ProcessGroupExchange
 from ..common.sizes import conv_output_size
 from ..common.validation import check_positive_int
@@ -176,7 +177,8 @@ def _(x, w1, w2, w3, wd, *rest):
         return x.new_empty((n, c, hh, ww)).contiguous(memory_format=torch.channels_last)
 
     yd = act(cout, ho, wo) if wd is not None else x.new_empty(0)
-    return (act(cout, ho, wo), act(width, h, w), act(width, ho, wo), act(cout, ho, wo), yd,
+    out = x.new_empty((n, cout, ho, wo)).contiguous(memory_format=output_memory_format(x))
+    return (out, act(width, h, w), act(width, ho, wo), act(cout, ho, wo), yd,
             x.new_empty((SAVED_ROWS, c_total), dtype=sd), x.new_empty((2, c_total), dtype=sd))
 
 
@@ -274,7 +276,8 @@ def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, group
     w1, w2, w3 (wd or None): conv weights in x's dtype; norms: bn1, bn2, bn3
     (and bn_d with wd) as common.batch_stats.BatchNormArgs (their tensors in
     any floating dtype). Returns (out, new_running): out [N, Cout, Ho, Wo]
-    channels_last, new_running [2, C_total] the running (mean, var) after this
+    in x's memory format (common.layout.output_memory_format, as eager's
+    conv), new_running [2, C_total] the running (mean, var) after this
     step, columns per norm as common.batch_stats.norm_columns gives them.
     """
     registry.check_backend_name(backend)

@@ -22,14 +22,28 @@ from ._common import interpreting, launch_fixed
 
 
 @triton.jit
+def _strided_offsets(offs_m, offs_c, HW, W, S_N, S_C, S_H, S_W):
+    """Element offsets of pixels offs_m (n * HW + h * W + w) and channels
+    offs_c in a [N, C, H, W] tensor of strides (S_N, S_C, S_H, S_W): any
+    layout (channels_last, NCHW, an expanded gradient), one division per
+    pixel row, none per element."""
+    m = offs_m.to(tl.int64)
+    img, rem = m // HW, m % HW
+    row = img * S_N + (rem // W) * S_H + (rem % W) * S_W
+    return row[:, None] + offs_c.to(tl.int64)[None, :] * S_C
+
+
+@triton.jit
 def _bn_add_relu_kernel(
-    y3_ptr, s_ptr, out_ptr, stats3_ptr, statsd_ptr, M, C, STATS_STRIDE,
+    y3_ptr, s_ptr, out_ptr, stats3_ptr, statsd_ptr, M, C, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW, STATS_STRIDE,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr,
 ):
-    """y3_ptr, out_ptr: [M, C] pixel rows, act dtype. s_ptr: the shortcut's
-    source, [M, C] pixel rows: x (identity) or yd (PROJECTION). stats3_ptr,
-    statsd_ptr: [STATS_ROWS, C] fp32 blocks (bn_statistics.py) of BN3 and
-    BN_d (statsd unused for identity). Grid: (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C),)."""
+    """y3_ptr: [M, C] pixel rows, act dtype. s_ptr: the shortcut's source,
+    [M, C] pixel rows: x (identity) or yd (PROJECTION). out_ptr: [N, C, H,
+    W] (M = N * HW pixels of width W) written through its strides OUT_*
+    (x's memory format). stats3_ptr, statsd_ptr: [STATS_ROWS, C] fp32
+    blocks (bn_statistics.py) of BN3 and BN_d (statsd unused for identity).
+    Grid: (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C),)."""
     pid = tl.program_id(0)
     n_c = tl.cdiv(C, BLOCK_C)
     offs_m = (pid // n_c) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -37,6 +51,7 @@ def _bn_add_relu_kernel(
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    out_off = _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW)
     dtype = out_ptr.dtype.element_ty
 
     mean3 = tl.load(stats3_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
@@ -50,16 +65,18 @@ def _bn_add_relu_kernel(
         betad = tl.load(statsd_ptr + 3 * STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
         s = bn_apply(s, meand, scaled, betad, dtype)
     out = relu((z3.to(tl.float32) + s.to(tl.float32)).to(dtype))
-    tl.store(out_ptr + off, out, mask=mask)
+    tl.store(out_ptr + out_off, out, mask=mask)
 
 
 @triton.jit
 def _bn_add_relu_backward_kernel(
-    g_ptr, out_ptr, y3_ptr, yd_ptr, dz_ptr, stats3_ptr, statsd_ptr, part_ptr, M, C, STATS_STRIDE,
+    g_ptr, out_ptr, y3_ptr, yd_ptr, dz_ptr, stats3_ptr, statsd_ptr, part_ptr, M, C, HW, W,
+    G_SN, G_SC, G_SH, G_SW, OUT_SN, OUT_SC, OUT_SH, OUT_SW, STATS_STRIDE,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr,
 ):
-    """g_ptr (grad_out), out_ptr, y3_ptr, yd_ptr (PROJECTION), dz_ptr (out):
-    [M, C] pixel rows, act dtype. stats*_ptr as in the forward. part_ptr:
+    """g_ptr (grad_out), out_ptr: [N, C, H, W] read through their strides
+    (G_*, OUT_*); y3_ptr, yd_ptr (PROJECTION), dz_ptr (out): [M, C] pixel
+    rows, act dtype. stats*_ptr as in the forward. part_ptr:
     out, [cdiv(M, BLOCK_M), J, C] fp32 with J = 3 (PROJECTION) or 2: this
     tile's sum dz, sum dz*xhat3 (, sum dz*xhat_d), accumulated in fp64.
     Grid: (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C),)."""
@@ -72,8 +89,10 @@ def _bn_add_relu_backward_kernel(
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
 
-    g = tl.load(g_ptr + off, mask=mask, other=0.0)
-    dz = relu_grad(g, tl.load(out_ptr + off, mask=mask, other=0.0))
+    g = tl.load(g_ptr + _strided_offsets(offs_m, offs_c, HW, W, G_SN, G_SC, G_SH, G_SW), mask=mask, other=0.0)
+    out = tl.load(out_ptr + _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW), mask=mask,
+                  other=0.0)
+    dz = relu_grad(g, out)
     tl.store(dz_ptr + off, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
 
@@ -104,27 +123,30 @@ def _tiles(c, backward=False):
 
 def bn_add_relu(y3, shortcut, out, stats3, statsd):
     """out = relu(bn3(y3) + shortcut): shortcut is x (statsd None) or yd
-    (BN_d with statsd). y3, shortcut, out: [N, C, Ho, Wo] channels_last
-    contiguous; stats3/statsd: [STATS_ROWS, C] fp32 views."""
+    (BN_d with statsd). y3, shortcut: [N, C, Ho, Wo] channels_last
+    contiguous; out: [N, C, Ho, Wo], any strides (the block's output is in
+    x's memory format); stats3/statsd: [STATS_ROWS, C] fp32 views."""
     n, c, ho, wo = y3.shape
     m = n * ho * wo
     bm, bc = _tiles(c)
-    args = (y3, shortcut, out, stats3, stats3 if statsd is None else statsd, m, c, stats3.stride(0))
+    args = (y3, shortcut, out, stats3, stats3 if statsd is None else statsd, m, c, ho * wo, wo, *out.stride(),
+            stats3.stride(0))
     launch_fixed(_bn_add_relu_kernel, (cdiv(m, bm) * cdiv(c, bc),), args,
                  {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": statsd is not None}, 4, 1)
     return out
 
 
 def bn_add_relu_backward(grad_out, out, y3, yd, dz, stats3, statsd):
-    """Writes dz (like out) and returns the partial sums [T, J, C] fp64 (J = 3
-    with the projection's yd and statsd, else 2); see the module docstring."""
+    """Writes dz (channels_last contiguous, like y3) and returns the partial
+    sums [T, J, C] fp64 (J = 3 with the projection's yd and statsd, else 2);
+    see the module docstring. grad_out and out: any strides."""
     n, c, ho, wo = out.shape
     m = n * ho * wo
     bm, bc = _tiles(c, backward=True)
     projection = yd is not None
     part = torch.empty(cdiv(m, bm), 3 if projection else 2, c, device=out.device, dtype=torch.float64)
     args = (grad_out, out, y3, y3 if yd is None else yd, dz, stats3, stats3 if statsd is None else statsd, part, m, c,
-            stats3.stride(0))
+            ho * wo, wo, *grad_out.stride(), *out.stride(), stats3.stride(0))
     launch_fixed(_bn_add_relu_backward_kernel, (cdiv(m, bm) * cdiv(c, bc),), args,
                  {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": projection}, 4, 1)
     return part

@@ -49,6 +49,7 @@ from ...common.batch_stats import (
     norm_columns,
     norm_counts,
 )
+from ...common.layout import output_memory_format
 from ...common.sizes import conv_output_size
 from .bn_add_relu import bn_add_relu, bn_add_relu_backward
 from .bn_statistics import backward_coefficients, finalize, restore, sum_rows
@@ -77,11 +78,13 @@ def _prologue(stats):
 def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, groups, exchange=LOCAL):
     """Forward; contract of reference.bottleneck_training_reference.
 
-    x [N, Cin, H, W] (channels_last used in place, NCHW converted once),
+    x [N, Cin, H, W] (channels_last used in place, NCHW converted once;
+    out is written in x's memory format, the saved activations channels_last),
     conv weights in x's dtype, norms: 3 or 4 BatchNormArgs (bn1, bn2, bn3,
     bn_d). Returns (out, y1, y2, y3, yd, bn_stats, new_running); yd is an
     empty tensor without projection, bn_stats [SAVED_ROWS, C_total].
     """
+    out_format = output_memory_format(x)
     x = x.contiguous(memory_format=CL)
     n, _, h, w = x.shape
     width, cout = w1.shape[0], w3.shape[0]
@@ -117,7 +120,7 @@ def bottleneck_training_triton(x, w1, w2, w3, wd, norms, stride, dilation, group
                                                      dilation)])
         y3 = _empty(n, cout, ho, wo, x)
         rows3 = conv1x1_bn_stats(y2, w3, y3, _prologue(stats2))
-        out = _empty(n, cout, ho, wo, x)
+        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=dev, memory_format=out_format)
         if projection:
             yd = _empty(n, cout, ho, wo, x)
             stats3, statsd = finish([2, 3], [rows3, conv1x1_bn_stats(x, wd, yd, stride=stride)])
@@ -135,7 +138,6 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
     affine: per norm (weight, bias), either may be None.
     Returns (dx or None, dw1, dw2, dw3, dwd or None, grad_bn [2, C_total] fp32:
     row 0 the BN weights' gradients, row 1 the biases')."""
-    g = grad_out.contiguous(memory_format=CL)  # e.g. an expanded (stride 0) gradient
     x = x.contiguous(memory_format=CL)
     width, cout = w1.shape[0], w3.shape[0]
     projection = wd is not None
@@ -173,9 +175,9 @@ def bottleneck_training_backward_triton(grad_out, x, w1, w2, w3, wd, out, y1, y2
                     stats[i][COUNT].fill_(n)
             return local, sums
 
-        dz3 = _empty(*out.shape, out)
+        dz3 = _empty(*y3.shape, y3)
         tail = [2, 3] if projection else [2]
-        sums3 = reduce(bn_add_relu_backward(g, out, y3, yd if projection else None, dz3, stats[2],
+        sums3 = reduce(bn_add_relu_backward(grad_out, out, y3, yd if projection else None, dz3, stats[2],
                                             stats[3] if projection else None), tail)
         coef3 = coefficients(2, *sums3, 1)
         coefd = coefficients(3, *sums3, 2) if projection else None
