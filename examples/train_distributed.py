@@ -127,6 +127,7 @@ def main(argv=None):
     dist.destroy_process_group()
     if not same:
         raise SystemExit(f"rank {rank}: the processes' parameters or running statistics differ")
+    print(f"rank {rank}: done", flush=True)
     return losses
 
 
