@@ -46,6 +46,13 @@ class FusedResNeXtBlock(nn.Module):
         "cuda"/"cuda_emulated" have no training kernels and raise
         BackendUnavailableError), with nn.BatchNorm2d's running-stat and
         num_batches_tracked updates.
+      * nn.SyncBatchNorm norms (``nn.SyncBatchNorm.convert_sync_batchnorm``,
+        before or after ``rk.convert``) behave as nn.SyncBatchNorm: in train
+        mode with an initialized process group of more than one process the
+        training op synchronizes their statistics over the norms'
+        ``process_group`` (None: the whole world), CPU processes (gloo)
+        included; otherwise they are BatchNorm2d. The norms of one block
+        must share one process group.
 
     backend: "auto" (fastest usable for the input's device), "reference",
     "triton", "cuda", or the testing backend "cuda_emulated". An explicitly
@@ -103,7 +110,8 @@ class FusedResNeXtBlock(nn.Module):
             raise ValueError("conv2 must map conv1's width to the same width")
         for name in ("bn1", "bn2", "bn3"):
             if not folding.is_supported_norm(getattr(self, name)):
-                raise ValueError(f"{name} must be nn.BatchNorm2d or FrozenBatchNorm2d, got {type(getattr(self, name))}")
+                raise ValueError(f"{name} must be nn.BatchNorm2d, nn.SyncBatchNorm or FrozenBatchNorm2d, "
+                                 f"got {type(getattr(self, name))}")
         ds = self.downsample
         if ds is not None:
             ok = (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
@@ -113,7 +121,7 @@ class FusedResNeXtBlock(nn.Module):
             if not ok:
                 raise ValueError(
                     "downsample must be None or nn.Sequential(nn.Conv2d(1x1, stride=conv2's stride, bias=False), "
-                    f"BatchNorm2d/FrozenBatchNorm2d), got {ds}")
+                    f"BatchNorm2d/SyncBatchNorm/FrozenBatchNorm2d), got {ds}")
         elif s != (1, 1) or c1.in_channels != c3.out_channels:
             raise ValueError(
                 f"without downsample the block needs stride 1 and inplanes == planes*4, got stride {s[0]}, "
@@ -163,6 +171,7 @@ class FusedResNeXtBlock(nn.Module):
         # autocast the convs run in the autocast dtype, as eager's would.
         self._check_input(x)
         norms = self._norms()
+        group_name = _sync_group_name(norms)
         args = [_batch_norm_args(bn) for bn in norms]
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -172,7 +181,7 @@ class FusedResNeXtBlock(nn.Module):
         c2 = self.conv2
         out, new_running = training.bottleneck_training(x.to(dtype), w1, w2, w3, wd, args, stride=c2.stride[0],
                                                         dilation=c2.dilation[0], groups=c2.groups,
-                                                        backend=self.backend)
+                                                        backend=self.backend, group_name=group_name)
         with torch.no_grad():
             for bn, arg, col in zip(norms, args, norm_columns(w1.shape[0], w3.shape[0], wd is not None)):
                 if arg.batch_stats and arg.running_mean is not None:
@@ -279,7 +288,7 @@ class FusedResNeXtBlock(nn.Module):
         reason = unsupported_reason(block)
         if reason is not None:
             raise ValueError(f"cannot convert {type(block).__module__}.{type(block).__name__}: {reason}")
-        return cls.from_modules(*(copy.deepcopy(getattr(block, name)) for name in _SUBMODULES),
+        return cls.from_modules(*(_deepcopy(getattr(block, name)) for name in _SUBMODULES),
                                 backend=backend, training=block.training)
 
     @classmethod
@@ -305,13 +314,61 @@ class FusedResNeXtBlock(nn.Module):
         block = Bottleneck.__new__(Bottleneck)
         nn.Module.__init__(block)
         for name in _SUBMODULES:
-            setattr(block, name, copy.deepcopy(getattr(self, name)))
+            setattr(block, name, _deepcopy(getattr(self, name)))
         block.relu = nn.ReLU(inplace=True)
         block.stride = self.stride
         return block.train(self.training)
 
 
 _SUBMODULES = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+
+
+def _deepcopy(module):
+    """copy.deepcopy of a submodule (or None), sharing the process groups of
+    its nn.SyncBatchNorm norms: a ProcessGroup cannot be copied, and the
+    copy synchronizes over the same group."""
+    if module is None:
+        return None
+    groups = (m.process_group for m in module.modules() if isinstance(m, nn.SyncBatchNorm))
+    return copy.deepcopy(module, memo={id(g): g for g in groups if g is not None})
+
+
+def _sync_group_name(norms):
+    """The group_name of the process group this forward's batch-statistics
+    norms synchronize over, or None (no synchronization).
+
+    nn.SyncBatchNorm.forward's rule (torch/nn/modules/batchnorm.py, 2.14): a
+    SyncBatchNorm synchronizes in train mode when torch.distributed is
+    available and initialized and its process_group (None: WORLD) has more
+    than one process; otherwise it is BatchNorm2d (torch 2.14 does not raise
+    there). Its CPU-only restriction is not copied: the fused path does its
+    own exchange (docs/training.md). One block synchronizes all its
+    batch-statistics norms over one group or none of them: ValueError
+    otherwise."""
+    synced, local = {}, []
+    for name, bn in zip(("bn1", "bn2", "bn3", "downsample.1"), norms):
+        if not folding.uses_batch_statistics(bn):
+            continue
+        group = None
+        if (isinstance(bn, nn.SyncBatchNorm) and bn.training and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            group = bn.process_group or torch.distributed.group.WORLD
+            if torch.distributed.get_world_size(group) < 2:
+                group = None
+        if group is None:
+            local.append(name)
+        else:
+            synced[name] = group.group_name
+    if not synced:
+        return None
+    if len(set(synced.values())) > 1:
+        raise ValueError("the SyncBatchNorm norms of one block must share one process group, got "
+                         + ", ".join(f"{n}: group {g!r}" for n, g in synced.items()))
+    if local:
+        raise ValueError(f"the batch-statistics norms of one block must be all synchronized or all local: "
+                         f"synchronized {list(synced)}, local {local} (make them all nn.SyncBatchNorm over one "
+                         "process group, e.g. with nn.SyncBatchNorm.convert_sync_batchnorm)")
+    return next(iter(synced.values()))
 
 
 def _batch_norm_args(bn):

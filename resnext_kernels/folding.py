@@ -23,8 +23,9 @@ def is_frozen_batchnorm(module):
 
 
 def is_supported_norm(module):
-    """Norm layers the fused block accepts: nn.BatchNorm2d (exact type) or FrozenBatchNorm2d."""
-    return type(module) is nn.BatchNorm2d or is_frozen_batchnorm(module)
+    """Norm layers the fused block accepts: nn.BatchNorm2d, nn.SyncBatchNorm
+    (what convert_sync_batchnorm makes of it; exact types) or FrozenBatchNorm2d."""
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm) or is_frozen_batchnorm(module)
 
 
 def uses_batch_statistics(bn):

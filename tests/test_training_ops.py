@@ -9,8 +9,7 @@ import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from training_cases import CASES, DEVICE, TrainCase, needs_triton
+from training_cases import CASES, DEVICE, OpRecorder, TrainCase, forbidden_ops, needs_triton
 
 import resnext_kernels as rk
 from resnext_kernels import FusedResNeXtBlock
@@ -222,26 +221,6 @@ def test_mixed_batch_and_running_statistics_triton(allow_tf32):
     _two_steps(tv, fused, (2, 16, 5, 7), tol=1e-4)
 
 
-FORBIDDEN = ("conv", "batch_norm", "cudnn", "mkldnn", "miopen")
-
-
-class _Ops(TorchDispatchMode):
-    """Records the ops dispatched (inside a custom op's implementation the
-    mode is not active, hence the two levels of the test below)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def _forbidden(ops):
-    return sorted(op for op in ops if op.startswith("aten.") and any(f in op for f in FORBIDDEN))
-
-
 @needs_triton
 def test_fused_train_path_runs_no_aten_convolution_or_batch_norm():
     """Forward and backward of a train-mode block on triton, at two levels:
@@ -252,21 +231,21 @@ def test_fused_train_path_runs_no_aten_convolution_or_batch_norm():
     case = CASES[1]  # projection, stride 2
     fused = FusedResNeXtBlock.from_bottleneck(case.torchvision_block().float(), backend="triton")
     x = torch.randn(2, case.inplanes, case.h, case.w, device=DEVICE).requires_grad_(True)
-    with _Ops() as block_level:
+    with OpRecorder() as block_level:
         y = fused(x)
         y.backward(torch.randn_like(y))
     assert {"resnext_kernels.bottleneck_training", "resnext_kernels.bottleneck_training_backward"} <= block_level.seen
-    assert not _forbidden(block_level.seen)
+    assert not forbidden_ops(block_level.seen)
 
     for backend, expect_forbidden in (("triton", False), ("reference", True)):
         args = _op_args(case, torch.float32, backend, device=DEVICE)
         forward, backward = registry.training_kernels(backend)
         norms = [BatchNormArgs(*args[5 + 4 * i:9 + 4 * i], True, 0.1, 1e-5) for i in range(4)]
-        with _Ops() as inside:
+        with OpRecorder() as inside:
             saved = forward(*args[:5], norms, case.stride, case.dilation, case.groups)
             backward(torch.randn_like(saved[0]), *args[:5], *saved[:6], [n[:2] for n in norms], [True] * 4,
                      case.stride, case.dilation, case.groups, True)
-        found = _forbidden(inside.seen)
+        found = forbidden_ops(inside.seen)
         assert bool(found) == expect_forbidden, (backend, found)
         if expect_forbidden:
             assert any("convolution" in op for op in found) and any("batch_norm" in op for op in found), found
@@ -314,41 +293,45 @@ class _RecordingExchange(StatisticsExchange):
         self.gathered, self.reduced = [], []
 
     def gather_statistics(self, rows):
-        self.gathered.append(tuple(rows.mean.shape))
-        return merge_rows(rows)
+        self.gathered.append([tuple(r.mean.shape) for r in rows])
+        return [merge_rows(r) for r in rows]
 
-    def reduce_gradient_sums(self, sums):
-        self.reduced.append(tuple(sums.shape))
-        return sums
+    def reduce_gradient_sums(self, sums, count):
+        self.reduced.append((tuple(sums.shape), count))
+        return sums, count
 
 
-@needs_triton
-def test_statistics_exchange_seam(allow_tf32):
-    """The triton path passes each norm's statistics rows through
-    exchange.gather_statistics before its finalize and each backward
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "reference"])
+def test_statistics_exchange_seam(allow_tf32, backend):
+    """Both backends pass the statistics rows of each point of the block
+    through exchange.gather_statistics before its finalize and each backward
     reduction through exchange.reduce_gradient_sums (the SyncBatchNorm seam,
-    docs/training.md); an exchange that merges the rows first gives the same
-    result as the local one."""
+    docs/training.md), batched where norms are finalized together; an
+    exchange that merges the rows first gives the same result as the local
+    one (for the reference: its exchanged-statistics path against ATen's
+    training-mode batch norm)."""
     allow_tf32(False)
-    from resnext_kernels.backends.triton.training import (
-        bottleneck_training_backward_triton,
-        bottleneck_training_triton,
-    )
-
+    forward, backward = registry.training_kernels(backend)
     case = CASES[1]  # projection: four norms
-    args = _op_args(case, torch.float32, "triton", device=DEVICE)
+    dtype = torch.float32 if backend == "triton" else F64  # the reference's two paths agree to rounding
+    args = _op_args(case, dtype, backend, device=DEVICE)
     norms = [BatchNormArgs(*args[5 + 4 * i:9 + 4 * i], True, 0.1, 1e-5) for i in range(4)]
     conv = (case.stride, case.dilation, case.groups)
-    grad = torch.randn(case.n, 32, 5, 4, device=DEVICE)
+    grad = torch.randn(case.n, 32, 5, 4, device=DEVICE, dtype=dtype)
     results = []
     for exchange in (LOCAL, _RecordingExchange()):
-        saved = bottleneck_training_triton(*args[:5], norms, *conv, exchange=exchange)
-        grads = bottleneck_training_backward_triton(grad, *args[:5], *saved[:6], [n[:2] for n in norms],
-                                                    [True] * 4, *conv, True, exchange=exchange)
+        saved = forward(*args[:5], norms, *conv, exchange=exchange)
+        grads = backward(grad, *args[:5], *saved[:6], [n[:2] for n in norms], [True] * 4, *conv, True,
+                         exchange=exchange)
         results.append((saved, grads))
     width, cout = case.d * case.groups, 4 * case.planes
-    assert [s[1] for s in exchange.gathered] == [width, width, cout, cout]  # bn1, bn2, bn3, bn_d
-    assert exchange.reduced == [(3, cout), (2, width), (2, width)]  # tail (bn3 + bn_d), bn2, bn1
+    # one exchange per point of the block: bn1, bn2, then bn3 and bn_d together
+    assert [[s[1] for s in rows] for rows in exchange.gathered] == [[width], [width], [cout, cout]]
+    # tail (bn3 + bn_d), bn2, bn1, each with this process's count
+    ho, wo = (case.h - 1) // case.stride + 1, (case.w - 1) // case.stride + 1
+    out_count = case.n * ho * wo
+    assert exchange.reduced == [((3, cout), out_count), ((2, width), out_count), ((2, width), case.n * case.h * case.w)]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     for a, b in zip(results[0][0][:1] + results[0][0][5:] + results[0][1], results[1][0][:1] + results[1][0][5:]
                     + results[1][1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, **tol)

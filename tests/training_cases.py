@@ -14,6 +14,7 @@ On CPU the triton backend runs in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1); sizes stay small (H, W <= 9, channels <= 64).
 """
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -26,6 +27,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import assert_close_to_reference  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchvision.models.resnet import Bottleneck  # noqa: E402
 
 from resnext_kernels import FusedResNeXtBlock  # noqa: E402
@@ -299,3 +301,30 @@ def check_backward_on_same_state(case, dtype, device=DEVICE):
         assert (a is None) == (e is None), name
         if e is not None:
             close(name, a, e, b)
+
+
+# -- which ATen ops run ------------------------------------------------------------
+
+FORBIDDEN = ("conv", "batch_norm", "cudnn", "mkldnn", "miopen")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the ops dispatched: `seen`, their names; `counts`, how often
+    each ran (torch.distributed's collectives show as c10d.allgather_,
+    c10d.allreduce_). Inside a custom op's implementation the mode is not
+    active: the tests also run the backends' functions under it directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def forbidden_ops(ops):
+    """The ATen convolutions and batch norms among recorded op names."""
+    return sorted(op for op in ops if op.startswith("aten.") and any(f in op for f in FORBIDDEN))

@@ -22,16 +22,20 @@ weight gradients. They are accumulated in float64: BN's backward applies
 sum/n to every element, so an fp32 cancellation error would shift a whole
 channel's gradient and the next norm's sums would multiply it by n.
 
-The seam (issue 12, SyncBatchNorm): the Triton training path calls
-``exchange.gather_statistics(rows)`` between each conv's statistics
-epilogue and its finalize, and ``exchange.reduce_gradient_sums(sums)``
-between each backward reduction and the BN backward coefficients. LOCAL,
-the identity, is the one-process exchange. A multi-GPU exchange would merge
-its rows locally (merge_rows), all_gather the one row per rank (counts may
-differ between ranks; rows carry their count) and return the gathered rows;
-in backward it all_reduces the sums. The total count the backward
-coefficients divide by is the finalize's n, i.e. the global count. See
-docs/training.md, "The SyncBatchNorm seam".
+The seam (issue 12, SyncBatchNorm): both backends pass every per-channel
+vector that nn.SyncBatchNorm exchanges through one StatisticsExchange.
+Forward, between the conv(s) whose norms are finalized at one point of the
+block (bn1; bn2; bn3 together with bn_d) and their finalize:
+``exchange.gather_statistics([rows, ...])``. Backward, between each
+reduction (the tail's sums for bn3 and bn_d together; bn2; bn1) and BN's
+backward coefficients: ``exchange.reduce_gradient_sums(sums, count)``.
+LOCAL, the identity, is the one-process exchange;
+common/process_group_exchange.py's ProcessGroupExchange is the
+torch.distributed one (one all_gather per gather, one all_reduce per
+reduction). The count the backward coefficients divide by is the
+finalize's n in forward, and the count the exchange returns in backward:
+with several processes, the group's total. See docs/training.md, "Multi-GPU
+training (SyncBatchNorm)".
 """
 
 import itertools
@@ -75,9 +79,9 @@ SAVED_ROWS = 2
 
 
 def norm_counts(x_shape, stride, n_norms):
-    """n, the values per channel, of each norm: N*H*W for bn1, N*Ho*Wo for
-    the others (one process; a multi-process exchange would pass the global
-    counts)."""
+    """n, the values per channel of each norm in this process: N*H*W for
+    bn1, N*Ho*Wo for the others (a multi-process exchange sums them over
+    the group in backward, StatisticsExchange.reduce_gradient_sums)."""
     n, _, h, w = x_shape
     out = n * conv_output_size(h, stride) * conv_output_size(w, stride)
     return [n * h * w] + [out] * (n_norms - 1)
@@ -106,8 +110,8 @@ class StatisticsRows(typing.NamedTuple):
 
 def merge_rows(rows):
     """The rows merged into one (R = 1) by the formula of the module
-    docstring, in float64: what a multi-process exchange would contribute
-    per rank. (The Triton finalize merges the same way in-kernel.)"""
+    docstring, in float64: what a multi-process exchange contributes per
+    rank. (The Triton finalize merges the same way in-kernel.)"""
     count, mean_r, m2_r = rows.count.double(), rows.mean.double(), rows.m2.double()
     n = count.sum()
     mean = (count[:, None] * mean_r).sum(0) / n
@@ -116,16 +120,24 @@ def merge_rows(rows):
 
 
 class StatisticsExchange:
-    """Where per-channel statistics could cross processes. The base class is
-    the identity: one process, nothing exchanged."""
+    """Where per-channel statistics cross processes. The base class is the
+    identity: one process, nothing exchanged (LOCAL)."""
 
     def gather_statistics(self, rows):
-        """Forward: this process's StatisticsRows -> the rows to finalize."""
-        return rows
+        """Forward: this process's StatisticsRows of the norms finalized at
+        one point of the block (a list: [bn1], [bn2], or [bn3, bn_d]) -> the
+        rows to finalize, one StatisticsRows per norm in the same order (a
+        multi-process exchange: one row per rank)."""
+        return list(rows)
 
-    def reduce_gradient_sums(self, sums):
-        """Backward: this process's GradientSums [J, C] -> the summed ones."""
-        return sums
+    def reduce_gradient_sums(self, sums, count):
+        """Backward: this process's GradientSums [J, C] float64 of norms
+        sharing `count` (an int: values per channel in this process) ->
+        (sums, count) over the exchange's processes. The count comes back
+        as given when nothing is exchanged, else as a 0-d float64 tensor on
+        the sums' device (the group's total: counts may differ between
+        ranks)."""
+        return sums, count
 
 
 LOCAL = StatisticsExchange()

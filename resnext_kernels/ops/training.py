@@ -31,8 +31,18 @@ Statistics come from the conv outputs rounded to the activation dtype, as
 in eager. ReLU's gradient is zero at exactly 0 and NaN/Inf propagate as in
 eager (threshold_backward on the output).
 
+SyncBatchNorm (issue 12): ``group_name`` (both ops; None by default) names
+a torch.distributed process group (its ProcessGroup.group_name, as torch's
+functional collectives name groups). With one, the batch-statistics norms
+are synchronized over the group as nn.SyncBatchNorm's are: statistics
+gathered before each finalize, BN's backward sums and counts all-reduced
+(common/process_group_exchange.py); this process's BN weight and bias
+gradients are its own, for DistributedDataParallel to average. Every rank of
+the group must call the op with the same block; ranks' batch sizes may
+differ, each needs at least one value per channel. None: one process.
+
 Backends: "reference" (ATen ops, any floating dtype) and "triton" (Triton
-kernels, docs/training.md). "auto" runs triton for CUDA tensors and the
+kernels, docs/training.md), both through the same exchange. "auto" runs triton for CUDA tensors and the
 reference for CPU ones (registry.resolve_training_backend); "cuda" and
 "cuda_emulated" have no training kernels and raise BackendUnavailableError
 saying so. Validation happens once per call, in the op (and its fake).
@@ -41,8 +51,9 @@ saying so. Validation happens once per call, in the op (and its fake).
 import torch
 
 from ..backends import registry
-from ..common.batch_stats import SAVED_ROWS, BatchNormArgs, norm_columns, stats_dtype
+from ..common.batch_stats import LOCAL, SAVED_ROWS, BatchNormArgs, norm_columns, stats_dtype
 from ..common.layout import output_memory_format
+from ..common.process_group_exchange import ProcessGroupExchange
 from ..common.sizes import conv_output_size
 from ..common.validation import check_positive_int
 from .inference import check_conv_weights
@@ -54,9 +65,11 @@ Tensor = torch.Tensor
 OptTensor = torch.Tensor | None
 
 
-def check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend):
+def check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend, synchronized=False):
     """Validate the values of the training op's arguments for `backend` (a
-    concrete name); TypeError/ValueError naming the argument."""
+    concrete name); TypeError/ValueError naming the argument. synchronized:
+    the batch statistics are the process group's (each process needs one
+    value per channel, the group more than one)."""
     for name, v in (("stride", stride), ("dilation", dilation), ("groups", groups)):
         check_positive_int(name, v)
     allowed = registry.supported_dtypes(backend)
@@ -93,15 +106,31 @@ def check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, ba
         if not bn.batch_stats and bn.running_mean is None:
             raise ValueError(f"{name}: normalizing without batch statistics needs running_mean and running_var")
         count = n * (h * w if i == 0 else ho * wo)
-        if bn.batch_stats and count <= 1:
+        if bn.batch_stats and synchronized and count < 1:
+            raise ValueError(f"{name}: a synchronized norm needs at least 1 value per channel in every process, "
+                             f"got {count} (x of shape {tuple(x.shape)})")
+        if bn.batch_stats and not synchronized and count <= 1:
             raise ValueError(f"{name}: expected more than 1 value per channel when training, got {count} "
                              f"(x of shape {tuple(x.shape)})")
 
 
-def _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend):
+def _check_group_name(group_name):
+    if group_name is not None and not isinstance(group_name, str):
+        raise TypeError(f"group_name must be a str (a ProcessGroup's group_name) or None, "
+                        f"got {type(group_name).__name__}")
+
+
+def _exchange(group_name):
+    """The statistics exchange of a call: over the named process group, or LOCAL for None."""
+    return LOCAL if group_name is None else ProcessGroupExchange.from_name(group_name)
+
+
+def _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend, group_name):
     """The concrete training backend for this call, after checking the arguments."""
+    _check_group_name(group_name)
     name = registry.resolve_training_backend(backend, x.device)
-    check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, name)
+    check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, name,
+                          synchronized=group_name is not None)
     return name
 
 
@@ -122,22 +151,22 @@ def _training_op(
     bn3_weight: OptTensor, bn3_bias: OptTensor, bn3_running_mean: OptTensor, bn3_running_var: OptTensor,
     bnd_weight: OptTensor, bnd_bias: OptTensor, bnd_running_mean: OptTensor, bnd_running_var: OptTensor,
     stride: int, dilation: int, groups: int,
-    batch_stats: list[bool], momentum: list[float], eps: list[float], backend: str,
+    batch_stats: list[bool], momentum: list[float], eps: list[float], backend: str, group_name: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     bn_tensors = (bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias, bn2_running_mean,
                   bn2_running_var, bn3_weight, bn3_bias, bn3_running_mean, bn3_running_var, bnd_weight, bnd_bias,
                   bnd_running_mean, bnd_running_var)
     norms = _norms(bn_tensors, batch_stats, momentum, eps)
-    name = _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend)
+    name = _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend, group_name)
     forward, _ = registry.training_kernels(name)
-    return forward(x, w1, w2, w3, wd, norms, stride, dilation, groups)
+    return forward(x, w1, w2, w3, wd, norms, stride, dilation, groups, exchange=_exchange(group_name))
 
 
 @_training_op.register_fake
 def _(x, w1, w2, w3, wd, *rest):
-    bn_tensors, (stride, dilation, groups, batch_stats, momentum, eps, backend) = rest[:16], rest[16:]
+    bn_tensors, (stride, dilation, groups, batch_stats, momentum, eps, backend, *group) = rest[:16], rest[16:]
     norms = _norms(bn_tensors, batch_stats, momentum, eps)
-    _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend)
+    _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend, group[0] if group else None)
     n, _, h, w = x.shape
     width, cout = w1.shape[0], w3.shape[0]
     ho, wo = conv_output_size(h, stride), conv_output_size(w, stride)
@@ -160,22 +189,25 @@ def _training_backward_op(
     bn1_weight: OptTensor, bn1_bias: OptTensor, bn2_weight: OptTensor, bn2_bias: OptTensor,
     bn3_weight: OptTensor, bn3_bias: OptTensor, bnd_weight: OptTensor, bnd_bias: OptTensor,
     stride: int, dilation: int, groups: int, batch_stats: list[bool], need_x_grad: bool, backend: str,
+    group_name: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2, dw3, dwd, grad_bn): dx is empty unless need_x_grad, dwd
     empty without projection; grad_bn [2, C_total] in bn_stats' dtype (row 0
-    the BN weights' gradients, row 1 the biases'). The BN weights and biases
-    rebuild each norm's scale and shift from the saved mean and invstd."""
-    _check_backward(grad_out, out, bn_stats, backend)
+    the BN weights' gradients, row 1 the biases'; this process's own). The
+    BN weights and biases rebuild each norm's scale and shift from the saved
+    mean and invstd. group_name: the forward's (module docstring)."""
+    _check_backward(grad_out, out, bn_stats, backend, group_name)
     _, backward = registry.training_kernels(backend)
     affine = [(bn1_weight, bn1_bias), (bn2_weight, bn2_bias), (bn3_weight, bn3_bias), (bnd_weight, bnd_bias)]
     dx, dw1, dw2, dw3, dwd, grad_bn = backward(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats,
                                                affine[:len(batch_stats)], batch_stats, stride, dilation, groups,
-                                               need_x_grad)
+                                               need_x_grad, exchange=_exchange(group_name))
     return (x.new_empty(0) if dx is None else dx, dw1.contiguous(), dw2.contiguous(), dw3.contiguous(),
             x.new_empty(0) if dwd is None else dwd.contiguous(), grad_bn)
 
 
-def _check_backward(grad_out, out, bn_stats, backend):
+def _check_backward(grad_out, out, bn_stats, backend, group_name):
+    _check_group_name(group_name)
     if backend not in registry.TRAINING_BACKENDS:
         raise ValueError(f"backend must be a concrete training backend {registry.TRAINING_BACKENDS}, got {backend!r}")
     if tuple(grad_out.shape) != tuple(out.shape) or grad_out.dtype != out.dtype or grad_out.device != out.device:
@@ -187,8 +219,8 @@ def _check_backward(grad_out, out, bn_stats, backend):
 
 @_training_backward_op.register_fake
 def _(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *rest):
-    stride, dilation, groups, batch_stats, need_x_grad, backend = rest[8:]
-    _check_backward(grad_out, out, bn_stats, backend)
+    stride, dilation, groups, batch_stats, need_x_grad, backend, *group = rest[8:]
+    _check_backward(grad_out, out, bn_stats, backend, group[0] if group else None)
     dx = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if need_x_grad else x.new_empty(0)
     dwd = wd.new_empty(wd.shape) if wd is not None else x.new_empty(0)
     return (dx, w1.new_empty(w1.shape), w2.new_empty(w2.shape), w3.new_empty(w3.shape), dwd,
@@ -198,7 +230,7 @@ def _(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *rest):
 def _setup_context(ctx, inputs, output):
     x, w1, w2, w3, wd = inputs[:5]
     bn_tensors = inputs[5:21]
-    stride, dilation, groups, batch_stats, _momentum, _eps, backend = inputs[21:]
+    stride, dilation, groups, batch_stats, _momentum, _eps, backend, group_name = inputs[21:]
     out, y1, y2, y3, yd, bn_stats, new_running = output
     ctx.mark_non_differentiable(y1, y2, y3, yd, bn_stats, new_running)
     affine = [t for i in range(4) for t in bn_tensors[4 * i:4 * i + 2]]  # the norms' weights and biases
@@ -206,20 +238,21 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (stride, dilation, groups)
     ctx.batch_stats = list(batch_stats)
     ctx.backend = registry.resolve_training_backend(backend, x.device)  # what the forward ran
+    ctx.group_name = group_name
     # Per norm, the dtypes of its weight and bias (None: absent), to shape the BN gradients.
     ctx.affine = [tuple(None if t is None else t.dtype for t in bn_tensors[4 * i:4 * i + 2])
                   for i in range(len(batch_stats))]
 
 
 def _backward(ctx, grad_out, *_aux_grads):
-    n_inputs = 28
+    n_inputs = 29
     if grad_out is None:
         return (None,) * n_inputs
     x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine = ctx.saved_tensors
     stride, dilation, groups = ctx.conv
     dx, dw1, dw2, dw3, dwd, grad_bn = _training_backward_op(
         grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine, stride, dilation, groups,
-        ctx.batch_stats, ctx.needs_input_grad[0], ctx.backend)
+        ctx.batch_stats, ctx.needs_input_grad[0], ctx.backend, ctx.group_name)
     cols = norm_columns(w1.shape[0], w3.shape[0], wd is not None)
     bn_grads = []
     for (w_dtype, b_dtype), col in zip(ctx.affine, cols):
@@ -227,14 +260,17 @@ def _backward(ctx, grad_out, *_aux_grads):
                      None if b_dtype is None else grad_bn[1, col].to(b_dtype), None, None]
     bn_grads += [None] * (16 - len(bn_grads))
     return (dx if ctx.needs_input_grad[0] else None, dw1, dw2, dw3, dwd if wd is not None else None, *bn_grads,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _training_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, groups=1, backend="auto"):
-    """Run the training block (module docstring) on `backend`.
+def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, groups=1, backend="auto",
+                        group_name=None):
+    """Run the training block (module docstring) on `backend`, with the
+    batch statistics synchronized over the process group named `group_name`
+    (None: this process's own; module docstring).
 
     x [N, Cin, H, W] (channels_last, or NCHW converted once by the kernels);
     w1, w2, w3 (wd or None): conv weights in x's dtype; norms: bn1, bn2, bn3
@@ -245,6 +281,7 @@ def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, group
     step, columns per norm as common.batch_stats.norm_columns gives them.
     """
     registry.check_backend_name(backend)
+    _check_group_name(group_name)
     for name, t in (("x", x), ("w1", w1), ("w2", w2), ("w3", w3)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -263,7 +300,8 @@ def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, group
     tensors = [t for bn in norms for t in bn[:4]]
     tensors += [None] * (16 - len(tensors))
     outputs = _training_op(x, w1, w2, w3, wd, *tensors, stride, dilation, groups, [bn.batch_stats for bn in norms],
-                           [float(bn.momentum) for bn in norms], [float(bn.eps) for bn in norms], backend)
+                           [float(bn.momentum) for bn in norms], [float(bn.eps) for bn in norms], backend,
+                           group_name)
     return outputs[0], outputs[6]
 
 
