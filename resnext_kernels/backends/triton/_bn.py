@@ -80,6 +80,59 @@ def bn_grad_sums(dz, xhat):
     return tl.sum(dz64, 0), tl.sum(dz64 * xhat.to(tl.float64), 0)
 
 
+# A norm's per-channel stats block [STATS_ROWS, C] fp32, rows MEAN, INVSTD,
+# SCALE (gamma * invstd), BETA, COUNT (common/batch_stats.py) at row stride
+# STATS_STRIDE: written by bn_statistics' finalize / restore, read by every
+# kernel that applies or differentiates the norm.
+
+
+@triton.jit
+def load_bn(stats_ptr, STATS_STRIDE, cols, col_ok):
+    """(mean, invstd, scale, beta) of the stats block at columns `cols`
+    (col_ok: the real ones), each [1, len(cols)] to broadcast over pixel
+    rows. A row the caller does not use is dead code to the compiler."""
+    mean = tl.load(stats_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    invstd = tl.load(stats_ptr + STATS_STRIDE + cols, mask=col_ok, other=0.0)[None, :]
+    scale = tl.load(stats_ptr + 2 * STATS_STRIDE + cols, mask=col_ok, other=0.0)[None, :]
+    beta = tl.load(stats_ptr + 3 * STATS_STRIDE + cols, mask=col_ok, other=0.0)[None, :]
+    return mean, invstd, scale, beta
+
+
+@triton.jit
+def store_bn(stats_ptr, STATS_STRIDE, cols, col_ok, mean, invstd, n, weight_ptr, bias_ptr,
+             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Writes the stats block at columns `cols` (fp32 vectors mean, invstd;
+    scalar count n): scale = gamma * invstd and beta from the affine
+    parameters (any float type; gamma 1 and beta 0 without them)."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.zeros_like(invstd)
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(stats_ptr + cols, mean, mask=col_ok)
+    tl.store(stats_ptr + STATS_STRIDE + cols, invstd, mask=col_ok)
+    tl.store(stats_ptr + 2 * STATS_STRIDE + cols, scale, mask=col_ok)
+    tl.store(stats_ptr + 3 * STATS_STRIDE + cols, beta, mask=col_ok)
+    tl.store(stats_ptr + 4 * STATS_STRIDE + cols, tl.zeros_like(invstd) + n, mask=col_ok)
+
+
+@triton.jit
+def store_relu_bn_grad(dz_ptr, off, g, y, mean, invstd, scale, beta, mask, dtype: tl.constexpr):
+    """The backward through relu(bn(y)) up to BatchNorm's sums: stores dz =
+    threshold_backward(g, relu(bn(y))) in dtype at dz_ptr + off (exactly g
+    or 0) and returns the per-column (sum dz, sum dz*xhat) over the tile's
+    `mask`ed entries, in fp64 (bn_grad_sums). The store's pointers are
+    formed at the store and dz is stored before the sums, so neither tile
+    stays live longer than needed (a caller-formed pointer tile cost 108
+    more bytes of spills in conv1x1_dgrad at odd_d14)."""
+    dz = relu_grad(g, bn_apply(y, mean, scale, beta, dtype)).to(dtype)
+    tl.store(dz_ptr + off, dz, mask=mask)
+    dz = tl.where(mask, dz.to(tl.float32), 0.0)
+    xhat = (y.to(tl.float32) - mean) * invstd
+    return bn_grad_sums(dz, xhat)
+
+
 @triton.jit
 def real_channel(q, D, D_P, GROUPS):
     """(real channel, valid) of packed channel q (packing.py: group g = q // D_P

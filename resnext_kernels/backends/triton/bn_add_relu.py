@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
-from ._bn import bn_apply, bn_grad_sums, relu, relu_grad
+from ._bn import bn_apply, bn_grad_sums, load_bn, relu, relu_grad
 from ._common import interpreting, launch_fixed
 
 
@@ -36,12 +36,14 @@ def _strided_offsets(offs_m, offs_c, HW, W, S_N, S_C, S_H, S_W):
 @triton.jit
 def _bn_add_relu_kernel(
     y3_ptr, s_ptr, out_ptr, stats3_ptr, statsd_ptr, M, C, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW, STATS_STRIDE,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr, OUT_ROWS: tl.constexpr,
 ):
     """y3_ptr: [M, C] pixel rows, act dtype. s_ptr: the shortcut's source,
     [M, C] pixel rows: x (identity) or yd (PROJECTION). out_ptr: [N, C, H,
     W] (M = N * HW pixels of width W) written through its strides OUT_*
-    (x's memory format). stats3_ptr, statsd_ptr: [STATS_ROWS, C] fp32
+    (x's memory format), or as [M, C] pixel rows when OUT_ROWS (channels_last:
+    the strided offsets cost registers: 608 bytes of spills instead of 16
+    at odd_d14 in bf16, bench/triton_compile.py --training). stats3_ptr, statsd_ptr: [STATS_ROWS, C] fp32
     blocks (bn_statistics.py) of BN3 and BN_d (statsd unused for identity).
     Grid: (cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C),)."""
     pid = tl.program_id(0)
@@ -51,18 +53,17 @@ def _bn_add_relu_kernel(
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    out_off = _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW)
+    if OUT_ROWS:
+        out_off = off
+    else:
+        out_off = _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW)
     dtype = out_ptr.dtype.element_ty
 
-    mean3 = tl.load(stats3_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    scale3 = tl.load(stats3_ptr + 2 * STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
-    beta3 = tl.load(stats3_ptr + 3 * STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
+    mean3, _, scale3, beta3 = load_bn(stats3_ptr, STATS_STRIDE, offs_c, c_mask)
     z3 = bn_apply(tl.load(y3_ptr + off, mask=mask, other=0.0), mean3, scale3, beta3, dtype)
     s = tl.load(s_ptr + off, mask=mask, other=0.0)
     if PROJECTION:
-        meand = tl.load(statsd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-        scaled = tl.load(statsd_ptr + 2 * STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
-        betad = tl.load(statsd_ptr + 3 * STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
+        meand, _, scaled, betad = load_bn(statsd_ptr, STATS_STRIDE, offs_c, c_mask)
         s = bn_apply(s, meand, scaled, betad, dtype)
     out = relu((z3.to(tl.float32) + s.to(tl.float32)).to(dtype))
     tl.store(out_ptr + out_off, out, mask=mask)
@@ -72,10 +73,11 @@ def _bn_add_relu_kernel(
 def _bn_add_relu_backward_kernel(
     g_ptr, out_ptr, y3_ptr, yd_ptr, dz_ptr, stats3_ptr, statsd_ptr, part_ptr, M, C, HW, W,
     G_SN, G_SC, G_SH, G_SW, OUT_SN, OUT_SC, OUT_SH, OUT_SW, STATS_STRIDE,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PROJECTION: tl.constexpr, G_ROWS: tl.constexpr,
+    OUT_ROWS: tl.constexpr,
 ):
     """g_ptr (grad_out), out_ptr: [N, C, H, W] read through their strides
-    (G_*, OUT_*); y3_ptr, yd_ptr (PROJECTION), dz_ptr (out): [M, C] pixel
+    (G_*, OUT_*; as pixel rows when G_ROWS / OUT_ROWS); y3_ptr, yd_ptr (PROJECTION), dz_ptr (out): [M, C] pixel
     rows, act dtype. stats*_ptr as in the forward. part_ptr:
     out, [cdiv(M, BLOCK_M), J, C] fp32 with J = 3 (PROJECTION) or 2: this
     tile's sum dz, sum dz*xhat3 (, sum dz*xhat_d), accumulated in fp64.
@@ -89,26 +91,36 @@ def _bn_add_relu_backward_kernel(
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
 
-    g = tl.load(g_ptr + _strided_offsets(offs_m, offs_c, HW, W, G_SN, G_SC, G_SH, G_SW), mask=mask, other=0.0)
-    out = tl.load(out_ptr + _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW), mask=mask,
-                  other=0.0)
+    if G_ROWS:
+        g = tl.load(g_ptr + off, mask=mask, other=0.0)
+    else:
+        g = tl.load(g_ptr + _strided_offsets(offs_m, offs_c, HW, W, G_SN, G_SC, G_SH, G_SW), mask=mask, other=0.0)
+    if OUT_ROWS:
+        out = tl.load(out_ptr + off, mask=mask, other=0.0)
+    else:
+        out = tl.load(out_ptr + _strided_offsets(offs_m, offs_c, HW, W, OUT_SN, OUT_SC, OUT_SH, OUT_SW), mask=mask,
+                      other=0.0)
     dz = relu_grad(g, out)
     tl.store(dz_ptr + off, dz, mask=mask)
     dz = tl.where(mask, dz.to(tl.float32), 0.0)
 
     J: tl.constexpr = 3 if PROJECTION else 2
     part = part_ptr + (pid_m * J) * C + offs_c
-    mean3 = tl.load(stats3_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    invstd3 = tl.load(stats3_ptr + STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
+    mean3, invstd3, _, _ = load_bn(stats3_ptr, STATS_STRIDE, offs_c, c_mask)
     xhat3 = (tl.load(y3_ptr + off, mask=mask, other=0.0).to(tl.float32) - mean3) * invstd3
     sum_dz, sum_dzx3 = bn_grad_sums(dz, xhat3)
     tl.store(part, sum_dz, mask=c_mask)
     tl.store(part + C, sum_dzx3, mask=c_mask)
     if PROJECTION:
-        meand = tl.load(statsd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-        invstdd = tl.load(statsd_ptr + STATS_STRIDE + offs_c, mask=c_mask, other=0.0)[None, :]
+        meand, invstdd, _, _ = load_bn(statsd_ptr, STATS_STRIDE, offs_c, c_mask)
         xhatd = (tl.load(yd_ptr + off, mask=mask, other=0.0).to(tl.float32) - meand) * invstdd
         tl.store(part + 2 * C, bn_grad_sums(dz, xhatd)[1], mask=c_mask)
+
+
+def _pixel_rows(t):
+    """Whether [N, C, H, W] tensor t is stored as [N*H*W, C] pixel rows
+    (channels_last contiguous; the kernels then index it without strides)."""
+    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _tiles(c, backward=False):
@@ -132,7 +144,8 @@ def bn_add_relu(y3, shortcut, out, stats3, statsd):
     args = (y3, shortcut, out, stats3, stats3 if statsd is None else statsd, m, c, ho * wo, wo, *out.stride(),
             stats3.stride(0))
     launch_fixed(_bn_add_relu_kernel, (cdiv(m, bm) * cdiv(c, bc),), args,
-                 {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": statsd is not None}, 4, 1)
+                 {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": statsd is not None, "OUT_ROWS": _pixel_rows(out)}, 4,
+                 1)
     return out
 
 
@@ -148,7 +161,8 @@ def bn_add_relu_backward(grad_out, out, y3, yd, dz, stats3, statsd):
     args = (grad_out, out, y3, y3 if yd is None else yd, dz, stats3, stats3 if statsd is None else statsd, part, m, c,
             ho * wo, wo, *grad_out.stride(), *out.stride(), stats3.stride(0))
     launch_fixed(_bn_add_relu_backward_kernel, (cdiv(m, bm) * cdiv(c, bc),), args,
-                 {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": projection}, 4, 1)
+                 {"BLOCK_M": bm, "BLOCK_C": bc, "PROJECTION": projection, "G_ROWS": _pixel_rows(grad_out),
+                  "OUT_ROWS": _pixel_rows(out)}, 4, 1)
     return part
 
 

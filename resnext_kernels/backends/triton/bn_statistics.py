@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
+from ._bn import store_bn
 from ._common import interpreting, launch_fixed
 
 
@@ -94,17 +95,7 @@ def _finalize_kernel(
         new_mean = mean
         new_var = var
         invstd = 1.0 / tl.sqrt(var + eps)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    beta = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(stats_ptr + 0 * STATS_STRIDE + offs_c, mean, mask=c_mask)
-    tl.store(stats_ptr + 1 * STATS_STRIDE + offs_c, invstd, mask=c_mask)
-    tl.store(stats_ptr + 2 * STATS_STRIDE + offs_c, scale, mask=c_mask)
-    tl.store(stats_ptr + 3 * STATS_STRIDE + offs_c, beta, mask=c_mask)
-    tl.store(stats_ptr + 4 * STATS_STRIDE + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32) + n, mask=c_mask)
+    store_bn(stats_ptr, STATS_STRIDE, offs_c, c_mask, mean, invstd, n, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     tl.store(saved_ptr + offs_c, mean, mask=c_mask)
     tl.store(saved_ptr + SAVED_STRIDE + offs_c, invstd, mask=c_mask)
     tl.store(new_run_ptr + offs_c, new_mean, mask=c_mask)
@@ -122,17 +113,7 @@ def _restore_kernel(saved_ptr, weight_ptr, bias_ptr, stats_ptr, C, SAVED_STRIDE,
     c_mask = offs_c < C
     mean = tl.load(saved_ptr + offs_c, mask=c_mask, other=0.0)
     invstd = tl.load(saved_ptr + SAVED_STRIDE + offs_c, mask=c_mask, other=0.0)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    beta = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(stats_ptr + offs_c, mean, mask=c_mask)
-    tl.store(stats_ptr + STATS_STRIDE + offs_c, invstd, mask=c_mask)
-    tl.store(stats_ptr + 2 * STATS_STRIDE + offs_c, scale, mask=c_mask)
-    tl.store(stats_ptr + 3 * STATS_STRIDE + offs_c, beta, mask=c_mask)
-    tl.store(stats_ptr + 4 * STATS_STRIDE + offs_c, tl.zeros((BLOCK_C,), dtype=tl.float32) + n, mask=c_mask)
+    store_bn(stats_ptr, STATS_STRIDE, offs_c, c_mask, mean, invstd, n, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, conv_output_size
-from ._bn import bn_apply, bn_grad_input, bn_grad_sums, relu_grad
+from ._bn import bn_grad_input, load_bn, store_relu_bn_grad
 from ._common import dot_precision, launch_fixed, training_gemm_tiles
 
 MASK_STATS, IDENTITY, PROJECTION = 0, 1, 2  # the EPILOGUE constexpr
@@ -92,15 +92,8 @@ def _conv1x1_dgrad_kernel(
     off = m64[:, None] * K + offs_k[None, :]
     if EPILOGUE == 0:  # MASK_STATS
         yp = tl.load(yp_ptr + off, mask=mk_mask, other=0.0)
-        mean = tl.load(statsp_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
-        invstd = tl.load(statsp_ptr + STATS_STRIDE + offs_k, mask=k_mask, other=0.0)[None, :]
-        scale = tl.load(statsp_ptr + 2 * STATS_STRIDE + offs_k, mask=k_mask, other=0.0)[None, :]
-        beta = tl.load(statsp_ptr + 3 * STATS_STRIDE + offs_k, mask=k_mask, other=0.0)[None, :]
-        dzp = relu_grad(acc, bn_apply(yp, mean, scale, beta, dtype)).to(dtype)
-        tl.store(out_ptr + off, dzp, mask=mk_mask)
-        dzp = tl.where(mk_mask, dzp.to(tl.float32), 0.0)
-        xhat = (yp.to(tl.float32) - mean) * invstd
-        sum_dz, sum_dzx = bn_grad_sums(dzp, xhat)
+        mean, invstd, scale, beta = load_bn(statsp_ptr, STATS_STRIDE, offs_k, k_mask)
+        sum_dz, sum_dzx = store_relu_bn_grad(out_ptr, off, acc, yp, mean, invstd, scale, beta, mk_mask, dtype)
         part = part_ptr + (pid_m * 2) * K + offs_k
         tl.store(part, sum_dz, mask=k_mask)
         tl.store(part + K, sum_dzx, mask=k_mask)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
-from ._bn import bn_apply, bn_grad_input, bn_grad_sums, real_channel, relu_grad
+from ._bn import bn_grad_input, load_bn, real_channel, store_relu_bn_grad
 from ._common import dot_precision, interpreting, launch_fixed
 from .grouped_conv_bn_stats import block_p
 
@@ -84,15 +84,8 @@ def _grouped_conv_dgrad_kernel(
     mask = p_mask[:, None] & c_ok[None, :]
     off = p64[:, None] * WIDTH + c[None, :]
     y1 = tl.load(y1_ptr + off, mask=mask, other=0.0)
-    mean1 = tl.load(stats1_ptr + c, mask=c_ok, other=0.0)[None, :]
-    invstd1 = tl.load(stats1_ptr + STATS_STRIDE + c, mask=c_ok, other=0.0)[None, :]
-    scale1 = tl.load(stats1_ptr + 2 * STATS_STRIDE + c, mask=c_ok, other=0.0)[None, :]
-    beta1 = tl.load(stats1_ptr + 3 * STATS_STRIDE + c, mask=c_ok, other=0.0)[None, :]
-    dz1 = relu_grad(acc, bn_apply(y1, mean1, scale1, beta1, dtype)).to(dtype)
-    tl.store(dz1_ptr + off, dz1, mask=mask)
-    dz1 = tl.where(mask, dz1.to(tl.float32), 0.0)
-    xhat1 = (y1.to(tl.float32) - mean1) * invstd1
-    sum_dz, sum_dzx = bn_grad_sums(dz1, xhat1)
+    mean1, invstd1, scale1, beta1 = load_bn(stats1_ptr, STATS_STRIDE, c, c_ok)
+    sum_dz, sum_dzx = store_relu_bn_grad(dz1_ptr, off, acc, y1, mean1, invstd1, scale1, beta1, mask, dtype)
     part = part_ptr + (pid_p * 2) * WIDTH + c
     tl.store(part, sum_dz, mask=c_ok)
     tl.store(part + WIDTH, sum_dzx, mask=c_ok)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv
-from ._bn import bn_grad_input, bn_relu, real_channel
+from ._bn import bn_grad_input, bn_relu, load_bn, real_channel
 from ._common import dot_precision, interpreting, launch_fixed
 from .bn_statistics import sum_rows
 from .conv1x1_wgrad import splits
@@ -51,9 +51,7 @@ def _grouped_conv_wgrad_kernel(
 
     ci, ci_ok = real_channel((ot // KCH) * (KCH * GT) + kc * GT + offs_g, D, D_P, GROUPS)  # input chunk
     co, co_ok = real_channel(ot * GT + offs_g, D, D_P, GROUPS)  # output tile
-    mean1 = tl.load(stats1_ptr + ci, mask=ci_ok, other=0.0)[None, :]
-    scale1 = tl.load(stats1_ptr + 2 * STATS_STRIDE + ci, mask=ci_ok, other=0.0)[None, :]
-    beta1 = tl.load(stats1_ptr + 3 * STATS_STRIDE + ci, mask=ci_ok, other=0.0)[None, :]
+    mean1, _, scale1, beta1 = load_bn(stats1_ptr, STATS_STRIDE, ci, ci_ok)
     mean2 = tl.load(stats2_ptr + co, mask=co_ok, other=0.0)[None, :]
     ca = tl.load(coef2_ptr + co, mask=co_ok, other=0.0)[None, :]
     cb = tl.load(coef2_ptr + WIDTH + co, mask=co_ok, other=0.0)[None, :]
