@@ -43,7 +43,7 @@ from ..backends import registry
 from ..common import settings, tuning
 from ..common.layout import output_memory_format
 from ..common.sizes import conv_output_size
-from ..common.validation import check_positive_int
+from ..common.validation import check_like_x, check_positive_int
 
 _NS = "resnext_kernels"
 
@@ -78,11 +78,7 @@ def check_inputs(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, ba
     allowed = registry.supported_dtypes(backend)
     if x.dtype not in allowed:
         raise TypeError(f"x has dtype {x.dtype}; backend {backend!r} supports {[str(d) for d in allowed]}")
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    check_like_x(x, named, "all tensors must share one dtype")
 
     check_conv_weights(x, w1, w2, w3, wd, stride, groups)
     width, cout = w1.shape[0], w3.shape[0]

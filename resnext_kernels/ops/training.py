@@ -55,7 +55,7 @@ from ..common.batch_stats import LOCAL, SAVED_ROWS, BatchNormArgs, norm_columns,
 from ..common.layout import output_memory_format
 from ..common.process_group_exchange import ProcessGroupExchange
 from ..common.sizes import conv_output_size
-from ..common.validation import check_positive_int
+from ..common.validation import check_like_x, check_positive_int
 from .inference import check_conv_weights
 
 _NS = "resnext_kernels"
@@ -75,13 +75,7 @@ def check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, ba
     allowed = registry.supported_dtypes(backend)
     if x.dtype not in allowed:
         raise TypeError(f"x has dtype {x.dtype}; backend {backend!r} supports {[str(d) for d in allowed]}")
-    for name, t in (("w1", w1), ("w2", w2), ("w3", w3), ("wd", wd)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the conv weights must share x's dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    check_like_x(x, {"w1": w1, "w2": w2, "w3": w3, "wd": wd}, "the conv weights must share x's dtype")
     check_conv_weights(x, w1, w2, w3, wd, stride, groups)
     width, cout = w1.shape[0], w3.shape[0]
     channels = (width, width, cout, cout)
