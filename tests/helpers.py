@@ -69,6 +69,24 @@ def assert_close_to_reference(actual, expected_fp64, eager_at_dtype, factor=tole
     return err, eager_err
 
 
+def assert_same_arithmetic(actual, expected, msg=""):
+    """actual and expected come from the same kernel arithmetic cut into
+    other shapes (layouts, batch chunks, tiles): bitwise equal on a GPU; on
+    CPU, where BLAS's last bit depends on the product's shape, within
+    tolerance.blas_rounding_bound (a few ulps of the largest value, far
+    below what an indexing bug gives). Non-finite values must match exactly."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, msg
+    if actual.is_cuda:
+        assert torch.equal(actual, expected), f"{msg}: not bitwise equal on {actual.device}"
+        return
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite), f"{msg}: non-finite positions differ"
+    torch.testing.assert_close(actual[~finite], expected[~finite], rtol=0, atol=0, equal_nan=True, msg=msg)
+    diff = (actual[finite].double() - expected[finite].double()).abs().max().item() if finite.any() else 0.0
+    bound = tolerance.blas_rounding_bound(expected[finite]) if finite.any() else 0.0
+    assert diff <= bound, f"{msg}: differ by {diff:.3e} > {tolerance.BLAS_ROUNDING_ULPS} ulps of the max ({bound:.3e})"
+
+
 def fp64_cpu(tensors):
     """The tensors (None kept) as float64 CPU copies: the reference's inputs."""
     return [None if t is None else t.detach().to("cpu", torch.float64) for t in tensors]

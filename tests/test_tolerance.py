@@ -97,3 +97,29 @@ def test_max_error_rule_catches_a_tf32_grouped_conv(block):
     assert_close_to_reference(eager, expected, eager)
     with pytest.raises(AssertionError, match="max rel error"):
         assert_close_to_reference(leaked, expected, eager)
+
+
+def test_same_arithmetic_rule_passes_last_bits_and_fails_indexing_bugs():
+    """helpers.assert_same_arithmetic on CPU (issue 19): a result whose
+    values moved by a last-bit BLAS difference (+-2 ulps) passes; the same
+    result with one image's pixels shifted by one, or a NaN moved, fails."""
+    from helpers import assert_same_arithmetic
+
+    y = torch.randn(2, 8, 5, 7)
+    nudged = y.clone()
+    for _ in range(2):  # +-2 ulps at random positions
+        pick = torch.rand(y.shape) < 0.1
+        nudged = torch.where(pick, torch.nextafter(nudged, torch.full_like(y, torch.inf)), nudged)
+        nudged = torch.where(~pick & (torch.rand(y.shape) < 0.1),
+                             torch.nextafter(nudged, torch.full_like(y, -torch.inf)), nudged)
+    assert not torch.equal(nudged, y)
+    assert_same_arithmetic(nudged, y)
+    shifted = y.clone()
+    shifted[1] = y[1].flatten(1).roll(1, dims=1).reshape(y[1].shape)
+    with pytest.raises(AssertionError, match="ulps of the max"):
+        assert_same_arithmetic(shifted, y)
+    with_nan, moved_nan = y.clone(), y.clone()
+    with_nan[0, 0, 0, 0] = float("nan")
+    moved_nan[0, 0, 0, 1] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite positions differ"):
+        assert_same_arithmetic(moved_nan, with_nan)
