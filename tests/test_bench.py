@@ -298,7 +298,7 @@ def _check_cpu_header_emulation_and_marks(printed, doc):
     assert any(line.strip() == f"run it: {cuda['command']}" for line in lines)
     for name in ("triton", "cuda_emulated"):  # the test session sets TRITON_INTERPRET=1 (conftest)
         assert doc["backends"][name]["status"] == "correctness only"
-        assert f"  {name:<14} {cli_bench.EMULATION_LABEL}" in lines
+        assert f"  {name:<14} {cli_bench.EMULATION_LABEL} ({cli_bench.EMULATION_KIND[name]})" in lines
     assert doc["backends"]["reference"]["status"] == "timed"
     assert "no fused backend" not in printed and "validation (the reference backend" in printed
     # correctness only: every tiny shape and dtype, cuda_emulated and triton (not bf16 in the interpreter)
@@ -329,6 +329,24 @@ def _check_cpu_header_emulation_and_marks(printed, doc):
         assert _cell(printed, r, "vs eager").endswith(bench_report.NOISE_MARK) == bool(r["vs_eager_within_noise"])
     assert any(r["working_set_in_cache"] for r in doc["rows"])  # tiny blocks: the note explains the mark
     assert bench_report.CACHE_MARK.strip() in doc["notes"][0]
+
+
+def test_backend_header_on_a_working_gpu_is_empty(monkeypatch, capsys):
+    # On CUDA the header lists only fused backends that are not timed: none where triton and cuda are usable.
+    def available():
+        return {name: {"reason": {"cpu": "whatever", "cuda": None if name != "cuda_emulated" else "CPU only"}}
+                for name in ("reference", "triton", "cuda", "cuda_emulated")}
+
+    monkeypatch.setattr(cli_bench.registry, "available_backends", available)
+    cuda = torch.device("cuda")  # only passed along; no GPU needed
+    status = cli_bench.backend_status(cuda)
+    assert [status[n]["status"] for n in ("reference", "triton", "cuda")] == ["timed"] * 3
+    cli_bench.print_backend_status(status, cuda)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(cli_bench.registry, "available_backends",
+                        lambda: {**available(), "cuda": {"reason": {"cpu": "x", "cuda": "no _C"}}})
+    cli_bench.print_backend_status(cli_bench.backend_status(cuda), cuda)
+    assert "  cuda           not run: no _C" in capsys.readouterr().out.splitlines()
 
 
 def test_backend_status_without_the_interpreter(monkeypatch):

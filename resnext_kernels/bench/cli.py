@@ -69,6 +69,8 @@ ON_A_GPU = f"{COMMAND}  (on a machine with an NVIDIA GPU)"
 # skipped with the reason, so that a loaded machine still finishes in time.
 EMULATION_BUDGET_S = 40.0
 EMULATION_LABEL = "correctness only: emulation, not timed"
+EMULATION_KIND = {"cuda_emulated": "the CUDA kernels' source compiled for this CPU",
+                  "triton": "the Triton kernels in Triton's interpreter"}
 
 
 def add_arguments(parser):
@@ -209,7 +211,7 @@ def print_backend_status(status, device):
     for name, st in status.items():
         if name == "reference" or (device.type == "cuda" and (st["status"] == "timed" or name == "cuda_emulated")):
             continue
-        text = EMULATION_LABEL if st["status"] == "correctness only" else st["status"]
+        text = f"{EMULATION_LABEL} ({EMULATION_KIND[name]})" if st["status"] == "correctness only" else st["status"]
         if st["reason"] and st["status"] != "correctness only":
             text += f": {st['reason']}"
         lines.append(f"  {name:<14} {text}")

@@ -248,7 +248,15 @@ def render_cli(doc):
     out = ["## python -m resnext_kernels bench", "",
            f"- device {doc['device']}, batch {doc['settings']['batch']}, seed {doc['settings']['seed']}",
            f"- {_ceilings_line(doc['ceilings'])}",
-           f"- validation: {sum(v['ok'] for v in doc['validation'])}/{len(doc['validation'])} passed", ""]
+           f"- validation: {sum(v['ok'] for v in doc['validation'])}/{len(doc['validation'])} passed"]
+    for name, st in doc.get("backends", {}).items():
+        if st["status"] != "timed":
+            out.append(f"- {name}: {st['status']}" + (f" ({st['reason']})" if st["reason"] else ""))
+    checked = [e for e in doc.get("emulated", []) if not e["skipped"]]
+    if doc.get("emulated"):
+        out.append(f"- correctness only (emulation, not timed): {sum(bool(e['ok']) for e in checked)}/{len(checked)} "
+                   f"ok, {len(doc['emulated']) - len(checked)} skipped")
+    out.append("")
     rows = add_speedups(doc["rows"])
     out += [block_table(rows), ""] + table_notes(rows)
     return "\n".join(out) + "\n"
