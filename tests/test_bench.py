@@ -365,10 +365,20 @@ def test_bench_cli_failed_validation_exits_nonzero(monkeypatch, capsys):
         return good(*args) * 1.01 + 0.01
 
     monkeypatch.setattr(reference, "bottleneck_inference_reference", wrong)
+    real_kernel = cli_bench.registry.kernel
+
+    def kernel(name):  # a planted bug in the emulated CUDA kernel: its correctness-only check must fail
+        k = real_kernel(name)
+        return (lambda *args: k(*args) * 1.01 + 0.01) if name == "cuda_emulated" else k
+
+    monkeypatch.setattr(cli_bench.registry, "kernel", kernel)
     rc = cli.main(["bench", *FAST, "--shapes", TINY[0], "--dtypes", "float32"])
     printed = capsys.readouterr().out
     assert rc == 1
     assert "FAIL  tiny_id" in printed and "VALIDATION FAILED: tiny_id float32 reference" in printed
+    assert (f"VALIDATION FAILED ({cli_bench.EMULATION_LABEL}): tiny_id 6:32:16:4:32:1 float32 cuda_emulated"
+            in printed)
+    assert any(line.startswith("  ok    tiny_id ") and " triton " in line for line in printed.splitlines())
     # the failed backend is not timed; the baselines are
     assert "| tiny_id | float32 | reference |" not in printed
     assert "| tiny_id | float32 | eager_cl |" in printed
@@ -390,6 +400,7 @@ def test_bench_cli_progress_without_tqdm(monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    monkeypatch.setattr(cli_bench, "EMULATED_BACKENDS", ())  # only the timing's progress matters here
     assert cli.main(["bench", *FAST, "--shapes", TINY[0], "--dtypes", "float32"]) == 0
     err = capsys.readouterr().err
     assert "[1/3] tiny_id float32 reference" in err and "[3/3] tiny_id float32 eager_cl" in err

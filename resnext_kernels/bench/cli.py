@@ -223,37 +223,50 @@ def print_backend_status(status, device):
         print("\n".join(lines), flush=True)
 
 
+def _print_emulated(r):
+    head = f"{r['shape']:<14} {r['hw']}x{r['hw']} {r['dtype']:<9} {r['backend']:<14}"
+    if r["skipped"]:
+        print(f"  skip  {head} {r['skipped']}", flush=True)
+    elif r["error"]:
+        print(f"  FAIL  {head} {r['error']}", flush=True)
+    else:
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {head} max err {r['max_abs_err']:.3e}  "
+              f"tol {r['tolerance']:.3e}  (eager {r['eager_err']:.3e})", flush=True)
+
+
 def check_emulated(s):
     """Correctness-only rows: EMULATED_BACKENDS usable on this CPU vs the
     float64 reference on the small shapes of shapes.emulation_shape, one call
     each, the tolerance rule of validate(). A row that cannot run says why in
-    "skipped" (dtype unsupported there, EMULATION_BUDGET_S spent)."""
+    "skipped" (dtype unsupported there, EMULATION_BUDGET_S spent); one that
+    crashes (or whose backend failed to load) has ok False and the error."""
     backends = [b for b in EMULATED_BACKENDS if registry.unavailable_reason(b, "cpu") is None]
     if not backends:
         return []
     print(f"{EMULATION_LABEL} (fused kernels on this CPU vs float64 reference, batch {EMULATION_BATCH}, "
           f"H=W <= {EMULATION_MAX_HW}, tolerance as above):", flush=True)
-    spent = dict.fromkeys(backends, 0.0)
-    failed_to_prepare = {}
-    for backend in backends:
+    load_error = {}
+    for backend in backends:  # one-time loading, outside the time budget
         try:
             prepare_emulated(backend)
-        except Exception as exc:  # e.g. the emulation library fails to build: every row of it fails, reported
-            failed_to_prepare[backend] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # e.g. the emulation library fails to build: each of its rows fails with this
+            load_error[backend] = f"{type(exc).__name__}: {exc}"
+    spent = dict.fromkeys(backends, 0.0)
     results = []
     for full in s["shapes"]:
         shape = emulation_shape(full)
         for dtype in s["dtypes"]:
-            case = None
+            case = None  # built for the first backend that runs (the float64 reference and eager error)
             for backend in backends:
-                r = {"shape": shape.name, "spec": shape.spec(), "batch": EMULATION_BATCH, "dtype": dtype_name(dtype),
-                     "backend": backend, "max_abs_err": None, "eager_err": None, "tolerance": None, "ok": None,
-                     "error": None, "skipped": emulated_unavailable_reason(backend, dtype)}
+                r = {"shape": shape.name, "spec": shape.spec(), "hw": shape.hw, "batch": EMULATION_BATCH,
+                     "dtype": dtype_name(dtype), "backend": backend, "max_abs_err": None, "eager_err": None,
+                     "tolerance": None, "ok": None, "error": None,
+                     "skipped": emulated_unavailable_reason(backend, dtype)}
                 if r["skipped"] is None and spent[backend] > EMULATION_BUDGET_S:
                     r["skipped"] = (f"the {EMULATION_BUDGET_S:.0f} s budget of {backend}'s checks is spent; "
                                     f"check it alone with --shapes {full.name}")
-                if r["skipped"] is None and backend in failed_to_prepare:
-                    r.update(ok=False, error=failed_to_prepare[backend])
+                if r["skipped"] is None and backend in load_error:
+                    r["error"] = load_error[backend]
                 elif r["skipped"] is None:
                     t0 = time.perf_counter()
                     try:
@@ -262,17 +275,12 @@ def check_emulated(s):
                         err = case.emulated_error(backend)
                         r.update(max_abs_err=err, ok=err <= case.tolerance)
                     except Exception as exc:  # reported as a failed check, not a traceback
-                        r.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+                        r["error"] = f"{type(exc).__name__}: {exc}"
                     spent[backend] += time.perf_counter() - t0
+                if r["error"] is not None:
+                    r["ok"] = False
                 results.append(r)
-                head = f"{shape.name:<14} {shape.hw}x{shape.hw} {r['dtype']:<9} {backend:<14}"
-                if r["skipped"]:
-                    print(f"  skip  {head} {r['skipped']}", flush=True)
-                elif r["error"]:
-                    print(f"  FAIL  {head} {r['error']}", flush=True)
-                else:
-                    print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {head} max err {r['max_abs_err']:.3e}  "
-                          f"tol {r['tolerance']:.3e}  (eager {r['eager_err']:.3e})", flush=True)
+                _print_emulated(r)
     return results
 
 
