@@ -42,7 +42,8 @@ def test_block(benchmark, bench_settings, device_settings, ceilings, case_cache,
                                             warmup_rounds=1, rounds=plan_rounds(calib, s.seconds)))
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info.update(
-            performance(case.shape, s.batch, torch_dtype, benchmark.stats.stats.median, ceilings))
+            performance(case.shape, s.batch, torch_dtype, benchmark.stats.stats.median, ceilings,
+                        len(inputs)))
         benchmark.extra_info["ceilings"] = ceilings.as_dict()
     ok = impl not in FUSED_IMPLS or error <= case.tolerance
     message = (f"{impl} {shape} {dtype}: max abs error {error:.3g} > tolerance {case.tolerance:.3g} "

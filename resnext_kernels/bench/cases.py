@@ -27,6 +27,11 @@ from .shapes import dtype_name
 FUSED_IMPLS = ("reference", "triton", "cuda")
 BASELINE_IMPLS = ("eager_nchw", "eager_cl", "compile")
 IMPLS = FUSED_IMPLS + BASELINE_IMPLS
+# The fused kernels as they run on CPU: the CUDA source compiled for the host
+# (cuda_emulated) and the Triton kernels in Triton's interpreter. Checked
+# against the float64 reference on small shapes (shapes.emulation_shape), never
+# timed: an emulation's speed says nothing about the kernel's.
+EMULATED_BACKENDS = ("cuda_emulated", "triton")
 
 
 def shape_seed(shape, run_seed):
@@ -86,6 +91,31 @@ def impl_unavailable_reason(impl, device, dtype, compile_dtypes=None):
         chosen = ", ".join(dtype_name(d) for d in compile_dtypes) or "none"
         return f"torch.compile baseline runs only for: {chosen} (compile time budget; see docs/benchmarks.md)"
     return None
+
+
+def emulated_unavailable_reason(backend, dtype):
+    """None if `backend` (one of EMULATED_BACKENDS) can be checked on CPU in dtype, else why not."""
+    if backend not in EMULATED_BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {EMULATED_BACKENDS}")
+    reason = registry.unavailable_reason(backend, "cpu")
+    if reason is not None:
+        return reason
+    if dtype not in registry.supported_dtypes(backend):
+        return f"it does not support {dtype_name(dtype)}"
+    if backend == "triton" and dtype == torch.bfloat16:
+        # seen with triton 3.8 (tests/triton_cases.py keeps bf16 a GPU-only test for the same reason)
+        return "tl.dot on bfloat16 gives wrong results in Triton's interpreter; bfloat16 is checked on a GPU only"
+    return None
+
+
+def prepare_emulated(backend):
+    """Load what an emulated backend needs before its first call: the CUDA
+    emulation library (built on first use, a minute or more), so that this
+    one-time cost is not part of a check's time budget."""
+    if backend == "cuda_emulated":
+        from ..backends.cuda import emulation
+
+        emulation.load()
 
 
 def input_layout(impl):
@@ -217,6 +247,15 @@ class Case:
         fn, info = build_impl(impl, self.block, self.device, self.dtype, x0)
         error = max_abs_error(fn(x0)[: self.y_ref.shape[0]], self.y_ref)
         return fn, info, error
+
+    def emulated_error(self, backend):
+        """Max abs error vs the float64 reference of one call of an emulated
+        backend (EMULATED_BACKENDS) on the first input: one call only, as nothing is timed."""
+        module = FusedResNeXtBlock.from_bottleneck(self.block, backend=backend)
+        module = module.eval().to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            y = module(self.inputs_for(backend)[0])
+        return max_abs_error(y[: self.y_ref.shape[0]], self.y_ref)
 
     def error_info(self, error):
         return {

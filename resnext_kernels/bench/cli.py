@@ -10,6 +10,15 @@
    table with speedups vs the faster eager layout and vs compile, achieved
    GB/s and TFLOP/s and % of the time floor.
 
+On CPU the fused kernels are not timed (they run in an emulation there):
+a header says for each fused backend whether it ran and why not (with the
+command that would run it), and cuda_emulated (and triton, when
+TRITON_INTERPRET=1 is set) are checked against the float64 reference on
+small shapes, "correctness only: emulation, not timed". Every time comes
+with its spread over the rounds; a ratio whose two interquartile ranges
+overlap is marked within noise; the lines under the table say what
+"% of floor" measures and when it overstates.
+
 Defaults: quick on CPU (small shapes, short timing), thorough on CUDA; see
 measure.defaults. The harness lives in resnext_kernels.bench (shapes, measure, cases).
 """
@@ -21,9 +30,18 @@ import time
 
 import torch
 
+from ..backends import registry
 from ..common.timing import median
 from . import report
-from .cases import FUSED_IMPLS, IMPLS, Case, impl_unavailable_reason
+from .cases import (
+    EMULATED_BACKENDS,
+    FUSED_IMPLS,
+    IMPLS,
+    Case,
+    emulated_unavailable_reason,
+    impl_unavailable_reason,
+    prepare_emulated,
+)
 from .measure import (
     Ceilings,
     backend_settings,
@@ -31,9 +49,28 @@ from .measure import (
     defaults,
     device_name,
     performance,
+    spread,
     time_per_call,
 )
-from .shapes import SHAPES, dtype_name, parse_compile_dtypes, parse_dtype, parse_shapes
+from .shapes import (
+    EMULATION_BATCH,
+    EMULATION_MAX_HW,
+    SHAPES,
+    dtype_name,
+    emulation_shape,
+    parse_compile_dtypes,
+    parse_dtype,
+    parse_shapes,
+)
+
+COMMAND = "python -m resnext_kernels bench"
+ON_A_GPU = f"{COMMAND}  (on a machine with an NVIDIA GPU)"
+# Seconds of correctness-only checks per emulated backend; shapes past it are
+# skipped with the reason, so that a loaded machine still finishes in time.
+EMULATION_BUDGET_S = 40.0
+EMULATION_LABEL = "correctness only: emulation, not timed"
+EMULATION_KIND = {"cuda_emulated": "the CUDA kernels' source compiled for this CPU",
+                  "triton": "the Triton kernels in Triton's interpreter"}
 
 
 def add_arguments(parser):
@@ -133,6 +170,120 @@ def validate(s):
     return results
 
 
+def backend_status(device):
+    """{backend: {"status", "reason", "command"}} for every backend of the
+    registry in a run on `device`: status "timed" (validated, then timed),
+    "correctness only" (EMULATED_BACKENDS on CPU) or "not run"; reason: why it
+    is not timed (the reasons of registry.available_backends(), None if it is);
+    command: what would run it (None if nothing would)."""
+    info = registry.available_backends()
+    status = {}
+    for name, b in info.items():
+        why = b["reason"]
+        if device.type == "cuda" or name == "reference":
+            here = why[device.type]
+            if name in FUSED_IMPLS and here is None:
+                entry = ("timed", None, None)
+            elif name == "cuda_emulated":
+                entry = ("not run", here, f"{COMMAND} --device cpu  (correctness only)")
+            else:
+                entry = ("not run", here, None)
+        elif name in EMULATED_BACKENDS and why["cpu"] is None:
+            timed_on = None if name == "cuda_emulated" else ON_A_GPU
+            entry = ("correctness only", why["cuda"] if name == "triton" else "an emulation is never timed",
+                     timed_on)
+        else:
+            reasons = "; ".join(dict.fromkeys(r for r in (why["cpu"], why["cuda"]) if r))
+            if name == "triton":
+                command = f"TRITON_INTERPRET=1 {COMMAND}  (correctness only, in the interpreter); timed: {ON_A_GPU}"
+            elif name == "cuda":
+                command = ON_A_GPU
+            else:
+                command = None
+            entry = ("not run", reasons, command)
+        status[name] = dict(zip(("status", "reason", "command"), entry))
+    return status
+
+
+def print_backend_status(status, device):
+    """The header: each fused backend's status (on CUDA only those not timed)."""
+    lines = []
+    for name, st in status.items():
+        if name == "reference" or (device.type == "cuda" and (st["status"] == "timed" or name == "cuda_emulated")):
+            continue
+        text = f"{EMULATION_LABEL} ({EMULATION_KIND[name]})" if st["status"] == "correctness only" else st["status"]
+        if st["reason"] and st["status"] != "correctness only":
+            text += f": {st['reason']}"
+        lines.append(f"  {name:<14} {text}")
+        if st["command"]:
+            label = "time it" if st["status"] == "correctness only" else "run it"
+            lines.append(f"  {'':<14} {label}: {st['command']}")
+    if lines:
+        print(f"fused backends on {device.type} (python -m resnext_kernels info lists every backend):")
+        print("\n".join(lines), flush=True)
+
+
+def _print_emulated(r):
+    head = f"{r['shape']:<14} {r['hw']}x{r['hw']} {r['dtype']:<9} {r['backend']:<14}"
+    if r["skipped"]:
+        print(f"  skip  {head} {r['skipped']}", flush=True)
+    elif r["error"]:
+        print(f"  FAIL  {head} {r['error']}", flush=True)
+    else:
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'}  {head} max err {r['max_abs_err']:.3e}  "
+              f"tol {r['tolerance']:.3e}  (eager {r['eager_err']:.3e})", flush=True)
+
+
+def check_emulated(s):
+    """Correctness-only rows: EMULATED_BACKENDS usable on this CPU vs the
+    float64 reference on the small shapes of shapes.emulation_shape, one call
+    each, the tolerance rule of validate(). A row that cannot run says why in
+    "skipped" (dtype unsupported there, EMULATION_BUDGET_S spent); one that
+    crashes (or whose backend failed to load) has ok False and the error."""
+    backends = [b for b in EMULATED_BACKENDS if registry.unavailable_reason(b, "cpu") is None]
+    if not backends:
+        return []
+    print(f"{EMULATION_LABEL} (fused kernels on this CPU vs float64 reference, batch {EMULATION_BATCH}, "
+          f"H=W <= {EMULATION_MAX_HW}, tolerance as above):", flush=True)
+    load_error = {}
+    for backend in backends:  # one-time loading, outside the time budget
+        try:
+            prepare_emulated(backend)
+        except Exception as exc:  # e.g. the emulation library fails to build: each of its rows fails with this
+            load_error[backend] = f"{type(exc).__name__}: {exc}"
+    spent = dict.fromkeys(backends, 0.0)
+    results = []
+    for full in s["shapes"]:
+        shape = emulation_shape(full)
+        for dtype in s["dtypes"]:
+            case = None  # built for the first backend that runs (the float64 reference and eager error)
+            for backend in backends:
+                r = {"shape": shape.name, "spec": shape.spec(), "hw": shape.hw, "batch": EMULATION_BATCH,
+                     "dtype": dtype_name(dtype), "backend": backend, "max_abs_err": None, "eager_err": None,
+                     "tolerance": None, "ok": None, "error": None,
+                     "skipped": emulated_unavailable_reason(backend, dtype)}
+                if r["skipped"] is None and spent[backend] > EMULATION_BUDGET_S:
+                    r["skipped"] = (f"the {EMULATION_BUDGET_S:.0f} s budget of {backend}'s checks is spent; "
+                                    f"check it alone with --shapes {full.name}")
+                if r["skipped"] is None and backend in load_error:
+                    r["error"] = load_error[backend]
+                elif r["skipped"] is None:
+                    t0 = time.perf_counter()
+                    try:
+                        case = case or Case(shape, EMULATION_BATCH, dtype, torch.device("cpu"), s["seed"], n_inputs=1)
+                        r.update(eager_err=case.eager_error, tolerance=case.tolerance)
+                        err = case.emulated_error(backend)
+                        r.update(max_abs_err=err, ok=err <= case.tolerance)
+                    except Exception as exc:  # reported as a failed check, not a traceback
+                        r["error"] = f"{type(exc).__name__}: {exc}"
+                    spent[backend] += time.perf_counter() - t0
+                if r["error"] is not None:
+                    r["ok"] = False
+                results.append(r)
+                _print_emulated(r)
+    return results
+
+
 def time_all(s, ceilings, failed):
     """Timed rows for every (shape, dtype, impl) that is available and did not fail validation."""
     plan = []
@@ -155,8 +306,9 @@ def time_all(s, ceilings, failed):
                 inputs = case.inputs_for(impl)
                 times = time_per_call(fn, inputs, s["device"], s["seconds"])
                 med = median(times)
-                row.update(info, median_s=med, rounds=len(times), error=None, **case.error_info(err),
-                           **performance(shape, s["batch"], dtype, med, ceilings))
+                row.update(info, median_s=med, rounds=len(times), **spread(times), error=None,
+                           **case.error_info(err),
+                           **performance(shape, s["batch"], dtype, med, ceilings, len(inputs)))
             except Exception as exc:
                 row.update(median_s=None, error=f"{type(exc).__name__}: {exc}")
             rows.append(row)
@@ -238,12 +390,16 @@ def _validate_and_time(args, s, backend_settings):
           f"compile {[dtype_name(d) for d in s['compile_dtypes']] or 'none'}, seed {s['seed']}")
     for shape in s["shapes"]:
         print(f"  {shape.name:<14} {shape.describe()}")
-    print("validation (fused backend vs float64 reference; tol = 2x eager error at dtype + 1e-6 x max |ref|):",
+    backends = backend_status(device)
+    print_backend_status(backends, device)
+    validated = "fused backend" if device.type == "cuda" else "the reference backend, ATen ops with BN folded,"
+    print(f"validation ({validated} vs float64 reference; tol = 2x eager error at dtype + 1e-6 x max |ref|):",
           flush=True)
     validation = validate(s)
     failed = {(v["shape"], v["dtype"], v["backend"]) for v in validation if not v["ok"]}
     if not validation:
         print("  no usable fused backend on this device")
+    emulated = check_emulated(s) if device.type == "cpu" else []
 
     ceilings = Ceilings(device)
     for dtype in s["dtypes"]:
@@ -253,6 +409,8 @@ def _validate_and_time(args, s, backend_settings):
     timed = [r for r in rows if r["median_s"] is not None]
     report.add_speedups(timed)
     print(report.block_table(timed))
+    notes = report.table_notes(timed)
+    print("\n".join(notes))
     crashed = [r for r in rows if r["median_s"] is None]
     for r in crashed:
         print(f"timing failed: {r['shape']} {r['dtype']} {r['impl']}: {r['error']}")
@@ -260,6 +418,10 @@ def _validate_and_time(args, s, backend_settings):
         if not v["ok"]:
             why = v["error"] or f"max err {v['max_abs_err']:.3e} > tol {v['tolerance']:.3e}"
             print(f"VALIDATION FAILED: {v['shape']} {v['dtype']} {v['backend']}: {why}")
+    emulated_failed = [v for v in emulated if v["ok"] is False]
+    for v in emulated_failed:
+        why = v["error"] or f"max err {v['max_abs_err']:.3e} > tol {v['tolerance']:.3e}"
+        print(f"VALIDATION FAILED ({EMULATION_LABEL}): {v['shape']} {v['spec']} {v['dtype']} {v['backend']}: {why}")
     elapsed = time.perf_counter() - t0
     print(f"done in {elapsed:.0f} s")
 
@@ -273,8 +435,11 @@ def _validate_and_time(args, s, backend_settings):
                          "compile_dtypes": [dtype_name(d) for d in s["compile_dtypes"]],
                          "shapes": {sh.name: sh.spec() for sh in s["shapes"]}, **backend_settings},
             "ceilings": ceilings.as_dict(),
+            "backends": backends,
             "validation": validation,
+            "emulated": emulated,
             "rows": rows,
+            "notes": notes,
             "elapsed_s": elapsed,
         }
         with open(args.json, "w") as f:
@@ -282,4 +447,4 @@ def _validate_and_time(args, s, backend_settings):
     if args.plot:
         plot(timed, args.plot)
     fused_crash = any(r["impl"] in FUSED_IMPLS for r in crashed)
-    return 1 if failed or fused_crash else 0
+    return 1 if failed or fused_crash or emulated_failed else 0

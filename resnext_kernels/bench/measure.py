@@ -7,11 +7,12 @@ pass over inputs that together exceed twice the last-level cache.
 
 import contextlib
 import math
+import statistics
 
 import torch
 
 from ..common.timing import cache_bytes, median, round_seconds, synchronize
-from .shapes import block_bytes_floor, block_flops, dtype_name
+from .shapes import block_bytes_floor, block_flops, block_working_set_bytes, dtype_name
 
 
 def default_device():
@@ -135,6 +136,17 @@ def time_per_call(fn, inputs, device, budget_seconds, warmup_rounds=2, min_round
     return round_seconds(fn, inputs, device, plan_rounds(calib, budget_seconds, min_rounds))
 
 
+def spread(times):
+    """The spread of per-call seconds over the timing rounds: the quartiles
+    (q1_s, q3_s: the interval the noise flags compare, report.within_noise) and
+    the extremes (min_s, max_s)."""
+    if len(times) > 1:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1 = q3 = times[0]
+    return {"q1_s": q1, "q3_s": q3, "min_s": min(times), "max_s": max(times)}
+
+
 
 
 # --------------------------------------------------------------------------
@@ -191,11 +203,21 @@ class Ceilings:
         }
 
 
-def performance(shape, batch, dtype, seconds, ceilings):
-    """Derived numbers for one timed case (seconds per call)."""
+def performance(shape, batch, dtype, seconds, ceilings, n_inputs):
+    """Derived numbers for one timed case (seconds per call, n_inputs rotating inputs).
+
+    working_set_in_cache: the round's working set (block_working_set_bytes)
+    fits in the device's last-level cache (common.timing.cache_bytes; an
+    assumed size on CPU). Then the data comes from that cache, DRAM copy
+    bandwidth is not the case's floor, and pct_of_floor overstates (it can
+    exceed 100): report.block_table marks it. On CUDA the rotation makes the
+    working set at least twice the L2 whenever the inputs fit in memory.
+    """
     flops = block_flops(shape, batch)
     nbytes = block_bytes_floor(shape, batch, dtype)
     floor = ceilings.floor_seconds(flops, nbytes, dtype)
+    working_set = block_working_set_bytes(shape, batch, dtype, n_inputs)
+    cache = cache_bytes(ceilings.device)
     return {
         "flops": flops,
         "bytes_floor": nbytes,
@@ -203,6 +225,9 @@ def performance(shape, batch, dtype, seconds, ceilings):
         "achieved_TFLOPs": flops / seconds / 1e12,
         "floor_ms": floor * 1e3,
         "pct_of_floor": 100.0 * floor / seconds,
+        "working_set_bytes": working_set,
+        "cache_bytes": cache,
+        "working_set_in_cache": working_set <= cache,
     }
 
 

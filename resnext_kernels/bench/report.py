@@ -33,6 +33,7 @@ def block_rows_from_pytest(data):
             continue
         row = dict(info)
         row["median_s"] = b["stats"]["median"]
+        row["q1_s"], row["q3_s"] = b["stats"].get("q1"), b["stats"].get("q3")
         rows.append(row)
     return rows
 
@@ -59,19 +60,31 @@ def training_rows_from_pytest(data):
     return rows
 
 
+def within_noise(a, b):
+    """True when rows a and b's times are within noise of each other: their
+    interquartile ranges over the timing rounds ([q1_s, q3_s]) overlap. None
+    when either row has no spread."""
+    if None in (a.get("q1_s"), a.get("q3_s"), b.get("q1_s"), b.get("q3_s")):
+        return None
+    return a["q1_s"] <= b["q3_s"] and b["q1_s"] <= a["q3_s"]
+
+
 def add_speedups(rows, key=("shape", "dtype"), eager_impls=EAGER_IMPLS, compile_impl="compile"):
-    """Set row["vs_eager"] and row["vs_compile"] (baseline time / row time; None without a baseline)."""
+    """Set row["vs_eager"] and row["vs_compile"] (baseline time / row time; None without a baseline),
+    and row["vs_eager_within_noise"], row["vs_compile_within_noise"] (within_noise of the row and
+    its baseline; None for the baseline itself, without a baseline or without spreads)."""
     groups = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in key), []).append(r)
     for group in groups.values():
         timed = [r for r in group if r.get("median_s")]
-        eager = [r["median_s"] for r in timed if r["impl"] in eager_impls]
-        comp = [r["median_s"] for r in timed if r["impl"] == compile_impl]
+        eager = min((r for r in timed if r["impl"] in eager_impls), key=lambda r: r["median_s"], default=None)
+        comp = next((r for r in timed if r["impl"] == compile_impl), None)
         for r in group:
             t = r.get("median_s")
-            r["vs_eager"] = min(eager) / t if eager and t else None
-            r["vs_compile"] = comp[0] / t if comp and t else None
+            for name, base in (("vs_eager", eager), ("vs_compile", comp)):
+                r[name] = base["median_s"] / t if base and t else None
+                r[f"{name}_within_noise"] = within_noise(r, base) if base and t and base is not r else None
     return rows
 
 
@@ -100,22 +113,53 @@ def _table(header, lines):
     return "\n".join(out)
 
 
+NOISE_MARK = " (noise)"
+CACHE_MARK = " (cache)"
+
+
+def _ratio(r, name):
+    return _fmt(r.get(name), ".2f", "x" + (NOISE_MARK if r.get(f"{name}_within_noise") else ""))
+
+
+def _iqr_pct(r):
+    if r.get("q1_s") is None or r.get("q3_s") is None or not r.get("median_s"):
+        return None
+    return 100.0 * (r["q3_s"] - r["q1_s"]) / r["median_s"]
+
+
 def block_table(rows):
-    """Markdown table of block rows (after add_speedups), in the rows' order."""
-    header = ["shape", "dtype", "impl", "ms", "vs eager", "vs compile", "GB/s", "TFLOP/s", "% of floor",
+    """Markdown table of block rows (after add_speedups), in the rows' order; table_notes explains its marks."""
+    header = ["shape", "dtype", "impl", "ms", "IQR %", "vs eager", "vs compile", "GB/s", "TFLOP/s", "% of floor",
               "max err", "tol", "ok"]
     lines = []
     for r in rows:
         ms = r["median_s"] * 1e3 if r.get("median_s") else None
         ok = r.get("within_tolerance")
         lines.append([
-            r["shape"], r["dtype"], r["impl"], _fmt(ms, ".4g"), _fmt(r.get("vs_eager"), ".2f", "x"),
-            _fmt(r.get("vs_compile"), ".2f", "x"), _fmt(r.get("achieved_GBps"), ".3g"),
-            _fmt(r.get("achieved_TFLOPs"), ".3g"), _fmt(r.get("pct_of_floor"), ".3g"),
+            r["shape"], r["dtype"], r["impl"], _fmt(ms, ".4g"), _fmt(_iqr_pct(r), ".1f"), _ratio(r, "vs_eager"),
+            _ratio(r, "vs_compile"), _fmt(r.get("achieved_GBps"), ".3g"), _fmt(r.get("achieved_TFLOPs"), ".3g"),
+            _fmt(r.get("pct_of_floor"), ".3g", CACHE_MARK if r.get("working_set_in_cache") else ""),
             _fmt(r.get("max_abs_err"), ".2e"), _fmt(r.get("tolerance"), ".2e"),
             "-" if ok is None else _fmt(bool(ok), ""),
         ])
     return _table(header, lines)
+
+
+def table_notes(rows):
+    """The lines under block_table: what "% of floor" measures (and, where a
+    row's working set fits in the cache, why its figure overstates) and what
+    the noise flags mean."""
+    floor = ("% of floor = time floor / time x 100; time floor = max(FLOPs / matmul rate, bytes floor / "
+             "copy bandwidth), both ceilings measured in this run (the copy one from DRAM-sized buffers)")
+    cached = [r for r in rows if r.get("working_set_in_cache")]
+    if cached:
+        size = max(r["cache_bytes"] for r in cached) / 2**20
+        floor += (f";{CACHE_MARK}: the working set of its timing rounds (rotating inputs, output, weights) fits "
+                  f"in the {size:.0f} MiB last-level cache, so DRAM bandwidth is not its floor and the figure "
+                  "overstates how close it is (it can exceed 100)")
+    noise = ("IQR % = interquartile range of the per-call time over the timing rounds / median x 100;"
+             f"{NOISE_MARK}: the IQRs of this row and of its baseline overlap, so the ratio is within noise")
+    return [floor, noise]
 
 
 def add_model_error_ratio(rows):
@@ -186,7 +230,8 @@ def render_pytest(docs):
         devices = sorted({r.get("device", "?") for r in blocks})
         batches = sorted({r.get("batch") for r in blocks})
         out += ["", f"### Block (device {', '.join(devices)}; batch {', '.join(map(str, batches))}; "
-                    "time = median per call)", "", block_table(add_speedups(sort_rows(blocks, IMPLS)))]
+                    "time = median per call)", "", block_table(add_speedups(sort_rows(blocks, IMPLS))), ""]
+        out += table_notes(blocks)
     if models:
         models = sorted(models, key=lambda r: (r["batch"], MODEL_IMPLS.index(r["impl"])))
         add_model_error_ratio(add_speedups(models, key=("batch",), eager_impls=("eager",)))
@@ -203,8 +248,17 @@ def render_cli(doc):
     out = ["## python -m resnext_kernels bench", "",
            f"- device {doc['device']}, batch {doc['settings']['batch']}, seed {doc['settings']['seed']}",
            f"- {_ceilings_line(doc['ceilings'])}",
-           f"- validation: {sum(v['ok'] for v in doc['validation'])}/{len(doc['validation'])} passed", ""]
-    out.append(block_table(add_speedups(doc["rows"])))
+           f"- validation: {sum(v['ok'] for v in doc['validation'])}/{len(doc['validation'])} passed"]
+    for name, st in doc.get("backends", {}).items():
+        if st["status"] != "timed":
+            out.append(f"- {name}: {st['status']}" + (f" ({st['reason']})" if st["reason"] else ""))
+    checked = [e for e in doc.get("emulated", []) if not e["skipped"]]
+    if doc.get("emulated"):
+        out.append(f"- correctness only (emulation, not timed): {sum(bool(e['ok']) for e in checked)}/{len(checked)} "
+                   f"ok, {len(doc['emulated']) - len(checked)} skipped")
+    out.append("")
+    rows = add_speedups(doc["rows"])
+    out += [block_table(rows), ""] + table_notes(rows)
     return "\n".join(out) + "\n"
 
 

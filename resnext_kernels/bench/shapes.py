@@ -187,6 +187,35 @@ def block_bytes_floor(shape, batch, dtype):
     return elems * torch.empty((), dtype=dtype).element_size()
 
 
+def block_working_set_bytes(shape, batch, dtype, n_inputs):
+    """Bytes one timed round touches at least: its n_inputs distinct inputs, the
+    output and the folded weights (block_bytes_floor counts one input)."""
+    x = batch * shape.cin * shape.hw * shape.hw * torch.empty((), dtype=dtype).element_size()
+    return block_bytes_floor(shape, batch, dtype) + (n_inputs - 1) * x
+
+
+# --------------------------------------------------------------------------
+# correctness-only shapes: where a fused kernel runs in an emulation on CPU
+# (the CUDA source compiled for the host, Triton's interpreter), one call of a
+# canonical shape costs seconds to minutes, so it is checked small.
+
+EMULATION_BATCH = 1
+EMULATION_MAX_HW = 8
+# Per shape, at EMULATION_BATCH: s3 at 8x8 is 0.144 GFLOP (~1 s in the CUDA
+# emulation on this 2-core machine); s4 at 7x7 would be 0.44 GFLOP (~20 s), at 4x4 0.144.
+EMULATION_MAX_FLOPS = 0.15e9
+
+
+def emulation_shape(shape):
+    """The block checked in an emulation: H=W the largest size <= EMULATION_MAX_HW
+    (and <= the shape's own) whose FLOPs at EMULATION_BATCH stay within
+    EMULATION_MAX_FLOPS (at least 1)."""
+    hw = min(shape.hw, EMULATION_MAX_HW)
+    while hw > 1 and block_flops(shape.with_max_hw(hw), EMULATION_BATCH) > EMULATION_MAX_FLOPS:
+        hw -= 1
+    return shape.with_max_hw(hw)
+
+
 # --------------------------------------------------------------------------
 # training: HBM bytes per step (forward + backward), derived, not measured
 
