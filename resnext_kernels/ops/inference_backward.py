@@ -44,7 +44,9 @@ def _inference_backward_op(
     _check(grad_y, x, w3, y, stride, needs, backend)
     grads = registry.inference_backward_kernel(backend)(grad_y, x, w1, b1, w2, b2, w3, b3, wd, bd, y, stride,
                                                         dilation, groups, list(needs))
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
+    # dx is channels_last; the parameter gradients contiguous (the grouped
+    # wgrad's unpacked result is a permuted view).
+    return tuple(x.new_empty(0) if g is None else g if i == 0 else g.contiguous() for i, g in enumerate(grads))
 
 
 @_inference_backward_op.register_fake
