@@ -27,7 +27,7 @@ plus the fixed-order fp64 sums of the bias rows (bn_statistics.sum_rows).
 
 Packed vs real channels: K1/K2a write t1/t2 in the packed channels of
 packing.py; the training kernels read real channels. Without padding
-(groups * d_p == width_p: d a power of two and at least 16 channels in all)
+(groups * d_p == width_p: d a power of two and the width a multiple of 16)
 the buffers are the real tensors; otherwise the real columns are gathered
 once (an index copy of t1 and t2; small blocks and odd d only).
 
