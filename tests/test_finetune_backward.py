@@ -28,7 +28,7 @@ from helpers import assert_close_to_reference, randomize_norms
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
-from training_cases import DEVICE, KINK_MARGIN, OpRecorder, forbidden_ops, needs_triton
+from training_cases import DEVICE, KINK_MARGIN, OpRecorder, cuda_only, forbidden_ops, needs_triton
 
 from resnext_kernels import FusedResNeXtBlock
 from resnext_kernels.backends import registry
@@ -51,9 +51,10 @@ def random_config():
     stride = random.choice([1, 2])
     identity = stride == 1 and random.random() < 0.5
     inplanes = 4 * planes if identity else random.choice([8, 16, 24])
+    sizes = [5] if groups == 32 else [5, 7, 9]  # 32 x 4 is 128 channels wide: the smallest images
     return dict(inplanes=inplanes, planes=planes, groups=groups, base_width=d * 64 // planes, stride=stride,
                 dilation=random.choice([1, 2]), norm=random.choice(["frozen", "eval"]),
-                h=random.choice([5, 7, 9]), w=random.choice([5, 7, 9]))
+                h=random.choice(sizes), w=random.choice(sizes))
 
 
 def torchvision_block(cfg):
@@ -127,6 +128,35 @@ def close(what, actual, expected, eager, cfg):
         raise AssertionError(f"{what} ({cfg}): {exc}") from None
 
 
+def check_against_fp64(cfg, ref, x, dtype, backend="triton", freeze=True):
+    """One forward + backward of `ref` (fp64), its eager copy at dtype and
+    the fused block on `backend` at dtype (a random subset of parameters,
+    and sometimes x, frozen when `freeze`), compared with the tolerance
+    rule; returns the ops the fused step dispatched."""
+    eager = copy.deepcopy(ref).to(DEVICE, dtype)
+    fused = FusedResNeXtBlock.from_bottleneck(ref, backend=backend).to(DEVICE, dtype).eval()
+    frozen = freeze_some([ref, eager, fused]) if freeze else set()
+    x_grad = random.random() < 0.75 if freeze else True
+    cfg = dict(cfg, frozen=sorted(frozen), x_grad=x_grad, backend=backend)
+    ho, wo = (cfg["h"] - 1) // cfg["stride"] + 1, (cfg["w"] - 1) // cfg["stride"] + 1
+    grad = torch.randn(2, 4 * cfg["planes"], ho, wo, dtype=F64)
+
+    expect = step(ref, x, grad, F64, x_grad)
+    base = step(eager, x, grad, dtype, x_grad)
+    with OpRecorder() as ops:
+        got = step(fused, x, grad, dtype, x_grad)
+    close("y", got[0], expect[0], base[0], cfg)
+    assert (got[1] is None) == (not x_grad)
+    if x_grad:
+        close("x.grad", got[1], expect[1], base[1], cfg)
+    assert got[2].keys() == expect[2].keys()
+    for name, g in expect[2].items():
+        assert (got[2][name] is None) == (g is None) == (name in frozen), name
+        if g is not None:
+            close(f"{name}.grad", got[2][name], g, base[2][name], cfg)
+    return ops.seen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("draw", range(2))
 def test_random_configs_match_fp64_torchvision(dtype, draw):
@@ -137,26 +167,21 @@ def test_random_configs_match_fp64_torchvision(dtype, draw):
     else:
         x = torch.randn(2, cfg["inplanes"], cfg["h"], cfg["w"], dtype=F64)
         polarize(ref, x)
-    eager = copy.deepcopy(ref).to(DEVICE, dtype)
-    fused = FusedResNeXtBlock.from_bottleneck(ref, backend="triton").to(DEVICE, dtype).eval()
-    frozen = freeze_some([ref, eager, fused])
-    x_grad = random.random() < 0.75
-    cfg.update(frozen=sorted(frozen), x_grad=x_grad)
-    ho, wo = (cfg["h"] - 1) // cfg["stride"] + 1, (cfg["w"] - 1) // cfg["stride"] + 1
-    grad = torch.randn(2, 4 * cfg["planes"], ho, wo, dtype=F64)
+    check_against_fp64(cfg, ref, x, dtype)
 
-    expect = step(ref, x, grad, F64, x_grad)
-    base = step(eager, x, grad, dtype, x_grad)
-    got = step(fused, x, grad, dtype, x_grad)
-    close("y", got[0], expect[0], base[0], cfg)
-    assert (got[1] is None) == (not x_grad)
-    if x_grad:
-        close("x.grad", got[1], expect[1], base[1], cfg)
-    assert got[2].keys() == expect[2].keys()
-    for name, g in expect[2].items():
-        assert (got[2][name] is None) == (g is None) == (name in frozen), name
-        if g is not None:
-            close(f"{name}.grad", got[2][name], g, base[2][name], cfg)
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=cuda_only) for b in ("cuda", "auto")])
+def test_gpu_cuda_and_auto_forwards_run_the_fused_backward(backend):
+    """On a GPU the cuda backend's forward (and auto's choice) is followed
+    by the fused backward, with eager's accuracy (fp32, TF32 as cuDNN's)."""
+    reason = registry.unavailable_reason("cuda", DEVICE) if backend == "cuda" else None
+    if reason is not None:
+        pytest.skip(f"backend 'cuda' unusable: {reason}")
+    cfg = random_config()
+    ref = torchvision_block(cfg)
+    seen = check_against_fp64(cfg, ref, draw_input(cfg, ref), torch.float32, backend, freeze=False)
+    assert "resnext_kernels.bottleneck_inference_backward" in seen
+    assert not forbidden_ops(seen)
 
 
 def _block(cfg, dtype=torch.float32):
