@@ -294,3 +294,23 @@ def test_backward_backend_by_forward_backend_and_device():
     else:
         assert registry.inference_backward_backend("auto", "cuda") == "triton"
         assert registry.inference_backward_backend("cuda", "cuda") == "triton"
+
+
+def test_compiled_backward_traces_the_backward_op():
+    """torch.compile (aot_eager, fullgraph) of a FrozenBatchNorm2d block on
+    triton: AOTAutograd traces the backward op's fake kernel, and the
+    compiled step's gradients are the uncompiled block's (same kernels)."""
+    torch._dynamo.reset()
+    cfg = dict(inplanes=16, planes=4, groups=2, base_width=64, stride=1, dilation=1, norm="frozen", h=5, w=5)
+    _, fused = _block(cfg)
+    twin = copy.deepcopy(fused)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 16, 5, 5, device=DEVICE)
+    grads = []
+    for model in (fused, compiled):
+        xi = x.clone().requires_grad_(True)
+        model(xi).backward(grad)
+        grads.append([xi.grad] + [p.grad for p in (fused if model is fused else twin).parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
