@@ -242,6 +242,9 @@ def test_frozen_parameters_get_no_gradient_and_their_kernels_do_not_run(monkeypa
     """conv1, bn1's weight, conv2 and bn2 frozen, x without gradient (a
     first trainable block): only conv3's wgrad and dgrad and the grouped
     dgrad (bn1.bias still trains) run; the gradients match fp64 eager."""
+    from resnext_kernels.backends.triton.packing import GroupTiling
+
+    assert GroupTiling(4, 1).has_padding
     calls = []
     for name in ("conv1x1_wgrad", "conv1x1_dgrad", "grouped_conv_wgrad", "grouped_conv_dgrad"):
         original = getattr(triton_backward, name)
@@ -251,7 +254,9 @@ def test_frozen_parameters_get_no_gradient_and_their_kernels_do_not_run(monkeypa
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(triton_backward, name, counted)
-    cfg = dict(PROJECTION_CFG, stride=1, dilation=1)
+    # One group of 4 channels: packed t1/t2 hold padding, so the gather to
+    # real channels (inference_backward._real_channels) runs and is checked.
+    cfg = dict(PROJECTION_CFG, stride=1, dilation=1, groups=1)
     ref, fused = _block(cfg)
     frozen = {"conv1.weight", "bn1.weight", "conv2.weight", "bn2.weight", "bn2.bias"}
     for m in (ref, fused):
