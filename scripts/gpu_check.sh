@@ -23,6 +23,10 @@
 #              (forward + backward, bf16 autocast, channels_last, batch 128) of the s1, s2, s3
 #              blocks, then resnext50_32x4d: eager AMP, the fused triton path, torch.compile;
 #              its JSON goes into the logs archive and the STEM.md tables
+#   finetune   the fine-tuning benchmark (benchmarks/test_finetune_bench.py): one step (forward +
+#              backward, bf16 autocast, channels_last, batch 32) of the s1, s2, s3 blocks with
+#              FrozenBatchNorm2d: eager AMP vs the inference op's triton forward + fused backward;
+#              its JSON goes into the logs archive (in no set yet: run it by name)
 #   compile    the torch.compile(max-autotune) baselines: bfloat16 blocks, then the model
 #   model      the whole-model benchmark (eager and fused backends)
 #   cli        python -m resnext_kernels bench --quick (validation table, chart)
@@ -76,7 +80,7 @@ for arg in "${@:-first}"; do
   case "$arg" in
     first) STAGES+=(build info tests sanitizer bench) ;;
     second) STAGES+=(build train compile plans ncu model cli) ;;
-    build|info|tests|sanitizer|bench|train|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
+    build|info|tests|sanitizer|bench|train|finetune|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
     *) echo "unknown stage or set: $arg" >&2; exit 2 ;;
   esac
 done
@@ -187,6 +191,9 @@ for stage in "${STAGES[@]}"; do
     train)
       run_stage train 180 INT "${BENCH[@]}" benchmarks/test_training_bench.py --bench-shapes s1,s2,s3 \
         --benchmark-json "$LOGS/train.json" ;;
+    finetune)
+      run_stage finetune 120 INT "${BENCH[@]}" benchmarks/test_finetune_bench.py --bench-shapes s1,s2,s3 \
+        --bench-batch 32 --benchmark-json "$LOGS/finetune.json" ;;
     compile)
       run_stage compile 150 INT "${BENCH[@]}" benchmarks/test_block_bench.py benchmarks/test_model_bench.py \
         -k compile --bench-compile bfloat16 --bench-dtypes bfloat16 --benchmark-json "$RES/${STEM}_compile.json" ;;

@@ -38,6 +38,13 @@ BackendUnavailableError naming training as the reason (no silent ATen run).
 ``training_kernels(name)`` gives (forward, backward) with the signatures of
 ``reference.bottleneck_training_reference`` and
 ``reference.bottleneck_training_backward_reference``.
+
+The inference op's backward (fine-tuning with frozen BatchNorm) is fused
+for the forward backends in INFERENCE_BACKWARD: triton's and cuda's forwards
+(and auto's choice among them on CUDA) run the Triton backward
+(backends/triton/inference_backward.py) while triton is usable on the
+device; the others (reference, cuda_emulated, auto on CPU) keep the op's
+ATen backward, the reference (``inference_backward_backend``).
 """
 
 import importlib
@@ -202,6 +209,35 @@ def training_kernels(backend):
 
         return bottleneck_training_triton, bottleneck_training_backward_triton
     raise ValueError(f"backend={backend!r} has no training kernels; those are {TRAINING_BACKENDS}")
+
+
+# Forward backend -> the backend of its fused backward; every other
+# forward (and these where triton is unusable) gets the ATen backward.
+INFERENCE_BACKWARD = {"triton": "triton", "cuda": "triton"}
+INFERENCE_BACKWARD_BACKENDS = ("triton",)  # backends with inference backward kernels
+
+
+def inference_backward_backend(backend, device):
+    """The backend whose kernels run the inference op's backward after a
+    forward on `backend` (a name, or "auto": its untimed choice) for tensors
+    on `device`: "triton" (fused), or "reference" (the op's ATen backward)."""
+    device = torch.device(device)
+    name = auto_candidates(device)[0] if backend == "auto" else backend
+    fused = INFERENCE_BACKWARD.get(name)
+    if fused is not None and unavailable_reason(fused, device) is None:
+        return fused
+    return "reference"
+
+
+def inference_backward_kernel(backend):
+    """The inference op's fused backward on `backend` (imported lazily); the
+    signature of triton.inference_backward.bottleneck_inference_backward_triton."""
+    if backend == "triton":
+        from .triton.inference_backward import bottleneck_inference_backward_triton
+
+        return bottleneck_inference_backward_triton
+    raise ValueError(f"backend={backend!r} has no inference backward kernels; those are "
+                     f"{INFERENCE_BACKWARD_BACKENDS}")
 
 
 def kernel(backend):

@@ -231,7 +231,7 @@ def performance(shape, batch, dtype, seconds, ceilings, n_inputs):
     }
 
 
-def saved_activation_bytes(model, *inputs, shapes=None):
+def saved_activation_bytes(model, *inputs, shapes=None, include=None):
     """(bytes, output): the bytes of the unique storages autograd saves for
     backward during model(*inputs), counted with
     torch.autograd.graph.saved_tensors_hooks, leaving out the model's own
@@ -242,13 +242,16 @@ def saved_activation_bytes(model, *inputs, shapes=None):
     the saved tensors, whose storage addresses identify them) may go.
     shapes: a list that receives the shape of the first tensor saved from
     each counted storage.
+    include: None, or a predicate on a saved tensor: only storages first
+    saved through a tensor it accepts are counted.
     """
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), *inputs)}
     saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in own and storage.data_ptr() not in saved:
+        if (storage.nbytes() and storage.data_ptr() not in own and storage.data_ptr() not in saved
+                and (include is None or include(t))):
             saved[storage.data_ptr()] = storage.nbytes()
             if shapes is not None:
                 shapes.append(tuple(t.shape))

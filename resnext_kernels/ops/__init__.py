@@ -2,6 +2,8 @@
 family (schema, fake kernel, autograd, input checks).
 
 inference   resnext_kernels::bottleneck_inference, the block with BN folded
+inference_backward  resnext_kernels::bottleneck_inference_backward, its fused
+            backward (fine-tuning with frozen BatchNorm)
 training    resnext_kernels::bottleneck_training (+ its backward op), the block
             with BatchNorm using batch statistics
 """

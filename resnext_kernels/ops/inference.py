@@ -20,11 +20,14 @@ a non-finite input or weight gives the non-finite outputs eager gives.
 
 The op has a fake kernel (shape and strides for torch.compile), autocast
 kernels for CPU and CUDA (under torch.autocast the op casts its floating
-inputs to the autocast dtype, like conv2d; ``compute_dtype``) and autograd:
-the backward is composed of ATen ops (it recomputes t1, t2 from the saved x
-and weights, so the forward saves no intermediates; ReLU gradients are
-torch's threshold_backward) and gives gradients for x and every weight and
-bias. Every backend is deterministic: no atomics, so two identical calls are
+inputs to the autocast dtype, like conv2d; ``compute_dtype``) and autograd,
+which gives gradients for x and every weight and bias that needs one. The
+forward saves x, the weights and y only; the backward recomputes t1, t2.
+After a triton or cuda forward (auto on CUDA) the backward is the fused
+Triton one (op ``bottleneck_inference_backward``, ops/inference_backward.py;
+registry.inference_backward_backend); after the others it is composed of
+ATen ops (``_aten_backward``, the reference). ReLU gradients are torch's
+threshold_backward in both. Every backend is deterministic: no atomics, so two identical calls are
 bitwise equal.
 
 Validation happens once per call: the Python wrapper ``bottleneck_inference``
@@ -44,6 +47,7 @@ from ..common import settings, tuning
 from ..common.layout import output_memory_format
 from ..common.sizes import conv_output_size
 from ..common.validation import check_like_x, check_positive_int
+from .inference_backward import bottleneck_inference_backward
 
 _NS = "resnext_kernels"
 
@@ -246,10 +250,12 @@ def compute_dtype(x):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, _backend = inputs
+    x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, backend = inputs
     ctx.conv = (stride, dilation, groups)
     ctx.has_projection = wd is not None
-    ctx.save_for_backward(x, w1, b1, w2, b2, w3, wd, output)
+    # Fused (triton) or ATen backward, by the forward's backend and x's device.
+    ctx.backward_backend = registry.inference_backward_backend(backend, x.device)
+    ctx.save_for_backward(x, w1, b1, w2, b2, w3, b3, wd, bd, output)
 
 
 def _conv_backward(grad, inp, weight, stride, padding, dilation, groups, need_input, need_weight):
@@ -260,8 +266,10 @@ def _conv_backward(grad, inp, weight, stride, padding, dilation, groups, need_in
     return gi, gw
 
 
-def _backward(ctx, grad_y):
-    x, w1, b1, w2, b2, w3, wd, y = ctx.saved_tensors
+def _aten_backward(ctx, grad_y):
+    """The backward in ATen ops: the reference's, and that of every backend
+    without fused backward kernels (registry.inference_backward_backend)."""
+    x, w1, b1, w2, b2, w3, _b3, wd, _bd, y = ctx.saved_tensors
     stride, dilation, groups = ctx.conv
     need = ctx.needs_input_grad  # (x, w1, b1, w2, b2, w3, b3, wd, bd, ...)
     f = torch.nn.functional
@@ -291,6 +299,19 @@ def _backward(ctx, grad_y):
     if need[0]:
         gx = gx + gx_short
     return gx, gw1, gb1, gw2, gb2, gw3, gb3, gwd, gbd, None, None, None, None
+
+
+def _backward(ctx, grad_y):
+    if ctx.backward_backend == "reference":
+        return _aten_backward(ctx, grad_y)
+    x, w1, b1, w2, b2, w3, b3, wd, bd, y = ctx.saved_tensors
+    stride, dilation, groups = ctx.conv
+    need = ctx.needs_input_grad  # (x, w1, b1, w2, b2, w3, b3, wd, bd, ...)
+    needs = (need[0], need[1], need[2], need[3], need[4], need[5], need[6] or need[8], need[7])
+    gx, gw1, gb1, gw2, gb2, gw3, gb3, gwd = bottleneck_inference_backward(
+        grad_y, x, w1, b1, w2, b2, w3, b3, wd, bd, y, stride, dilation, groups, needs, ctx.backward_backend)
+    return (gx, gw1, gb1, gw2, gb2, gw3, gb3 if need[6] else None, gwd, gb3 if need[8] else None,
+            None, None, None, None)
 
 
 _bottleneck_inference_op.register_autograd(_backward, setup_context=_setup_context)

@@ -12,7 +12,9 @@ Epilogue IDENTITY (conv1's dgrad, identity shortcut):  dx = dt + dz_shortcut
 Epilogue PROJECTION (conv1's dgrad, projection):       dx = dt + sum_n dyd[m', n] * wd[n, k]
     where m' is the output pixel of input pixel m when m lies on the stride
     grid (else no shortcut term) and dyd is BN_d's backward of dz_shortcut
-    (a second GEMM over Cout in the same program).
+    (a second GEMM over Cout in the same program, run before the main one
+    so that the off-grid rows can be cleared: a non-finite wd then gives
+    NaN only where eager's does).
 The gradient sums are added in fp32 and rounded once (eager rounds each).
 """
 
@@ -80,6 +82,26 @@ def _conv1x1_dgrad_kernel(
     dtype = out_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if EPILOGUE == 2:  # PROJECTION: the shortcut conv's dgrad at the strided pixels, first
+        hw = H * W
+        img = m64 // hw
+        rem = m64 % hw
+        h = rem // W
+        w_ = rem % W
+        on_grid = m_mask & (h % STRIDE == 0) & (w_ % STRIDE == 0)
+        row_out = (img * HO + h // STRIDE) * WO + w_ // STRIDE
+        for n0 in range(0, NSC, BLOCK_N):
+            n = n0 + offs_n
+            n_mask = n < NSC
+            dyd = _dy_tile(sdz_ptr, syd_ptr, smean_ptr, scoef_ptr, row_out, n,
+                           on_grid[:, None] & n_mask[None, :], n_mask, NSC, dtype)
+            wd = tl.load(wd_ptr + n[:, None] * swdn + offs_k[None, :] * swdk,
+                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(dyd, wd, acc, input_precision=PREC)
+        # Off-grid rows have no shortcut term; their zero rows of dyd times a
+        # non-finite wd would be NaN (0 * inf), where eager adds nothing.
+        # Cleared here, before the main GEMM, at no register cost.
+        acc = tl.where(on_grid[:, None], acc, 0.0)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + offs_n
         n_mask = n < N
@@ -100,22 +122,6 @@ def _conv1x1_dgrad_kernel(
     else:
         if EPILOGUE == 1:  # IDENTITY
             acc += tl.load(sdz_ptr + off, mask=mk_mask, other=0.0).to(tl.float32)
-        else:  # PROJECTION: the shortcut conv's dgrad at the strided pixels
-            hw = H * W
-            img = m64 // hw
-            rem = m64 % hw
-            h = rem // W
-            w_ = rem % W
-            on_grid = m_mask & (h % STRIDE == 0) & (w_ % STRIDE == 0)
-            row_out = (img * HO + h // STRIDE) * WO + w_ // STRIDE
-            for n0 in range(0, NSC, BLOCK_N):
-                n = n0 + offs_n
-                n_mask = n < NSC
-                dyd = _dy_tile(sdz_ptr, syd_ptr, smean_ptr, scoef_ptr, row_out, n,
-                               on_grid[:, None] & n_mask[None, :], n_mask, NSC, dtype)
-                wd = tl.load(wd_ptr + n[:, None] * swdn + offs_k[None, :] * swdk,
-                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                acc = tl.dot(dyd, wd, acc, input_precision=PREC)
         tl.store(out_ptr + off, acc.to(dtype), mask=mk_mask)
 
 
