@@ -302,7 +302,9 @@ def _aten_backward(ctx, grad_y):
 
 
 def _backward(ctx, grad_y):
-    if ctx.backward_backend == "reference":
+    # Grad mode is on in a backward only under create_graph=True (double
+    # backward): the ATen ops record their graph, the fused op has none.
+    if ctx.backward_backend == "reference" or torch.is_grad_enabled():
         return _aten_backward(ctx, grad_y)
     x, w1, b1, w2, b2, w3, b3, wd, bd, y = ctx.saved_tensors
     stride, dilation, groups = ctx.conv
