@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import folding
+from . import folding, tracing, unfused
 from .backends import registry
 from .common.batch_stats import BatchNormArgs, norm_columns
 from .common.settings import REFERENCE_DTYPES
@@ -140,8 +140,30 @@ class FusedResNeXtBlock(nn.Module):
     # -- forward -----------------------------------------------------------
 
     def forward(self, x):
+        # torch.jit.script compiles this method and what it calls, and no
+        # further: the unfused submodules (tracing.py says why); eager mode
+        # and every other tool take the fused path.
+        if torch.jit.is_scripting():
+            return self.bottleneck_forward(x)
+        return self._fused_forward(x)
+
+    # unfused.bottleneck_forward as a method, so that TorchScript compiles it
+    # (with `block` as self); TorchScript names a method after its function,
+    # hence the attribute's name.
+    bottleneck_forward = unfused.bottleneck_forward
+
+    def __prepare_scriptable__(self):
+        tracing.warn_scripted()
+        return self
+
+    @torch.jit.unused
+    def _fused_forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            return tracing.fx_forward(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if tracing.onnx_exporting():
+            return tracing.onnx_forward(self, x)
         if self.uses_batch_statistics():
             return self._forward_batch_statistics(x)
         if torch.compiler.is_compiling():

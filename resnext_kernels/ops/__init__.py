@@ -4,9 +4,11 @@ family (schema, fake kernel, autograd, input checks).
 inference   resnext_kernels::bottleneck_inference, the block with BN folded
 training    resnext_kernels::bottleneck_training (+ its backward op), the block
             with BatchNorm using batch statistics
+vmap        the torch.vmap rules of those ops (imported for its registrations)
 """
 
 from .inference import bottleneck_inference
 from .training import bottleneck_training
+from . import vmap  # noqa: F401  (registers the ops' vmap rules)
 
 __all__ = ["bottleneck_inference", "bottleneck_training"]
