@@ -24,7 +24,9 @@ _INFERENCE_WEIGHTS = slice(1, 9)
 
 
 def _sliced(args, in_dims, i):
-    return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+    # Non-tensor arguments (ints, the training op's float/int lists) come
+    # with an in_dim that is not None too (a list's: a list of Nones).
+    return [a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a for a, d in zip(args, in_dims)]
 
 
 def _per_slice(op, batch_size, in_dims, args):
