@@ -21,8 +21,10 @@ TensorRT run their own kernels, not this package's. So torch.jit.script
 compiles the block as its unfused submodules (unfused.bottleneck_forward:
 torchvision's Bottleneck.forward, its numbers are eager's), and
 torch.onnx.export (either exporter) records the same, which exports as
-torchvision's Bottleneck does: standard Conv, BatchNormalization, Relu and
-Add. Both say so with an UnfusedForwardWarning.
+torchvision's Bottleneck does: standard operators (with torch 2.14.1 both
+exporters give Conv with BN folded into its weights, Relu and Add; a
+train-mode model exports in that eval form, as torchvision's does). Both
+say so with an UnfusedForwardWarning.
 """
 
 import warnings
@@ -70,7 +72,7 @@ def onnx_exporting():
 def onnx_forward(block, x):
     """The block's forward while torch.onnx.export records it."""
     warn_unfused("torch.onnx.export", "ONNX has no fused block; it exports as torchvision's Bottleneck "
-                                      "(Conv, BatchNormalization, Relu, Add)")
+                                      "(standard Conv, Relu, Add)")
     return unfused.bottleneck_forward(block, x)
 
 

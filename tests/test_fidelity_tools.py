@@ -284,3 +284,126 @@ def test_vmap_over_a_model_ensemble(backend, mode):
         stepped = copy.deepcopy(member.fused)  # holding member i's buffers after the vmapped step
         stepped.load_state_dict({**stepped.state_dict(), **{k: v[i] for k, v in buffers.items()}})
         member.check(f"ensemble member {i}", ys[i], x, state_of=stepped)
+
+
+# -- what worked before issue 21 and must keep working ---------------------------
+
+
+def test_torch_export_keeps_the_fused_op():
+    """torch.export.export (eval) records the fused op; the exported
+    program's module runs it and matches torchvision. (The reference backend
+    only: an export takes seconds, and records the op the same way for any
+    backend, through its fake kernel.)"""
+    case = Case("reference")
+    program = torch.export.export(case.fused, (case.input(),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("resnext_kernels.bottleneck_inference.default") == len(case.blocks)
+    x = case.input()
+    with OpRecorder() as ops:
+        y = program.module()(x)
+    assert_fused_op_ran(ops, case)
+    case.check("exported program", y, x)
+
+
+@pytest.mark.parametrize("backend, mode", backend_modes())
+def test_functional_call_with_other_parameters(backend, mode):
+    """torch.func.functional_call with another model's parameters and
+    buffers: the block folds those (not its cached fold of its own) and gives
+    that model's output."""
+    from torch.func import functional_call
+
+    case, other = Case(backend, mode), Case(backend, mode)
+    x = case.input()
+    with torch.no_grad():
+        case.fused(x)  # fills the fold cache (eval) with the block's own weights
+        state = {**dict(other.fused.named_parameters()), **dict(other.fused.named_buffers())}
+        with OpRecorder() as ops:
+            y = functional_call(case.fused, state, (x,))
+    assert_fused_op_ran(ops, case)
+    other.check("functional_call", y, x, state_of=other.fused)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_checkpoint_gradients_match_torchvision(mode):
+    """torch.utils.checkpoint (non-reentrant) around each stage: output and
+    every parameter's gradient match torchvision's under the same checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    case = Case("reference", mode)
+    stem = ("conv1", "bn1", "relu", "maxpool")
+
+    def run(model, x):
+        for name in stem:
+            x = getattr(model, name)(x)
+        for stage in case.stages:
+            x = checkpoint(getattr(model, stage), x, use_reentrant=False)
+        return x
+
+    models = {"fused": case.fused, "eager": copy.deepcopy(case.tv), "reference": copy.deepcopy(case.tv).double()}
+    x = case.input()
+    grad = torch.randn_like(run(copy.deepcopy(case.tv), x))
+    outputs = {}
+    for name, model in models.items():
+        dtype = torch.float64 if name == "reference" else torch.float32
+        outputs[name] = run(model, x.to(dtype))
+        outputs[name].backward(grad.to(dtype))
+    compare("checkpointed output", outputs["fused"], outputs["reference"], outputs["eager"], case.training)
+    params = {name: dict(model.named_parameters()) for name, model in models.items()}
+    for key, p in params["fused"].items():
+        if key.startswith("fc."):
+            continue  # not on the path
+        compare(f"grad {key}", p.grad, params["reference"][key].grad, params["eager"][key].grad, training=True)
+
+
+def test_data_parallel_runs_the_fused_op():
+    """nn.DataParallel (on CPU it calls the module itself)."""
+    case = Case("reference")
+    x = case.input()
+    with OpRecorder() as ops, torch.no_grad():
+        y = nn.DataParallel(case.fused)(x)
+    assert_fused_op_ran(ops, case)
+    case.check("DataParallel", y, x)
+
+
+def test_timm_features_only_and_forward_intermediates():
+    """timm's features_only wrapper and forward_intermediates on a converted
+    timm ResNeXt (eval) give the unconverted model's feature maps."""
+    timm = pytest.importorskip("timm")
+    from helpers import randomize_norms
+
+    x = torch.randn(2, 3, 32, 32)
+    for kind in ("features_only", "forward_intermediates"):
+        kwargs = {"features_only": True} if kind == "features_only" else {"num_classes": 10}
+        tv = randomize_norms(timm.create_model("resnext50_32x4d", **kwargs)).eval()
+        fused = rk.convert(copy.deepcopy(tv), backend="reference")
+        assert sum(isinstance(m, rk.FusedResNeXtBlock) for m in fused.modules()) == 16
+
+        def features(model, x):
+            with torch.no_grad():
+                if kind == "features_only":
+                    return model(x)
+                return model.forward_intermediates(x, intermediates_only=True)
+
+        with OpRecorder() as ops:
+            got = features(fused, x)
+        assert ops.counts[INFERENCE_OP] == 16
+        eager, reference = features(tv, x), features(copy.deepcopy(tv).double(), x.double())
+        assert len(got) == len(eager) >= 4
+        for i, (g, e, r) in enumerate(zip(got, eager, reference)):
+            compare(f"{kind} feature {i}", g, r, e, training=False)
+
+
+def test_fx_trace_of_a_block_itself_traces_its_submodules():
+    """A block that is the traced root cannot be a node of its own graph: it
+    is traced as its submodules (torchvision's graph), with a warning, and
+    gives torchvision's output."""
+    tv = torchvision_block(*PROJECTION_D3)
+    block = rk.FusedResNeXtBlock.from_bottleneck(tv, backend="reference").eval()
+    with pytest.warns(UnfusedForwardWarning, match="torch.fx"):
+        gm = torch.fx.symbolic_trace(block)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == \
+        [n.target for n in torch.fx.symbolic_trace(tv).graph.nodes if n.op == "call_module"]
+    x = torch.randn(2, PROJECTION_D3[0], 7, 7)
+    with torch.no_grad():
+        y, eager, reference = gm(x), tv(x), copy.deepcopy(tv).double()(x.double())
+    assert_close_to_reference(y, reference, eager)
