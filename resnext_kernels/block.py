@@ -54,6 +54,12 @@ class FusedResNeXtBlock(nn.Module):
         included; otherwise they are BatchNorm2d. The norms of one block
         must share one process group.
 
+    Tools (tracing.py; README, "Works with"): under torch.fx tracing the
+    block is a leaf node that runs fused; torch.jit.trace, torch.compile,
+    torch.export and torch.vmap run the fused ops; torch.jit.script and
+    torch.onnx.export get the unfused submodules (``bottleneck_forward``,
+    torchvision's Bottleneck.forward) with an UnfusedForwardWarning.
+
     backend: "auto" (fastest usable for the input's device), "reference",
     "triton", "cuda", or the testing backend "cuda_emulated". An explicitly
     requested backend that cannot run raises BackendUnavailableError.
@@ -141,8 +147,9 @@ class FusedResNeXtBlock(nn.Module):
 
     def forward(self, x):
         # torch.jit.script compiles this method and what it calls, and no
-        # further: the unfused submodules (tracing.py says why); eager mode
-        # and every other tool take the fused path.
+        # further: the unfused submodules (tracing.py says why). Eager mode
+        # and every other tool go to _fused_forward, which hands FX tracers
+        # and ONNX export to tracing.py.
         if torch.jit.is_scripting():
             return self.bottleneck_forward(x)
         return self._fused_forward(x)
@@ -153,6 +160,9 @@ class FusedResNeXtBlock(nn.Module):
     bottleneck_forward = unfused.bottleneck_forward
 
     def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule. It returns the
+        # block itself: a replacement module would also be written into the
+        # scripted model's Python parents, leaving them unfused afterwards.
         tracing.warn_scripted()
         return self
 
