@@ -19,8 +19,6 @@ import functools
 import os
 import tempfile
 
-import onnx
-import onnxruntime
 import pytest
 import torch
 from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
@@ -29,6 +27,13 @@ from helpers import assert_close_to_reference
 
 import resnext_kernels as rk
 from resnext_kernels.tracing import UnfusedForwardWarning
+
+# In the test extra (so CI has them); a machine without them (the GPU
+# machine, offline) skips with the reason, shown by -rs.
+onnx = pytest.importorskip("onnx", reason="onnx not installed: pip install '.[onnx]' (also in the test extra)")
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install '.[onnx]'")
+pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's default exporter) not installed: "
+                                  "pip install '.[onnx]'")
 
 EXPORTERS = {"dynamo": True, "torchscript": False}
 FORMATS = {"nchw": False, "channels_last": True}
