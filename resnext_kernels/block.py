@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import folding
+from . import folding, tracing, unfused
 from .backends import registry
 from .common.batch_stats import BatchNormArgs, norm_columns
 from .common.settings import REFERENCE_DTYPES
@@ -53,6 +53,12 @@ class FusedResNeXtBlock(nn.Module):
         ``process_group`` (None: the whole world), CPU processes (gloo)
         included; otherwise they are BatchNorm2d. The norms of one block
         must share one process group.
+
+    Tools (tracing.py; README, "Works with"): under torch.fx tracing the
+    block is a leaf node that runs fused; torch.jit.trace, torch.compile,
+    torch.export and torch.vmap run the fused ops; torch.jit.script and
+    torch.onnx.export get the unfused submodules (``bottleneck_forward``,
+    torchvision's Bottleneck.forward) with an UnfusedForwardWarning.
 
     backend: "auto" (fastest usable for the input's device), "reference",
     "triton", "cuda", or the testing backend "cuda_emulated". An explicitly
@@ -140,8 +146,34 @@ class FusedResNeXtBlock(nn.Module):
     # -- forward -----------------------------------------------------------
 
     def forward(self, x):
+        # torch.jit.script compiles this method and what it calls, and no
+        # further: the unfused submodules (tracing.py says why). Eager mode
+        # and every other tool go to _fused_forward, which hands FX tracers
+        # and ONNX export to tracing.py.
+        if torch.jit.is_scripting():
+            return self.bottleneck_forward(x)
+        return self._fused_forward(x)
+
+    # unfused.bottleneck_forward as a method, so that TorchScript compiles it
+    # (with `block` as self); TorchScript names a method after its function,
+    # hence the attribute's name.
+    bottleneck_forward = unfused.bottleneck_forward
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule. It returns the
+        # block itself: a replacement module would also be written into the
+        # scripted model's Python parents, leaving them unfused afterwards.
+        tracing.warn_scripted()
+        return self
+
+    @torch.jit.unused
+    def _fused_forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            return tracing.fx_forward(self, x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if tracing.onnx_exporting():
+            return tracing.onnx_forward(self, x)
         if self.uses_batch_statistics():
             return self._forward_batch_statistics(x)
         if torch.compiler.is_compiling():

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import randomize_norms  # noqa: E402
 from torch import nn  # noqa: E402
-from torchvision.models.resnet import Bottleneck  # noqa: E402
+from torchvision.models.resnet import Bottleneck, ResNet  # noqa: E402
 
 from resnext_kernels import FusedResNeXtBlock  # noqa: E402
 from resnext_kernels.backends import registry  # noqa: E402
@@ -63,6 +63,13 @@ def twin_blocks(cfg, backend, dtype=torch.float32):
     """(torchvision Bottleneck, FusedResNeXtBlock on `backend` with a copy of its weights), eval mode."""
     tv = torchvision_block(*cfg, dtype=dtype)
     return tv, FusedResNeXtBlock.from_bottleneck(tv, backend=backend).eval()
+
+
+def tiny_resnext():
+    """Issue 21's model: torchvision's ResNeXt with one Bottleneck per stage
+    and 4 groups of width 4 (channels up to 2048: for the reference backend,
+    too slow for the interpreter), random weights and BN statistics."""
+    return randomize_norms(ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10))
 
 
 def block_input(inplanes, n=2, hw=(7, 7), dtype=torch.float32, channels_last=True):

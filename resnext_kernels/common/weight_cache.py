@@ -19,11 +19,19 @@ import collections
 import threading
 import weakref
 
+import torch
+
 _CACHE_SIZE = 32
 
 
 def cacheable(tensors):
-    """False when any (non-None) tensor is an inference tensor (no version counter)."""
+    """False inside a torch.func transform (torch.vmap, torch.func.grad, ...:
+    its tensors are wrappers without storage to take the address of, valid
+    at one transform level only; asking once is cheaper than asking each
+    tensor), or when any (non-None) tensor is an inference tensor (no
+    version counter)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
     return not any(t is not None and t.is_inference() for t in tensors)
 
 

@@ -46,6 +46,11 @@ kernels, docs/training.md), both through the same exchange. "auto" runs triton f
 reference for CPU ones (registry.resolve_training_backend); "cuda" and
 "cuda_emulated" have no training kernels and raise BackendUnavailableError
 saying so. Validation happens once per call, in the op (and its fake).
+
+``batch_stats`` is an int list (0/1 per norm; Python bools pass) rather than
+a bool list: torch.jit.trace cannot record a list of bools ("Tracing a list
+of bool type is currently not supported"), and a traced train-mode model
+must record this op.
 """
 
 import torch
@@ -145,7 +150,7 @@ def _training_op(
     bn3_weight: OptTensor, bn3_bias: OptTensor, bn3_running_mean: OptTensor, bn3_running_var: OptTensor,
     bnd_weight: OptTensor, bnd_bias: OptTensor, bnd_running_mean: OptTensor, bnd_running_var: OptTensor,
     stride: int, dilation: int, groups: int,
-    batch_stats: list[bool], momentum: list[float], eps: list[float], backend: str, group_name: str | None = None,
+    batch_stats: list[int], momentum: list[float], eps: list[float], backend: str, group_name: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     bn_tensors = (bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn2_weight, bn2_bias, bn2_running_mean,
                   bn2_running_var, bn3_weight, bn3_bias, bn3_running_mean, bn3_running_var, bnd_weight, bnd_bias,
@@ -182,7 +187,7 @@ def _training_backward_op(
     out: Tensor, y1: Tensor, y2: Tensor, y3: Tensor, yd: Tensor, bn_stats: Tensor,
     bn1_weight: OptTensor, bn1_bias: OptTensor, bn2_weight: OptTensor, bn2_bias: OptTensor,
     bn3_weight: OptTensor, bn3_bias: OptTensor, bnd_weight: OptTensor, bnd_bias: OptTensor,
-    stride: int, dilation: int, groups: int, batch_stats: list[bool], need_x_grad: bool, backend: str,
+    stride: int, dilation: int, groups: int, batch_stats: list[int], need_x_grad: bool, backend: str,
     group_name: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, dw2, dw3, dwd, grad_bn): dx is empty unless need_x_grad, dwd
@@ -293,9 +298,9 @@ def bottleneck_training(x, w1, w2, w3, wd, norms, *, stride=1, dilation=1, group
                 raise TypeError(f"{NORM_NAMES[i]}.{tname} must be a torch.Tensor or None, got {type(t).__name__}")
     tensors = [t for bn in norms for t in bn[:4]]
     tensors += [None] * (16 - len(tensors))
-    outputs = _training_op(x, w1, w2, w3, wd, *tensors, stride, dilation, groups, [bn.batch_stats for bn in norms],
-                           [float(bn.momentum) for bn in norms], [float(bn.eps) for bn in norms], backend,
-                           group_name)
+    outputs = _training_op(x, w1, w2, w3, wd, *tensors, stride, dilation, groups,
+                           [int(bn.batch_stats) for bn in norms], [float(bn.momentum) for bn in norms],
+                           [float(bn.eps) for bn in norms], backend, group_name)
     return outputs[0], outputs[6]
 
 
