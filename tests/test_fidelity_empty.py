@@ -17,6 +17,7 @@ import pytest
 import torch
 from fidelity_cases import BLOCKS, block_input, cpu_backend_modes
 from fidelity_cases import one_thread  # noqa: F401  (autouse fixture)
+from test_training_ops import BACKWARD_OP, OP, _op_args
 from training_cases import TrainCase, close
 
 from resnext_kernels import FusedResNeXtBlock
@@ -90,3 +91,24 @@ def test_training_goes_on_as_in_eager_after_an_empty_batch(backend, train):
     for (name, r), (_, e), (_, f) in zip(ref.named_buffers(), eager.named_buffers(), fused.named_buffers()):
         if not name.endswith("num_batches_tracked"):
             close(name, f, r, e)
+
+
+@pytest.mark.parametrize("backend, train", [p for p in cpu_backend_modes() if p.values[1]])
+def test_the_ops_pass_opcheck_on_an_empty_batch(backend, train):
+    """The real kernels' empty outputs (ops/empty_batch.py, the inference
+    op's early return) agree with the fake kernels in shape, dtype and
+    strides, and their autograd registration holds (torch.library.opcheck)."""
+    name = backend
+    case = TrainCase(16, 4, 2, 64, 5, 5, stride=2, n=0)  # projection
+    args = _op_args(case, torch.float32, name, requires_grad=True)
+    torch.library.opcheck(OP, args)
+    with torch.no_grad():
+        out, y1, y2, y3, yd, bn_stats, _ = OP(*args)
+    x, w1, w2, w3, wd = (t.detach() for t in args[:5])
+    affine = [t.detach() for i in range(4) for t in args[5 + 4 * i:7 + 4 * i]]
+    torch.library.opcheck(BACKWARD_OP, (torch.randn_like(out), x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats,
+                                        *affine, case.stride, case.dilation, case.groups, [True] * 4, True, name))
+    tv = case.torchvision_block().float().eval()
+    folded = FusedResNeXtBlock.from_bottleneck(tv).folded_parameters(torch.float32)
+    inference_args = (x.requires_grad_(True), *(t.detach().requires_grad_(True) for t in folded), 2, 1, 2, name)
+    torch.library.opcheck(torch.ops.resnext_kernels.bottleneck_inference.default, inference_args)

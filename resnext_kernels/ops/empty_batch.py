@@ -43,13 +43,15 @@ def empty_batch_forward(x, w1, w2, w3, wd, norms, stride, exchange=LOCAL):
     memory formats the backends give; new_running the running statistics
     unchanged (a copy), or with an exchange the group's update; bn_stats
     (never read by a backward of an empty batch) the group's mean and invstd
-    where exchanged, else NaN."""
+    where exchanged, else 0; new_running of a norm without running
+    statistics (the batch's, which the block ignores) NaN, as eager's
+    var_mean of no values."""
     _, _, h, w = x.shape
     width, cout = w1.shape[0], w3.shape[0]
     ho, wo = conv_output_size(h, stride), conv_output_size(w, stride)
     cols = norm_columns(width, cout, wd is not None)
     sd = stats_dtype(x.dtype)
-    bn_stats = torch.full((SAVED_ROWS, cols[-1].stop), float("nan"), dtype=sd, device=x.device)
+    bn_stats = torch.zeros((SAVED_ROWS, cols[-1].stop), dtype=sd, device=x.device)
     new_running = torch.full((2, cols[-1].stop), float("nan"), dtype=sd, device=x.device)
     for indices in finalize_points(wd is not None):
         synced = [i for i in indices if norms[i].batch_stats]
