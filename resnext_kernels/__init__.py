@@ -21,6 +21,7 @@ from .block import FusedResNeXtBlock
 from .common.extension import extension_error
 from . import models
 from .convert import ConversionWarning, convert, unconvert
+from .unfused import UnfusedForwardWarning
 from .ops import bottleneck_inference
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConversionWarning",
     "FusedResNeXtBlock",
+    "UnfusedForwardWarning",
     "available_backends",
     "bottleneck_inference",
     "convert",

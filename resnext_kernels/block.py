@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import folding, tracing, unfused
+from . import folding, inner_hooks, tracing, unfused
 from .backends import registry
 from .common.batch_stats import BatchNormArgs, norm_columns
 from .common.settings import REFERENCE_DTYPES
@@ -53,6 +53,12 @@ class FusedResNeXtBlock(nn.Module):
         ``process_group`` (None: the whole world), CPU processes (gloo)
         included; otherwise they are BatchNorm2d. The norms of one block
         must share one process group.
+      * Hooks on inner modules (forward hooks and pre-hooks, backward
+        hooks, torch.nn.utils.prune's pre-hook; global module hooks): the
+        block runs its submodules one by one as torchvision's Bottleneck
+        does (unfused.py), so the hooks see and replace what eager gives
+        them; one UnfusedForwardWarning per block; the fused op resumes
+        once the hooks are removed (inner_hooks.py).
 
     Tools (tracing.py; README, "Works with"): under torch.fx tracing the
     block is a leaf node that runs fused; torch.jit.trace, torch.compile,
@@ -174,6 +180,10 @@ class FusedResNeXtBlock(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if tracing.onnx_exporting():
             return tracing.onnx_forward(self, x)
+        hooked = inner_hooks.hooked_submodule(self)
+        if hooked is not None:  # hooks the fused op would skip: run as torchvision does (inner_hooks.py)
+            inner_hooks.warn_unfused(self, hooked)
+            return unfused.bottleneck_forward(self, x)
         if self.uses_batch_statistics():
             return self._forward_batch_statistics(x)
         if torch.compiler.is_compiling():

@@ -34,15 +34,10 @@ import torch
 from . import unfused
 
 
-class UnfusedForwardWarning(UserWarning):
-    """A tool runs or records FusedResNeXtBlock as its unfused submodules
-    (torchvision's Bottleneck.forward): the fused kernels do not run there."""
-
-
 def warn_unfused(tool, why):
     warnings.warn(f"{tool}: FusedResNeXtBlock runs as its unfused submodules (torchvision's "
                   f"Bottleneck.forward, same numbers); the fused kernels do not run there: {why}",
-                  UnfusedForwardWarning, stacklevel=3)
+                  unfused.UnfusedForwardWarning, stacklevel=3)
 
 
 def fx_forward(block, x):

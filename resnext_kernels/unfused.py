@@ -11,6 +11,13 @@ Every caller says why it is here; this module only computes.
 import torch
 
 
+class UnfusedForwardWarning(UserWarning):
+    """A FusedResNeXtBlock runs, or a tool records it, as its unfused
+    submodules (torchvision's Bottleneck.forward): the fused kernels do not
+    run there. Raised by tracing.py (TorchScript, ONNX export) and
+    inner_hooks.py (hooks on inner modules)."""
+
+
 def bottleneck_forward(block, x: torch.Tensor) -> torch.Tensor:
     """torchvision's Bottleneck.forward over `block`'s submodules (conv1 bn1
     conv2 bn2 conv3 bn3 relu downsample), including its in-place ReLU and

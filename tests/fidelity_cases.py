@@ -34,6 +34,19 @@ def cpu_backends():
     return params
 
 
+def cpu_backend_modes():
+    """pytest params (backend, train) of every CPU backend in eval mode and
+    of the training backends (all but cuda_emulated, which has no training
+    kernels) in train mode; ids eval-<backend>, train-<backend>."""
+    params = []
+    for train in (False, True):
+        for p in cpu_backends():
+            if not (train and p.values[0] == "cuda_emulated"):
+                params.append(pytest.param(p.values[0], train, marks=p.marks,
+                                           id=f"{'train' if train else 'eval'}-{p.id}"))
+    return params
+
+
 def gpu_backends():
     """pytest params of the backends on CUDA tensors (marked cuda: skipped without a GPU)."""
     return [pytest.param(name, marks=(pytest.mark.cuda,), id=f"gpu-{name}")

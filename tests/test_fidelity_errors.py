@@ -39,11 +39,15 @@ def test_eval_and_train_say_the_same():
     assert _error(block.eval(), x) == _error(block.train(), x)
 
 
-def test_other_op_errors_pass_through():
-    """Errors that are not about x against the block stay the op's own."""
-    block = FusedResNeXtBlock(64, 16, backend="reference").eval()
-    with pytest.raises(ValueError, match="x must be non-empty"):
-        block(torch.randn(0, 64, 5, 5))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_other_op_errors_pass_through(training):
+    """Errors that are not about x against the block stay the op's own:
+    H or W = 0 is rejected, as by eager's conv (an empty batch, N = 0, is
+    not: tests/test_fidelity_empty.py)."""
+    block = FusedResNeXtBlock(64, 16, backend="reference").train(training)
+    for shape in ((2, 64, 0, 5), (2, 64, 5, 0)):
+        with pytest.raises(ValueError, match=r"x must be non-empty in H and W, got shape \(2, 64"):
+            block(torch.randn(shape))
 
 
 def test_convert_warns_when_there_is_no_bottleneck():

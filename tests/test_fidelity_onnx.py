@@ -26,7 +26,7 @@ from fidelity_cases import tiny_resnext
 from helpers import assert_close_to_reference
 
 import resnext_kernels as rk
-from resnext_kernels.tracing import UnfusedForwardWarning
+from resnext_kernels import UnfusedForwardWarning
 
 # In the test extra (so CI has them); a machine without them (the GPU
 # machine, offline) skips with the reason, shown by -rs.

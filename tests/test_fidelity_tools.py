@@ -31,7 +31,7 @@ from torch import nn
 from training_cases import OpRecorder, close
 
 import resnext_kernels as rk
-from resnext_kernels.tracing import UnfusedForwardWarning
+from resnext_kernels import UnfusedForwardWarning
 
 INFERENCE_OP = "resnext_kernels.bottleneck_inference"
 TRAINING_OP = "resnext_kernels.bottleneck_training"

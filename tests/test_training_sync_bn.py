@@ -246,6 +246,50 @@ def _check_backends_inside(rank, world, device):
             assert any("convolution" in op for op in found) and any("batch_norm" in op for op in found), found
 
 
+def _check_empty_rank(rank, world, device):
+    """One rank with an empty batch (issue 20): it takes part in every
+    collective with a zero count, as nn.SyncBatchNorm's empty rank does, so
+    no rank raises or waits; the other rank's output and input gradient,
+    every rank's averaged parameter gradients and running statistics equal
+    the global-batch reference's (the global batch is the non-empty rank's),
+    num_batches_tracked counts the step on both ranks, and the empty rank's
+    output and x.grad are empty."""
+    batches = (3, 0)  # rank 1 has no images
+    lo, hi = sum(batches[:rank]), sum(batches[:rank + 1])
+    ref = _stage()
+    fused = {"triton": nn.SyncBatchNorm.convert_sync_batchnorm(rk.convert(copy.deepcopy(ref), backend="triton")),
+             "reference": nn.SyncBatchNorm.convert_sync_batchnorm(rk.convert(copy.deepcopy(ref), backend="reference"))}
+    fused = {name: m.to(device=device, dtype=torch.float32) for name, m in fused.items()}
+    eager = copy.deepcopy(ref).float()
+    x = torch.randn(sum(batches), CIN, H, W, dtype=F64)
+    g = torch.randn(sum(batches), COUT, HO, WO, dtype=F64)
+    expect, base = _step(ref, x, g), _step(eager, x.float(), g.float())
+    for model in (ref, eager):
+        for p in model.parameters():
+            p.grad /= world
+    for name, model in fused.items():
+        with _CountCollectives() as collectives:
+            got = _step(model, x[lo:hi].to(device, torch.float32), g[lo:hi].to(device, torch.float32))
+        assert collectives.calls == {"all_gather": GATHERS_PER_STEP, "all_reduce": REDUCES_PER_STEP}, \
+            (name, collectives.calls)
+        what = f"rank {rank} (batch {hi - lo}) {name}"
+        assert got[0].shape == (hi - lo, COUT, HO, WO) and got[1].shape == (hi - lo, CIN, H, W), what
+        if hi > lo:
+            close(f"{what} out", got[0].cpu(), expect[0][lo:hi], base[0][lo:hi])
+            close(f"{what} x.grad", got[1].cpu(), expect[1][lo:hi], base[1][lo:hi])
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        for pname, p in model.named_parameters():
+            close(f"{what} {pname}.grad", p.grad.cpu(), expect[2][pname], base[2][pname])
+        ref_buffers, base_buffers = dict(ref.named_buffers()), dict(eager.named_buffers())
+        for bname, buf in model.named_buffers():
+            if bname.endswith("num_batches_tracked"):
+                assert buf.item() == 1, (what, bname)
+            else:
+                close(f"{what} {bname}", buf.cpu(), ref_buffers[bname], base_buffers[bname])
+
+
 def _check_group_rules(rank, world, device):
     """nn.SyncBatchNorm's rules with an initialized group of 2: a norm whose
     process group has one process, or a block in eval mode, behaves as
@@ -272,7 +316,7 @@ def _check_group_rules(rank, world, device):
 
 CHECKS = {"stage": lambda rank, world, device: _check_stage_training(rank, world, device, ddp=False),
           "stage_ddp": lambda rank, world, device: _check_stage_training(rank, world, device, ddp=True),
-          "backends": _check_backends_inside, "groups": _check_group_rules}
+          "backends": _check_backends_inside, "groups": _check_group_rules, "empty_rank": _check_empty_rank}
 
 
 def _worker(rank, world, port, seed, device, checks):
@@ -332,8 +376,8 @@ def _spawn(checks, device="cpu"):
 def test_two_gloo_processes_train_a_sync_batchnorm_stage_as_one_global_batch():
     """Two CPU processes over gloo (module docstring): the stage's training
     steps on both backends, the collectives per step, the backends' inside,
-    nn.SyncBatchNorm's group rules."""
-    _spawn(["stage", "backends", "groups"])
+    nn.SyncBatchNorm's group rules, a rank with an empty batch."""
+    _spawn(["stage", "backends", "groups", "empty_rank"])
 
 
 @pytest.mark.cuda

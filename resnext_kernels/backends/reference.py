@@ -27,10 +27,10 @@ from ..common.batch_stats import (
     SCALE,
     STATS_ROWS,
     StatisticsRows,
-    merge_rows,
     norm_columns,
     norm_counts,
     stats_dtype,
+    synchronized_statistics,
 )
 from ..common.layout import output_memory_format
 
@@ -85,17 +85,9 @@ def _bn_forward(y, bn, stats, new_running, rows=None):
     rm = None if bn.running_mean is None else bn.running_mean.clone()
     rv = None if bn.running_var is None else bn.running_var.clone()
     if rows is not None:
-        merged = merge_rows(rows)  # float64, as the triton finalize
-        n, var = merged.count[0], merged.m2[0] / merged.count[0]
-        mean, unbiased = merged.mean[0].to(sd), (merged.m2[0] / (n - 1)).to(sd)
+        mean, var, new_running[0], new_running[1] = synchronized_statistics(rows, bn, sd)  # merged in float64
         z = torch.native_batch_norm(y, bn.weight, bn.bias, mean, var.to(sd), False, 0.0, bn.eps)[0]
         stats[MEAN], stats[INVSTD] = mean, torch.rsqrt(var + bn.eps).to(sd)
-        if rm is None:  # no running stats: the batch mean and unbiased variance
-            new_running[0], new_running[1] = mean, unbiased
-        else:
-            m = bn.momentum
-            new_running[0] = (1 - m) * rm.to(sd) + m * mean
-            new_running[1] = (1 - m) * rv.to(sd) + m * unbiased
         return z
     z, save_mean, save_invstd = torch.native_batch_norm(y, bn.weight, bn.bias, rm, rv, bn.batch_stats, bn.momentum,
                                                         bn.eps)
@@ -206,7 +198,9 @@ def bottleneck_training_backward_reference(grad_out, x, w1, w2, w3, wd, out, y1,
             grad_bn[0, cols[i]], grad_bn[1, cols[i]] = local[j], local[0]
         sums, n = local, stats[indices[0]][COUNT]
         if any(batch_stats[i] for i in indices):
-            sums, n = exchange.reduce_gradient_sums(local, counts[indices[0]])
+            # float64 across processes, as the triton backend's sums (and an empty rank's zeros, ops/empty_batch.py)
+            sums, n = exchange.reduce_gradient_sums(local.double(), counts[indices[0]])
+            sums = sums.to(sd)
         grads = []
         for j, (i, xhat) in enumerate(zip(indices, xhats), start=1):
             scale = stats[i][SCALE]

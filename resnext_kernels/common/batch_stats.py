@@ -114,9 +114,31 @@ def merge_rows(rows):
     rank. (The Triton finalize merges the same way in-kernel.)"""
     count, mean_r, m2_r = rows.count.double(), rows.mean.double(), rows.m2.double()
     n = count.sum()
-    mean = (count[:, None] * mean_r).sum(0) / n
+    # An empty batch (n = 0: a rank of a process group with no images) merges
+    # to count 0, mean 0 and M2 0, as nn.SyncBatchNorm's empty rank sends
+    # zeros: its row then adds nothing to another rank's merge.
+    mean = (count[:, None] * mean_r).sum(0) / n.clamp_min(1.0)
     m2 = (m2_r + count[:, None] * (mean_r - mean) ** 2).sum(0)
     return StatisticsRows(n.reshape(1), mean[None], m2[None])
+
+
+def synchronized_statistics(rows, bn, dtype):
+    """A batch-statistics norm's statistics from the exchanged StatisticsRows
+    `rows` (one row per rank), as nn.SyncBatchNorm computes them: (mean,
+    biased var, new running mean, new running var), in `dtype`
+    (stats_dtype) but the variance in float64, merged in float64
+    (merge_rows). The running statistics
+    become (1 - m) * old + m * batch with the unbiased variance; without
+    running statistics the batch mean and unbiased variance."""
+    merged = merge_rows(rows)
+    n = merged.count[0]
+    mean, var = merged.mean[0].to(dtype), merged.m2[0] / n
+    unbiased = (merged.m2[0] / (n - 1)).to(dtype)
+    if bn.running_mean is None:
+        return mean, var, mean, unbiased
+    m = bn.momentum
+    return (mean, var, (1 - m) * bn.running_mean.to(dtype) + m * mean,
+            (1 - m) * bn.running_var.to(dtype) + m * unbiased)
 
 
 class StatisticsExchange:

@@ -127,8 +127,8 @@ def check_conv_weights(x, w1, w2, w3, wd, stride, groups):
             raise ValueError(f"identity shortcut needs stride=1, got stride={stride}; pass wd/bd")
     elif tuple(wd.shape) != (cout, cin, 1, 1):
         raise ValueError(f"wd must have shape [Cout={cout}, Cin={cin}, 1, 1], got {tuple(wd.shape)}")
-    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"x must be non-empty in N, H and W, got shape {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # as eager's conv; an empty batch (N = 0) is fine
+        raise ValueError(f"x must be non-empty in H and W, got shape {tuple(x.shape)}")
 
 
 def output_shape(x, w3, stride):
@@ -169,6 +169,9 @@ def _bottleneck_inference_op(
 ) -> torch.Tensor:
     args = (x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups)
     candidates = resolve_and_check(args, backend)
+    if x.shape[0] == 0:  # an empty batch: nothing to compute, on any backend (the backward gives zero weight grads)
+        return torch.empty(output_shape(x, w3, stride), dtype=x.dtype, device=x.device,
+                           memory_format=output_memory_format(x))
     chosen = candidates[0] if len(candidates) == 1 else choose_auto_backend(args, candidates)
     return registry.kernel(chosen)(*args)
 
@@ -303,8 +306,9 @@ def _aten_backward(ctx, grad_y):
 
 def _backward(ctx, grad_y):
     # Grad mode is on in a backward only under create_graph=True (double
-    # backward): the ATen ops record their graph, the fused op has none.
-    if ctx.backward_backend == "reference" or torch.is_grad_enabled():
+    # backward): the ATen ops record their graph, the fused op has none. An
+    # empty batch has nothing for the kernels to do: ATen gives its zeros.
+    if ctx.backward_backend == "reference" or torch.is_grad_enabled() or grad_y.shape[0] == 0:
         return _aten_backward(ctx, grad_y)
     x, w1, b1, w2, b2, w3, b3, wd, bd, y = ctx.saved_tensors
     stride, dilation, groups = ctx.conv

@@ -19,6 +19,11 @@ new_running into its buffers. Its autograd formula calls the second op,
 ``resnext_kernels::bottleneck_training_backward``, which returns the
 gradients of x, every conv weight and every BN weight and bias. The
 auxiliary outputs (y*, bn_stats, new_running) are marked non-differentiable.
+Double backward: while autograd records a graph of the gradients
+(create_graph=True) the formula does not call the backward op; it
+recomputes the block with the differentiable reference composite (ATen
+ops) and differentiates that, on every backend
+(ops/training_double_backward.py), so gradients of gradients are eager's.
 
 BatchNorm semantics, per norm (common.batch_stats.BatchNormArgs): with
 batch_stats, normalize with the batch mean and biased variance; the
@@ -39,7 +44,12 @@ gathered before each finalize, BN's backward sums and counts all-reduced
 (common/process_group_exchange.py); this process's BN weight and bias
 gradients are its own, for DistributedDataParallel to average. Every rank of
 the group must call the op with the same block; ranks' batch sizes may
-differ, each needs at least one value per channel. None: one process.
+differ, and a rank's batch may be empty (it takes part in the collectives
+with a zero count, as with nn.SyncBatchNorm). None: one process.
+
+Empty batch (N = 0, both ops, every backend): as eager, an empty output
+and activations, the running statistics unchanged (without an exchange),
+zero weight gradients; no kernel runs (ops/empty_batch.py).
 
 Backends: "reference" (ATen ops, any floating dtype) and "triton" (Triton
 kernels, docs/training.md), both through the same exchange. "auto" runs triton for CUDA tensors and the
@@ -61,7 +71,9 @@ from ..common.layout import output_memory_format
 from ..common.process_group_exchange import ProcessGroupExchange
 from ..common.sizes import conv_output_size
 from ..common.validation import check_like_x, check_positive_int
+from . import empty_batch
 from .inference import check_conv_weights
+from .training_double_backward import training_gradients_with_graph
 
 _NS = "resnext_kernels"
 NORM_NAMES = ("bn1", "bn2", "bn3", "bn_d")
@@ -104,11 +116,11 @@ def check_training_inputs(x, w1, w2, w3, wd, norms, stride, dilation, groups, ba
             raise ValueError(f"{name}: running_mean and running_var must both be given or both be None")
         if not bn.batch_stats and bn.running_mean is None:
             raise ValueError(f"{name}: normalizing without batch statistics needs running_mean and running_var")
+        # nn.BatchNorm2d's rule: one value per channel cannot be normalized;
+        # an empty batch (count 0) can (ops/empty_batch.py), and a
+        # synchronized norm's values are the group's.
         count = n * (h * w if i == 0 else ho * wo)
-        if bn.batch_stats and synchronized and count < 1:
-            raise ValueError(f"{name}: a synchronized norm needs at least 1 value per channel in every process, "
-                             f"got {count} (x of shape {tuple(x.shape)})")
-        if bn.batch_stats and not synchronized and count <= 1:
+        if bn.batch_stats and not synchronized and count == 1:
             raise ValueError(f"{name}: expected more than 1 value per channel when training, got {count} "
                              f"(x of shape {tuple(x.shape)})")
 
@@ -157,6 +169,8 @@ def _training_op(
                   bnd_running_mean, bnd_running_var)
     norms = _norms(bn_tensors, batch_stats, momentum, eps)
     name = _resolve_and_check(x, w1, w2, w3, wd, norms, stride, dilation, groups, backend, group_name)
+    if x.shape[0] == 0:  # nothing to compute, but the collectives still run (ops/empty_batch.py)
+        return empty_batch.empty_batch_forward(x, w1, w2, w3, wd, norms, stride, exchange=_exchange(group_name))
     forward, _ = registry.training_kernels(name)
     return forward(x, w1, w2, w3, wd, norms, stride, dilation, groups, exchange=_exchange(group_name))
 
@@ -196,6 +210,9 @@ def _training_backward_op(
     BN weights and biases rebuild each norm's scale and shift from the saved
     mean and invstd. group_name: the forward's (module docstring)."""
     _check_backward(grad_out, out, bn_stats, backend, group_name)
+    if x.shape[0] == 0:  # ops/empty_batch.py
+        return empty_batch.empty_batch_backward(x, w1, w2, w3, wd, bn_stats, batch_stats, need_x_grad,
+                                                exchange=_exchange(group_name))
     _, backward = registry.training_kernels(backend)
     affine = [(bn1_weight, bn1_bias), (bn2_weight, bn2_bias), (bn3_weight, bn3_bias), (bnd_weight, bnd_bias)]
     dx, dw1, dw2, dw3, dwd, grad_bn = backward(grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats,
@@ -236,6 +253,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine)
     ctx.conv = (stride, dilation, groups)
     ctx.batch_stats = list(batch_stats)
+    ctx.eps = list(_eps)  # for the differentiable recomputation (ops/training_double_backward.py)
     ctx.backend = registry.resolve_training_backend(backend, x.device)  # what the forward ran
     ctx.group_name = group_name
     # Per norm, the dtypes of its weight and bias (None: absent), to shape the BN gradients.
@@ -249,9 +267,17 @@ def _backward(ctx, grad_out, *_aux_grads):
         return (None,) * n_inputs
     x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine = ctx.saved_tensors
     stride, dilation, groups = ctx.conv
-    dx, dw1, dw2, dw3, dwd, grad_bn = _training_backward_op(
-        grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine, stride, dilation, groups,
-        ctx.batch_stats, ctx.needs_input_grad[0], ctx.backend, ctx.group_name)
+    if torch.is_grad_enabled() and x.shape[0] > 0:
+        # create_graph=True: the gradients must be differentiable; the
+        # backward kernels are not, the reference composite is.
+        inputs = [x, w1, w2, w3, wd] + [t for i in range(4) for t in (*affine[2 * i:2 * i + 2], None, None)]
+        grads = training_gradients_with_graph(grad_out, inputs, ctx.needs_input_grad, bn_stats, ctx.batch_stats,
+                                              ctx.eps, ctx.conv, ctx.group_name)
+        return (*grads, *[None] * (n_inputs - len(grads)))
+    with torch.no_grad():  # an empty batch's zero gradients are constants, with or without a graph
+        dx, dw1, dw2, dw3, dwd, grad_bn = _training_backward_op(
+            grad_out, x, w1, w2, w3, wd, out, y1, y2, y3, yd, bn_stats, *affine, stride, dilation, groups,
+            ctx.batch_stats, ctx.needs_input_grad[0], ctx.backend, ctx.group_name)
     cols = norm_columns(w1.shape[0], w3.shape[0], wd is not None)
     bn_grads = []
     for (w_dtype, b_dtype), col in zip(ctx.affine, cols):
