@@ -17,7 +17,7 @@ emulation's build, so no GPU run uses it).
 """
 
 import collections
-import functools
+import contextlib
 
 import torch
 
@@ -95,45 +95,45 @@ def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, 
                                  enabled=enabled, capturing=capturing, default=0, choice=choice, validity=validity)
 
 
+def _listed_plans(args, emulated):
+    """candidate_plans of a forward call's args (see autotuned_rank)."""
+    x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
+    n, cin, h, w = x.shape
+    if emulated:
+        limit = settings.H100_SMEM_OPTIN
+    else:
+        limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    return candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit,
+                           projection=wdp is not None, allow_tf32=allow_tf32, emulated=emulated)
+
+
+def _plan_validity(args, emulated):
+    """The tuning store's validity of a plan choice: the device's, and what
+    the timed ranks mean in this build (their tiles, TW .. smem), so a
+    planner that ranks differently misses; the emulation's build for
+    emulated timings."""
+    timed = [list(p[1:8]) for p in _listed_plans(args, emulated)[:AUTOTUNE_TOP_K]]
+    if emulated:
+        return tuning_store.validity(args[0].device, emulation=emulation.build_digest(),
+                                     smem_limit=settings.H100_SMEM_OPTIN, plans=timed)
+    return tuning_store.validity(args[0].device, plans=timed)
+
+
 def autotuned_rank(forward_op, args, *, emulated=False):
     """select_plan_rank for a call of forward_op(*args, plan_rank) on CUDA
     (emulated: on the CPU emulation, timed by the wall clock); args = (x,
     w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups,
     allow_tf32, smem_limit)."""
     x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
-    n, cin, h, w = x.shape
-
-    @functools.cache
-    def plans():
-        if emulated:
-            limit = settings.H100_SMEM_OPTIN
-        else:
-            limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        return candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit,
-                               projection=wdp is not None, allow_tf32=allow_tf32, emulated=emulated)
-
-    def validity():
-        # What the timed ranks mean in this build: their tiles (TW .. smem).
-        timed = [list(p[1:8]) for p in plans()[:AUTOTUNE_TOP_K]]
-        if emulated:
-            return tuning_store.validity(x.device, emulation=emulation.build_digest(),
-                                         smem_limit=settings.H100_SMEM_OPTIN, plans=timed)
-        return tuning_store.validity(x.device, plans=timed)
-
-    def choose():
+    # Capture state, events and timing runs all belong to x's device.
+    with contextlib.nullcontext() if emulated else torch.cuda.device(x.device):
         return select_plan_rank(
             EMULATED_PLAN_RANKS if emulated else TUNED_PLAN_RANKS,
             tuning.tune_key(x, width, cout, stride, dilation, groups, wdp is not None, allow_tf32),
             lambda rank: tuning.seconds_per_call(lambda: forward_op(*args, rank), x.device),
-            lambda: len(plans()),
+            lambda: len(_listed_plans(args, emulated)),
             enabled=settings.autotune_enabled(),
-            capturing=tuning.capturing(x.device),
+            capturing=not emulated and torch.cuda.is_current_stream_capturing(),
             choice="cuda_plan_emulated" if emulated else "cuda_plan",
-            validity=validity,
+            validity=lambda: _plan_validity(args, emulated),
         )
-
-    if emulated:
-        return choose()
-    # Capture state, events and timing runs all belong to x's device.
-    with torch.cuda.device(x.device):
-        return choose()
