@@ -82,9 +82,12 @@ def tune(model, example_input, *, progress=False):
     timed = from_cache = untimed = 0
     items = list(problems.values())
     if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, desc="tuning block problems", unit="problem")
+        try:
+            from tqdm import tqdm
+        except ImportError:  # a dependency, but an install with --no-deps may lack it: no bar then
+            tqdm = None
+        if tqdm is not None:
+            items = tqdm(items, desc="tuning block problems", unit="problem")
     try:
         for block, x in items:
             with tuning.tune_run() as events:
