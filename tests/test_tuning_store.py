@@ -200,28 +200,41 @@ def test_tune_fills_the_store_and_a_second_process_times_nothing(store_dir, caps
     assert os.stat(os.path.join(store_dir, tuning_store.FILE_NAME)).st_mtime_ns == before
 
 
+def _tiny_blocks(backend):
+    """Three fused blocks, two distinct problems: two identity blocks of one
+    shape, then a stride-2 projection block (16 -> 32 channels, 2 groups)."""
+    def block(planes, stride=1):
+        downsample = None
+        if stride != 1:
+            downsample = torch.nn.Sequential(torch.nn.Conv2d(16, planes * 4, 1, stride=stride, bias=False),
+                                             torch.nn.BatchNorm2d(planes * 4))
+        return rk.FusedResNeXtBlock(16, planes, stride, downsample, groups=2, base_width=16, backend=backend)
+
+    return torch.nn.Sequential(block(4), block(4), block(8, stride=2)).eval()
+
+
 def test_rk_tune_counts_problems_and_leaves_the_model_as_it_was(store_dir, monkeypatch):
     _emulation_or_skip()
     monkeypatch.setattr(planner, "EMULATED_PLAN_RANKS", {})
     runs = iter(range(1000, 0, -1))  # every later timing faster: the last rank timed wins
     monkeypatch.setattr(tuning, "seconds_per_call", lambda fn, device: float(next(runs)))
-    model = rk.models.resnext29(2, 4, blocks_per_stage=1, backend="cuda_emulated").eval()
-    x = torch.randn(2, 3, 8, 8)
-    assert rk.tune(model, x) == warmup.TuneReport(3, 3, 0, 0)
+    model = _tiny_blocks("cuda_emulated")
+    x = torch.randn(1, 16, 5, 5)
+    assert rk.tune(model, x) == warmup.TuneReport(2, 2, 0, 0)
     assert set(planner.EMULATED_PLAN_RANKS.values()) == {planner.AUTOTUNE_TOP_K - 1}
     monkeypatch.setattr(planner, "EMULATED_PLAN_RANKS", {})
-    assert rk.tune(model, x) == warmup.TuneReport(3, 0, 3, 0)  # from the store
-    assert rk.tune(model, x) == warmup.TuneReport(3, 0, 3, 0)  # from this process's memory
+    assert rk.tune(model, x) == warmup.TuneReport(2, 0, 2, 0)  # from the store
+    assert rk.tune(model, x) == warmup.TuneReport(2, 0, 2, 0)  # from this process's memory
     # Another torch version: the stored timings do not hold.
     versions = {**tuning_store.software_versions(), "torch": "0.0"}
     monkeypatch.setattr(tuning_store, "software_versions", lambda: versions)
     monkeypatch.setattr(planner, "EMULATED_PLAN_RANKS", {})
-    assert rk.tune(model, x) == warmup.TuneReport(3, 3, 0, 0)
-    assert len(_entries(store_dir)) == 6
-    # A batch of another size is another set of problems; outside tune the emulation never times.
+    assert rk.tune(model, x) == warmup.TuneReport(2, 2, 0, 0)
+    assert len(_entries(store_dir)) == 4
+    # Outside tune the emulation never times.
     monkeypatch.setattr(tuning, "seconds_per_call", lambda fn, device: pytest.fail("timed outside tune"))
     with torch.no_grad():
-        model(torch.randn(1, 3, 8, 8))
+        model(torch.randn(2, 16, 5, 5))
 
 
 def test_rk_tune_in_train_mode_restores_the_running_statistics(store_dir):
@@ -278,12 +291,11 @@ def _rank_worker(rank, port, directory, emulated):
         if emulated:
             # The emulated kernel's plan ranks, through rk.tune: rank r measures plan rank r + 1 as the fastest.
             tuning.seconds_per_call = lambda fn, device: 0.0 if _plan_rank(fn) == rank + 1 else 1.0
-            model = rk.models.resnext29(2, 4, blocks_per_stage=1, backend="cuda_emulated").eval()
-            report = rk.tune(model, torch.randn(1, 3, 8, 8))
+            report = rk.tune(_tiny_blocks("cuda_emulated"), torch.randn(1, 16, 5, 5))
             chosen = [None] * WORLD
             dist.all_gather_object(chosen, sorted(planner.EMULATED_PLAN_RANKS.values()))
-            assert chosen[0] == chosen[1] == [1, 1, 1], chosen
-            assert report == warmup.TuneReport(3, 3, 0, 0), report  # both ranks report rank 0's timing
+            assert chosen[0] == chosen[1] == [1, 1], chosen
+            assert report == warmup.TuneReport(2, 2, 0, 0), report  # both ranks report rank 0's timing
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()
@@ -313,4 +325,4 @@ def test_ddp_ranks_whose_timings_disagree_run_rank_0s_choice(store_dir):
             for p in context.processes:
                 p.kill()
             pytest.fail("the ranks did not finish within 300 s (a broadcast waiting for a lost peer?)")
-    assert len(_entries(store_dir)) == 1 + 3 * emulated  # written once, by rank 0
+    assert len(_entries(store_dir)) == 1 + 2 * emulated  # written once, by rank 0
