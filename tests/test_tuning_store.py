@@ -288,6 +288,13 @@ def _rank_worker(rank, port, directory, emulated):
                                       default="a", choice="test", validity=lambda: VALID)
         assert value == "b" and cache == {KEY: "b"}, (rank, value)
         assert timed == (["a", "b"] if rank == 0 else []), (rank, timed)
+        # RESNEXT_KERNELS_TUNE_SYNC=0: each rank times and keeps its own choice (no collective).
+        os.environ[settings.TUNE_SYNC_ENV] = "0"
+        own, timed = {}, []
+        value = tuning.select_fastest(own, KEY, lambda: "ab", time_candidate, enabled=True, capturing=False,
+                                      default="a", choice=None)
+        assert value == "ba"[rank] and timed == ["a", "b"], (rank, value, timed)
+        os.environ[settings.TUNE_SYNC_ENV] = "1"
         if emulated:
             # The emulated kernel's plan ranks, through rk.tune: rank r measures plan rank r + 1 as the fastest.
             tuning.seconds_per_call = lambda fn, device: 0.0 if _plan_rank(fn) == rank + 1 else 1.0

@@ -13,7 +13,9 @@ in the process (the in-memory part), so later calls pay one dict lookup.
 
 With an initialized torch.distributed process group of more than one
 process, a miss is resolved once for all ranks: rank 0 looks up or times,
-and broadcasts its choice, so every replica runs the same kernels.
+and broadcasts its choice, so every replica runs the same kernels (every
+rank must then meet the same misses in the same order;
+RESNEXT_KERNELS_TUNE_SYNC=0 lets each rank choose for itself).
 
 While a CUDA graph is being captured nothing is timed (the timing runs
 would be recorded instead of run, and waiting for their events is not
@@ -30,7 +32,7 @@ import contextlib
 
 import torch
 
-from . import timing, tuning_store
+from . import settings, timing, tuning_store
 
 REPEATS = 5  # timed calls per candidate, after one warm-up call
 
@@ -139,9 +141,12 @@ def _find_or_time(candidates, time_candidate, capturing, default, entry):
 
 
 def _ranks():
-    """The default process group's size; 1 without torch.distributed."""
+    """The default process group's size; 1 without torch.distributed or with
+    settings.tune_sync_enabled() off (each rank then chooses for itself)."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not (dist.is_available() and dist.is_initialized()) or not settings.tune_sync_enabled():
+        return 1
+    return dist.get_world_size()
 
 
 def _agreed(resolve, candidates):
