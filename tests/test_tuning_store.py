@@ -108,8 +108,8 @@ def test_validity_names_the_gpu_its_software_and_the_versions(monkeypatch):
     assert emulated["device"] == "cpu" and emulated["emulation"] == "abc"
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"format": 1, "entries": {"k": ', b'{"format": 999, "entries": {}}',
-                                     b"[1, 2]", b"\xff\xfe\x00", b""])
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": 1, "entries": {"k": ', b"", b"\xff\xfe\x00",
+                                     b'{"format": 999, "entries": {}}', b"[1, 2]"])
 def test_a_corrupt_or_foreign_file_is_ignored_with_one_warning(store_dir, content):
     path = os.path.join(store_dir, tuning_store.FILE_NAME)
     with open(path, "wb") as f:
