@@ -7,6 +7,7 @@ Public API:
   models                 builders: resnext29_8x64d / _16x64d (CIFAR), resnext50_32x4d, resnext101_*
   available_backends()   which backends can run here, and why not
   bottleneck_inference   the folded inference op (functional form)
+  tune(model, x)         make every timed choice of a model's blocks now (fills the tuning store)
 
 Importing never fails because the compiled extension is missing or stale; the
 reason is reported by available_backends() and ``python -m resnext_kernels info``.
@@ -23,6 +24,7 @@ from . import models
 from .convert import ConversionWarning, convert, unconvert
 from .unfused import UnfusedForwardWarning
 from .ops import bottleneck_inference
+from .warmup import tune
 
 __version__ = "0.1.0"
 
@@ -38,5 +40,6 @@ __all__ = [
     "extension_error",
     "forms",
     "models",
+    "tune",
     "unconvert",
 ]

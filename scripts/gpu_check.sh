@@ -33,6 +33,9 @@
 #   plans      python -m resnext_kernels.cuda_plans: the cuda kernel's candidate tile
 #              plans timed, vs the cost model's choice
 #   ncu        Nsight Compute on one forward of the cuda and triton backends at s1, s4
+#   tune       python -m resnext_kernels tune (resnext50_32x4d, batch 32, bf16, channels_last)
+#              twice into a fresh tuning store: the second run must report "0 timed"
+#              (in no set: `scripts/gpu_check.sh $OUT build tune`)
 # Sets: "first" = build info tests sanitizer bench (the default);
 #       "second" = build train compile plans ncu model cli.
 # The device tool allows 600 s per call and 15 min per session, so a session runs
@@ -80,7 +83,7 @@ for arg in "${@:-first}"; do
   case "$arg" in
     first) STAGES+=(build info tests sanitizer bench) ;;
     second) STAGES+=(build train compile plans ncu model cli) ;;
-    build|info|tests|sanitizer|bench|train|finetune|compile|model|cli|plans|ncu) STAGES+=("$arg") ;;
+    build|info|tests|sanitizer|bench|train|finetune|compile|model|cli|plans|ncu|tune) STAGES+=("$arg") ;;
     *) echo "unknown stage or set: $arg" >&2; exit 2 ;;
   esac
 done
@@ -213,6 +216,13 @@ for stage in "${STAGES[@]}"; do
         echo "| plans | missing resnext_kernels.cuda_plans | 0 | 0 |" >> "$SUMMARY"
         failed=1
       fi
+      publish ;;
+    tune)
+      rm -rf "$WORK/tuning"
+      run_stage tune 150 TERM env RESNEXT_KERNELS_CACHE_DIR="$WORK/tuning" bash -c \
+        'tune=("$0" -m resnext_kernels tune --model resnext50_32x4d --batch 32 --dtype bfloat16 --channels-last)
+         "${tune[@]}" && "${tune[@]}" | tee /dev/stderr | tail -n 1 | grep -q ": 0 timed,"' "$PY"
+      tail -n 3 "$LOGS/tune.log" | sed 's/^/    /' >> "$SUMMARY"
       publish ;;
     ncu)
       # One forward per case (scripts/ncu_blocks.py), clocks left alone.

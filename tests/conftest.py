@@ -20,6 +20,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite never reads or writes the user's tuning store: its disk part is
+# off (set before the package is imported: Triton's autotune cache follows
+# it); the store's own tests point it at a tmp directory.
+os.environ["RESNEXT_KERNELS_CACHE_DIR"] = "off"
+
 import pytest  # noqa: E402
 
 SEED_ENV = "RESNEXT_KERNELS_TEST_SEED"

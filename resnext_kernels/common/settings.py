@@ -38,3 +38,46 @@ def autotune_enabled():
     if value not in ("0", "1"):
         raise ValueError(f"{AUTOTUNE_ENV} must be '0' or '1', got {value!r}")
     return value == "1"
+
+
+CACHE_DIR_ENV = "RESNEXT_KERNELS_CACHE_DIR"
+CACHE_DIR_OFF = "off"
+
+
+def tuning_cache_dir():
+    """The directory of the on-disk tuning store (common/tuning_store.py), or
+    None when the disk part is off.
+
+    Read at every use from the environment variable RESNEXT_KERNELS_CACHE_DIR:
+    a directory, or "off" (the choices then live in the process only, as
+    before the store existed). Unset or empty: the user's cache directory,
+    $XDG_CACHE_HOME/resnext_kernels/tuning (~/.cache when XDG_CACHE_HOME is
+    unset), beside the CUDA emulation's build directory.
+    """
+    value = os.environ.get(CACHE_DIR_ENV, "")
+    if value == CACHE_DIR_OFF:
+        return None
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "resnext_kernels", "tuning")
+
+
+TUNE_SYNC_ENV = "RESNEXT_KERNELS_TUNE_SYNC"
+
+
+def tune_sync_enabled():
+    """Whether, with an initialized torch.distributed process group of more
+    than one process, a tuning miss is resolved once for all ranks (rank 0
+    looks up or times, and broadcasts: common/tuning.py).
+
+    Read on every miss from RESNEXT_KERNELS_TUNE_SYNC: "1" (the default): the
+    ranks run the same kernels, and every rank must meet the same untuned
+    problems in the same order, as DDP replicas do; "0": each rank chooses
+    for itself (for code where only some ranks run a model, e.g. evaluation on
+    rank 0 alone, which would otherwise wait for the others in the broadcast).
+    """
+    value = os.environ.get(TUNE_SYNC_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TUNE_SYNC_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"

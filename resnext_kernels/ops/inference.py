@@ -43,7 +43,7 @@ import contextlib
 import torch
 
 from ..backends import registry
-from ..common import settings, tuning
+from ..common import settings, tuning, tuning_store
 from ..common.layout import output_memory_format
 from ..common.sizes import conv_output_size
 from ..common.validation import check_like_x, check_positive_int
@@ -185,9 +185,10 @@ def choose_auto_backend(args, candidates):
     on a GPU): while settings.autotune_enabled(), the first call of a
     problem runs each candidate once to warm it up (its own tuning happens
     there) and times it (tuning.seconds_per_call), and AUTO_CHOICES keeps the
-    faster for this and later calls; both are correct, so only speed
-    decides. Autotuning off, or a miss while a CUDA graph is being captured:
-    the first candidate, untimed.
+    faster for this and later calls (and the tuning store for later
+    processes, as choice "auto"); both are correct, so only speed decides.
+    Autotuning off, or a miss while a CUDA graph is being captured that the
+    store cannot answer: the first candidate, untimed.
     """
     x, w1, _, _, _, w3, _, wd, _, stride, dilation, groups = args
     key = tuning.tune_key(x, w1.shape[0], w3.shape[0], stride, dilation, groups, wd is not None,
@@ -196,7 +197,8 @@ def choose_auto_backend(args, candidates):
         return tuning.select_fastest(
             AUTO_CHOICES, key, lambda: candidates,
             lambda name: tuning.seconds_per_call(lambda: registry.kernel(name)(*args), x.device),
-            enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=candidates[0])
+            enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=candidates[0],
+            choice="auto", validity=lambda: tuning_store.validity(x.device))
 
 
 @_bottleneck_inference_op.register_fake

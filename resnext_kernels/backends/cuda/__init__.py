@@ -24,7 +24,7 @@ them and, on CUDA, times the first few).
 
 import torch
 
-from ...common import extension, settings
+from ...common import extension, settings, tuning
 from ...common.layout import output_memory_format
 from ...common.sizes import conv_output_size
 from ...common.weight_cache import WeightCache
@@ -67,7 +67,7 @@ if extension.extension() is not None and hasattr(torch.ops.resnext_kernels, "fus
 emulation.on_load(lambda: _register_fakes(emulation.NAMESPACE))
 
 
-def _run(lib, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, smem_limit, autotune):
+def _run(lib, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, smem_limit, autotune, emulated=False):
     packed = PACK_CACHE.get(
         lambda: lib.fused_block_pack_weights(w1, b1, w2, b2, w3, b3, wd, bd, groups),
         (w1, b1, w2, b2, w3, b3, wd, bd),
@@ -78,7 +78,7 @@ def _run(lib, x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups, smem_
     wdp = packed[6] if wd is not None else None
     args = (x, *packed[:6], wdp, w1.shape[0], w3.shape[0], stride, dilation, groups, torch.backends.cudnn.allow_tf32,
             smem_limit)
-    rank = planner.autotuned_rank(lib.fused_block_forward, args) if autotune else 0
+    rank = planner.autotuned_rank(lib.fused_block_forward, args, emulated=emulated) if autotune else 0
     return lib.fused_block_forward(*args, rank)
 
 
@@ -92,8 +92,9 @@ def bottleneck_inference_cuda(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilatio
 
 def bottleneck_inference_cuda_emulated(x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation, groups):
     """The `cuda_emulated` backend: the CUDA kernel run by the CPU emulator,
-    planned for an H100's shared memory; never tuned (emulated timings say
-    nothing about a GPU)."""
+    planned for an H100's shared memory; tuned only inside a tune() run
+    (tuning.in_tune_run: a testing mode, since emulated timings say nothing
+    about a GPU), rank 0 otherwise."""
     emulation.load()
     return _run(getattr(torch.ops, emulation.NAMESPACE), x, w1, b1, w2, b2, w3, b3, wd, bd, stride, dilation,
-                groups, smem_limit=settings.H100_SMEM_OPTIN, autotune=False)
+                groups, smem_limit=settings.H100_SMEM_OPTIN, autotune=tuning.in_tune_run(), emulated=True)

@@ -12,6 +12,7 @@ csrc/fused_block_ops.cpp compiled with that namespace, and the test helpers
 of csrc/emulation/ (emulator self-tests, ``last_launch_plan``).
 """
 
+import functools
 import hashlib
 import os
 import shutil
@@ -54,6 +55,13 @@ def _sources_digest(csrc):
                 with open(path, "rb") as f:
                     h.update(f.read())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def build_digest():
+    """The digest of the emulation's sources and torch version (its build
+    directory's name; the tuning store keys emulated timings to it)."""
+    return _sources_digest(csrc_dir())
 
 
 def build_dir(csrc):

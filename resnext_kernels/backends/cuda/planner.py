@@ -6,16 +6,22 @@ The planner ranks every plan that fits in shared memory by an estimated
 cost whose constants were never checked on a GPU, so while
 ``settings.autotune_enabled()`` the first call of a problem (``tune_key``)
 times the first AUTOTUNE_TOP_K ranks with CUDA events and TUNED_PLAN_RANKS
-keeps the fastest for that and every later call (``select_plan_rank``).
-Nothing is timed while a CUDA graph is being captured. With autotuning off,
-and always on ``cuda_emulated``, rank 0 runs.
+keeps the fastest for that and every later call (``select_plan_rank``), and
+the tuning store for later processes (choice "cuda_plan"; the timed plans'
+tiles are part of its validity, so a planner that ranks differently
+misses). Nothing is timed while a CUDA graph is being captured. With
+autotuning off rank 0 runs; on ``cuda_emulated`` too, except inside a
+tune() run (tuning.in_tune_run), where the emulated kernel's plans are timed
+on the CPU (a testing mode: choice "cuda_plan_emulated", keyed to the
+emulation's build, so no GPU run uses it).
 """
 
 import collections
+import contextlib
 
 import torch
 
-from ...common import extension, settings, tuning
+from ...common import extension, settings, tuning, tuning_store
 from ...common.sizes import cdiv, next_pow2, round_up
 from . import emulation
 
@@ -69,42 +75,65 @@ def candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, dtype, 
 
 
 AUTOTUNE_TOP_K = 4  # plan ranks timed on a tune key's first call
-TUNED_PLAN_RANKS = {}  # tune key -> fastest plan rank
+TUNED_PLAN_RANKS = {}  # tune key -> fastest plan rank (cuda)
+EMULATED_PLAN_RANKS = {}  # tune key -> fastest plan rank (cuda_emulated, timed inside tune() only)
 
 
-def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, top_k=AUTOTUNE_TOP_K):
+def select_plan_rank(cache, key, time_rank, count_plans, *, enabled, capturing, top_k=AUTOTUNE_TOP_K, choice=None,
+                     validity=None):
     """The plan rank a call runs with (tuning.select_fastest over ranks).
 
     enabled False: 0, the cost model's choice. Else the rank cached for key;
-    on a miss, ranks 0 .. min(top_k, count_plans()) - 1 are timed with
-    time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
+    on a miss, the tuning store's rank (choice, validity(): see
+    select_fastest) or ranks 0 .. min(top_k, count_plans()) - 1 are timed
+    with time_rank(rank) -> seconds and the fastest (ties: the lower rank) is
     cached and returned (0, untimed, when fewer than two plans fit; with no
     plan at all the op reports it). While a CUDA graph is being captured
-    (capturing) a miss returns 0 and caches nothing.
+    (capturing) a miss the store cannot answer returns 0 and caches nothing.
     """
     return tuning.select_fastest(cache, key, lambda: range(min(top_k, count_plans())), time_rank,
-                                 enabled=enabled, capturing=capturing, default=0)
+                                 enabled=enabled, capturing=capturing, default=0, choice=choice, validity=validity)
 
 
-def autotuned_rank(forward_op, args):
-    """select_plan_rank for a call of forward_op(*args, plan_rank) on CUDA;
-    args = (x, w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride,
-    dilation, groups, allow_tf32, smem_limit)."""
+def _listed_plans(args, emulated):
+    """candidate_plans of a forward call's args (see autotuned_rank)."""
     x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
     n, cin, h, w = x.shape
-
-    def count_plans():
+    if emulated:
+        limit = settings.H100_SMEM_OPTIN
+    else:
         limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-        return len(candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit,
-                                   projection=wdp is not None, allow_tf32=allow_tf32))
+    return candidate_plans(n, h, w, cin, width, cout, groups, stride, dilation, x.dtype, limit,
+                           projection=wdp is not None, allow_tf32=allow_tf32, emulated=emulated)
 
+
+def _plan_validity(args, emulated):
+    """The tuning store's validity of a plan choice: the device's, and what
+    the timed ranks mean in this build (their tiles, TW .. smem), so a
+    planner that ranks differently misses; the emulation's build for
+    emulated timings."""
+    timed = [list(p[1:8]) for p in _listed_plans(args, emulated)[:AUTOTUNE_TOP_K]]
+    if emulated:
+        return tuning_store.validity(args[0].device, emulation=emulation.build_digest(),
+                                     smem_limit=settings.H100_SMEM_OPTIN, plans=timed)
+    return tuning_store.validity(args[0].device, plans=timed)
+
+
+def autotuned_rank(forward_op, args, *, emulated=False):
+    """select_plan_rank for a call of forward_op(*args, plan_rank) on CUDA
+    (emulated: on the CPU emulation, timed by the wall clock); args = (x,
+    w1p, b1p, w2p, b2p, w3p, b3p, wdp, width, cout, stride, dilation, groups,
+    allow_tf32, smem_limit)."""
+    x, wdp, width, cout, stride, dilation, groups, allow_tf32 = args[0], *args[7:14]
     # Capture state, events and timing runs all belong to x's device.
-    with torch.cuda.device(x.device):
+    with contextlib.nullcontext() if emulated else torch.cuda.device(x.device):
         return select_plan_rank(
-            TUNED_PLAN_RANKS,
+            EMULATED_PLAN_RANKS if emulated else TUNED_PLAN_RANKS,
             tuning.tune_key(x, width, cout, stride, dilation, groups, wdp is not None, allow_tf32),
             lambda rank: tuning.seconds_per_call(lambda: forward_op(*args, rank), x.device),
-            count_plans,
+            lambda: len(_listed_plans(args, emulated)),
             enabled=settings.autotune_enabled(),
-            capturing=torch.cuda.is_current_stream_capturing(),
+            capturing=not emulated and torch.cuda.is_current_stream_capturing(),
+            choice="cuda_plan_emulated" if emulated else "cuda_plan",
+            validity=lambda: _plan_validity(args, emulated),
         )

@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from ...common import settings, timing, tuning
+from ...common import settings, timing, tuning, tuning_store
 from ...common.layout import output_memory_format
 from ...common.sizes import conv_output_size
 
@@ -170,8 +170,8 @@ def candidates(n, t1_bytes_per_image, l2_bytes, splittable):
 
 def choose_candidate(key, x, width_p, splittable, run):
     """(strategy, chunk) for this call: timed on the first call of key
-    (run(candidate) runs the block with it), ("fused", whole batch) where
-    not tuning."""
+    (run(candidate) runs the block with it) unless the tuning store has it
+    (choice "triton"), ("fused", whole batch) where not tuning."""
     n, _, h, w = x.shape
     if not x.is_cuda:  # the interpreter: nothing to time
         return "fused", n
@@ -179,7 +179,8 @@ def choose_candidate(key, x, width_p, splittable, run):
     return tuning.select_fastest(
         CHOICES, key, lambda: candidates(n, t1_per_image, timing.cache_bytes(x.device), splittable),
         lambda c: tuning.seconds_per_call(lambda: run(c), x.device),
-        enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n))
+        enabled=settings.autotune_enabled(), capturing=tuning.capturing(x.device), default=("fused", n),
+        choice="triton", validity=lambda: tuning_store.validity(x.device))
 
 
 __all__ = ["bottleneck_inference_triton", "candidates", "chunk_candidates"]

@@ -1,12 +1,13 @@
 """Helpers shared by the kernels and their launchers (no kernels here)."""
 
 import contextlib
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from ...common import settings
+from ...common import settings, tuning_store
 from ...common.sizes import next_pow2
 
 # Largest dynamic shared memory per block on H100/H200 (227 KB). The
@@ -71,8 +72,19 @@ def first_kept_config(configs, prune, args):
 
 def autotuned(kernel, configs, key, prune):
     """The triton.autotune wrapper of `kernel`: configs in preference order,
-    re-tuned per `key`, pruned per call by `prune` (early_config_prune)."""
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    re-tuned per `key`, pruned per call by `prune` (early_config_prune).
+
+    Its results persist in Triton's own on-disk autotune cache
+    (cache_results, in Triton's cache directory, TRITON_CACHE_DIR; keyed by
+    Triton's version, the GPU's target arch, the kernel's source, the tuning
+    key and the configs) unless the tuning store's disk part is off
+    (RESNEXT_KERNELS_CACHE_DIR=off, read when this module is imported).
+    Triton's knob TRITON_CACHE_AUTOTUNING=1 turns it on for every kernel."""
+    persist = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        persist["cache_results"] = tuning_store.store_path() is not None
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           **persist)(kernel)
 
 
 def launch(kernel, tuned, grid, args, consts, interpret_config, pick_config):
