@@ -333,3 +333,20 @@ def test_ddp_ranks_whose_timings_disagree_run_rank_0s_choice(store_dir):
                 p.kill()
             pytest.fail("the ranks did not finish within 300 s (a broadcast waiting for a lost peer?)")
     assert len(_entries(store_dir)) == 1 + 2 * emulated  # written once, by rank 0
+
+
+def test_a_miss_under_no_grad_issues_no_collective(store_dir, monkeypatch):
+    """Several ranks (faked): a miss in a training step (grad mode on) goes
+    through the broadcast; under torch.no_grad (evaluation, often on rank 0
+    alone) it must not, or that rank would wait for ranks that never come."""
+    monkeypatch.setattr(tuning, "_ranks", lambda: 2)
+    agreed = []
+    monkeypatch.setattr(tuning, "_agreed", lambda resolve, candidates: agreed.append(1) or resolve())
+    time_candidate, _ = fake_timer({"a": 1.0, "b": 0.0})
+    with torch.no_grad():
+        value = tuning.select_fastest({}, KEY, lambda: "ab", time_candidate, enabled=True, capturing=False,
+                                      default="a", choice=None)
+    assert value == "b" and agreed == []
+    value = tuning.select_fastest({}, KEY, lambda: "ab", time_candidate, enabled=True, capturing=False,
+                                  default="a", choice=None)
+    assert value == "b" and agreed == [1]

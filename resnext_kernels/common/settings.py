@@ -73,9 +73,9 @@ def tune_sync_enabled():
 
     Read on every miss from RESNEXT_KERNELS_TUNE_SYNC: "1" (the default): the
     ranks run the same kernels, and every rank must meet the same untuned
-    problems in the same order, as DDP replicas do; "0": each rank chooses
-    for itself (for code where only some ranks run a model, e.g. evaluation on
-    rank 0 alone, which would otherwise wait for the others in the broadcast).
+    problems of its training steps (grad mode on) and tune() runs in the same
+    order, as DDP replicas do (misses under no_grad never synchronize:
+    tuning.py); "0": each rank chooses for itself.
     """
     value = os.environ.get(TUNE_SYNC_ENV, "1")
     if value not in ("0", "1"):

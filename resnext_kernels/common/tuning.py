@@ -12,10 +12,15 @@ of REPEATS calls) and writes the fastest there; the choice is kept per key
 in the process (the in-memory part), so later calls pay one dict lookup.
 
 With an initialized torch.distributed process group of more than one
-process, a miss is resolved once for all ranks: rank 0 looks up or times,
-and broadcasts its choice, so every replica runs the same kernels (every
-rank must then meet the same misses in the same order;
-RESNEXT_KERNELS_TUNE_SYNC=0 lets each rank choose for itself).
+process, a miss met in a training step (grad mode on, which DDP replicas
+run in lockstep) or inside tune() is resolved once for all ranks: rank 0
+looks up or times, and broadcasts its choice, so every replica runs the
+same kernels (every rank must then meet the same misses in the same order;
+RESNEXT_KERNELS_TUNE_SYNC=0 lets each rank choose for itself). A miss under
+torch.no_grad / inference_mode issues no collective, since code often runs
+a model on some ranks only there (evaluation on rank 0): each rank looks
+the problem up in the store or times it itself, so that path never waits
+for ranks that are not coming.
 
 While a CUDA graph is being captured nothing is timed (the timing runs
 would be recorded instead of run, and waiting for their events is not
@@ -103,7 +108,7 @@ def _resolve_miss(cache, key, candidates, time_candidate, capturing, default, ch
     entry = None
     if choice is not None:
         entry = {"choice": choice, "problem": problem_fields(key), "validity": validity()}
-    if not capturing and _ranks() > 1:
+    if not capturing and (torch.is_grad_enabled() or in_tune_run()) and _ranks() > 1:
         value, how = _agreed(lambda: _find_or_time(candidates, time_candidate, False, default, entry), candidates)
     else:
         value, how = _find_or_time(candidates, time_candidate, capturing, default, entry)
