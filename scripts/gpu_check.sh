@@ -161,7 +161,7 @@ CARRY="${GPU_CHECK_CARRY:-$REPO/.gpu_check_carry}"
 LOGS="$WORK/logs"
 RES="$WORK/results"
 mkdir -p "$LOGS" "$RES"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the GPU machine may have only python3
 export PYTHON="$PY" GPU_CHECK_CARRY="$CARRY"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
@@ -228,7 +228,7 @@ failed=0
   tail -n +2 <<<"$MACHINE"
   nvcc --version 2>&1 | tail -n 1
   [ -f "$CARRY/rehearsal.txt" ] && sed 's/^/carry: /' "$CARRY/rehearsal.txt"
-  echo "Triton cache $TRITON_CACHE_DIR: $(find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d | wc -l) kernels at the start"
+  echo "Triton cache $TRITON_CACHE_DIR: $(find "$TRITON_CACHE_DIR" -name "*.cubin" | wc -l) kernels at the start"
   echo "seed $SEED, deadline ${DEADLINE}s, MAX_JOBS $MAX_JOBS"
   [ "$DRY" = 1 ] && echo "DRY RUN: every stage's command resolved (scripts/gpu_check_resolve.py), not run"
   echo '```'
@@ -260,7 +260,8 @@ publish() {  # copy the results into OUTDIR (at most 8 files, all named STEM_*)
   tar -czf "$OUT/${STEM}_logs.tar.gz" -C "$WORK" logs 2>/dev/null
 }
 
-kernels_cached() { find "$TRITON_CACHE_DIR" -mindepth 1 -maxdepth 1 -type d | wc -l; }
+# Compiled kernels in the cache (one .cubin each; the launcher stubs Triton builds with gcc are .so files).
+kernels_cached() { find "$TRITON_CACHE_DIR" -name "*.cubin" | wc -l; }
 
 run_stage() {  # name command... (limit and stop signal from STAGE_TABLE)
   local name="$1" left rc start limit signal before

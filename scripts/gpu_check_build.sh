@@ -16,7 +16,7 @@
 # what loaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 CARRY=${GPU_CHECK_CARRY:-.gpu_check_carry}
 
 digest() {  # sha256 over the names and contents of everything the build compiles

@@ -6,6 +6,7 @@ scripts/gpu_check_prepare.sh rehearses them on CPU (a dry run that resolves
 every stage's command, too slow for the suite)."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -222,7 +223,7 @@ GPU_TEST_FILES = ["test_gpu_large_tensors.py", "test_gpu_tuning_under_capture.py
 def test_gpu_tests_are_collected_and_skipped_with_a_reason_on_cpu():
     """Every test of issue 15's GPU files that needs a GPU is marked `cuda`:
     on CPU pytest collects it and skips it with a reason (and the GPU check's
-    tests stage, which runs tests/ whole, runs it)."""
+    gpu_tests stage, which runs every GPU-marked test, runs it)."""
     files = [str(REPO / "tests" / name) for name in GPU_TEST_FILES]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda",
                            *files], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -232,3 +233,25 @@ def test_gpu_tests_are_collected_and_skipped_with_a_reason_on_cpu():
     assert all("GPU" in reason or "CUDA" in reason for _, _, reason in skipped), skipped
     count = sum(int(n) for n, _, _ in skipped)
     assert re.search(rf"^{count} skipped, \d+ deselected", proc.stdout, re.M) and count >= 20, proc.stdout
+
+
+
+def test_relocated_triton_cache_index_names_the_files_where_they_are(tmp_path):
+    """Triton's cache index (__grp__*.json) lists its files by absolute path,
+    so the carried cache is relocated on the GPU machine
+    (triton_compile --relocate-cache): each entry then names the file in its
+    own directory, and files the carry dropped (IR, PTX) are no longer
+    listed. (That a relocated cache is hit, nothing compiled again, is
+    checked by scripts/gpu_check_prepare.sh, which compiles.)"""
+    from resnext_kernels.bench import triton_compile
+
+    kernel = tmp_path / "moved" / "HASH"
+    kernel.mkdir(parents=True)
+    for name in ("k.cubin", "k.json"):
+        (kernel / name).write_text("x")
+    old = "/elsewhere/cache/HASH"
+    (kernel / "__grp__k.json").write_text(json.dumps({"child_paths": {
+        "k.cubin": f"{old}/k.cubin", "k.json": f"{old}/k.json", "k.ptx": f"{old}/k.ptx"}}))
+    assert triton_compile.relocate_cache(tmp_path / "moved") == 1
+    index = json.loads((kernel / "__grp__k.json").read_text())["child_paths"]
+    assert index == {"k.cubin": str(kernel / "k.cubin"), "k.json": str(kernel / "k.json")}
