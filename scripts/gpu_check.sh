@@ -335,8 +335,9 @@ for i in "${!STAGES[@]}"; do
       test_summary "$LOGS/sweep.log"
       publish ;;
     sanitizer)
-      run_stage sanitizer "${COMPUTE_SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 99 \
-        "$PY" scripts/gpu_sanitizer_cases.py ;;
+      # No caching allocator: each tensor its own cudaMalloc, so memcheck sees every tensor's bounds.
+      run_stage sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${COMPUTE_SANITIZER:-compute-sanitizer}" \
+        --tool memcheck --error-exitcode 99 "$PY" scripts/gpu_sanitizer_cases.py ;;
     headline)
       run_stage headline env RESNEXT_KERNELS_AUTOTUNE=0 "${BENCH[@]}" benchmarks/test_block_bench.py "${HEADLINE[@]}" \
         --bench-compile none -k "cuda or triton or eager_cl" --benchmark-json "$RES/$STEM.json" ;;

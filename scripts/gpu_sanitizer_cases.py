@@ -12,9 +12,12 @@ with no change here). Odd channel counts, a projection shortcut, stride 2 and
 dilation 2 where the family takes them, so masked edges and the shortcut's
 strided loads are exercised. Autotuning is off (one config per kernel: the
 sanitizer checks memory accesses, and timing under it means nothing).
-Outputs are NaN-poisoned first and must come out finite; correctness against
-float64 is the sweep's job (tests/test_gpu_sweep.py). Exits 1 on a failed
-check; compute-sanitizer's own exit code reports memory errors.
+Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the check does), so that every
+tensor is its own allocation and memcheck sees its bounds rather than those
+of a pooled segment. The Triton inference outputs are NaN-filled first
+(out=), and every output and gradient must come out finite; correctness
+against float64 is the sweep's job (tests/test_gpu_sweep.py). Exits 1 on a
+failed check; compute-sanitizer's own exit code reports memory errors.
 """
 
 import argparse
