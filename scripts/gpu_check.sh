@@ -212,6 +212,8 @@ ptxas = triton.knobs.nvidia.ptxas.path  # its `--version` is part of every Trito
 release = [v for v in subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.splitlines()
            if "release" in v]
 print("triton's ptxas", ptxas, release)
+from triton._C.libtriton import get_cache_invalidating_env_vars  # these enter the cache key too
+print("triton cache-invalidating env vars set:", get_cache_invalidating_env_vars() or "none")
 PYEOF
 )
 VERSIONS=$(head -n 1 <<<"$MACHINE")
