@@ -17,6 +17,9 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 SAN=${COMPUTE_SANITIZER:-compute-sanitizer}
+# Without PyTorch's caching allocator every tensor is its own cudaMalloc, so
+# memcheck sees each tensor's bounds (not just those of a pooled segment).
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
 CASES=$(cat <<'PYEOF'
 import torch

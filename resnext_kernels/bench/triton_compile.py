@@ -12,9 +12,30 @@ registers and spill stores. Used by the Triton tests and by hand:
 It must run with the Triton interpreter off (the kernels are then real
 JITFunctions). It relies on triton.compile / ASTSource / GPUTarget as found
 in triton 3.6..3.8.
+
+--warm-cache fills Triton's on-disk kernel cache (TRITON_CACHE_DIR) with
+what a GPU run of these shapes looks up: every config the autotuner would
+compile for the inference kernels (the heuristic one included) and, with
+--training-shapes, the training kernels of one step, compiled through
+Triton's own runtime (JITFunction.warmup, with a stand-in driver that names
+an sm_90 target), so the cache keys are the ones the runtime computes
+there. A key is sha256 of: the triton version and the hash of its compiler,
+backend and language sources and libtriton; the kernel's source and
+specialization (signature, constexprs, 16-divisibility of ints and pointer
+alignment); `ptxas --version` of the ptxas Triton uses (its bundled one
+unless TRITON_PTXAS_PATH says otherwise) and the target arch; the compile
+options; the cache-invalidating environment variables that are set. No
+driver version and no path enters it, but the cache's index files
+(__grp__*.json) hold absolute paths: --relocate-cache DIR rewrites them to
+where DIR is now (after a copy to another machine), listing only the files
+still there (the carry keeps only .cubin and .json). Triton's launcher stubs
+(C, built with gcc on first launch and linked against libcuda) cannot be
+built without a driver and stay device time. scripts/gpu_check_prepare.sh
+uses both; the GPU check counts the kernels each stage still compiled.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -22,11 +43,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
 from triton.compiler import ASTSource
+from triton.runtime.driver import driver
 
 from ..backends.triton import conv1x1_bias_relu as k1
 from ..backends.triton import grouped_conv_bias_relu as k2a
@@ -252,6 +276,86 @@ def check_shape(name, dtype=torch.bfloat16, allow_tf32=True, batch=128, nchw=Fal
     return results
 
 
+class _SM90Driver(DriverBase):
+    """Stands in for Triton's CUDA driver where there is no GPU: it names an
+    sm_90 target (H100/H200) and device 0, enough for JITFunction.warmup to
+    compile; it launches nothing."""
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        raise NotImplementedError("compile only")
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda", 0)
+
+    def get_benchmarker(self):
+        raise NotImplementedError("compile only")
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def _sm90_runtime():
+    if interpreting():
+        raise RuntimeError("--warm-cache needs TRITON_INTERPRET unset or 0 (it compiles real kernels)")
+    saved = driver._active  # None unless set: reset_active() would create the default driver, which needs a GPU
+    driver.set_active(_SM90Driver())
+    try:
+        yield
+    finally:
+        driver.set_active(saved)
+
+
+def _warm(fn, args, kwargs):
+    start = time.time()
+    fn.warmup(*args, grid=(1,), **kwargs)
+    return round(time.time() - start, 2)
+
+
+def warm_cache(shapes, training_shapes=(), dtype=torch.bfloat16, allow_tf32=True):
+    """Compile, into Triton's on-disk cache, what a GPU run of `shapes`
+    (inference: every config the autotuner keeps, so both the heuristic
+    launch and autotuning hit) and `training_shapes` (one training step)
+    would compile; list of {kernel, shape, seconds} (seconds ~0: already cached)."""
+    results = []
+    with _sm90_runtime():
+        for name in shapes:
+            _, launches = kernel_launches(SHAPES[name], dtype, allow_tf32)
+            for kname, (fn, mod, args, consts) in launches.items():
+                for config in mod._prune(mod._gpu_configs(), dict(zip(fn.arg_names, args)), **consts):
+                    seconds = _warm(fn, args, {**consts, **config.all_kwargs()})
+                    results.append({"kernel": kname, "shape": name, "config": str(config), "seconds": seconds})
+        for name in training_shapes:
+            for kname, (fn, args, consts, warps, stages) in training_launches(SHAPES[name], dtype, allow_tf32).items():
+                seconds = _warm(fn, args, {**consts, "num_warps": warps, "num_stages": stages})
+                results.append({"kernel": kname, "shape": name, "config": f"{warps} warps {stages} stages",
+                                "seconds": seconds})
+    return results
+
+
+def relocate_cache(root):
+    """Point every index file (__grp__*.json) of the Triton cache at `root`
+    to the files that are in its own directory now; returns the number of
+    kernels indexed."""
+    count = 0
+    for grp in Path(root).glob("*/__grp__*"):
+        data = json.loads(grp.read_text())
+        paths = {name: str(grp.parent / Path(path).name) for name, path in data.get("child_paths", {}).items()}
+        grp.write_text(json.dumps({"child_paths": {n: p for n, p in paths.items() if os.path.exists(p)}}))
+        count += 1
+    return count
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="*", help=f"some of {list(SHAPES)} (default: all)")
@@ -261,10 +365,30 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     parser.add_argument("--training", action="store_true",
                         help="the training kernels (one forward + backward step) instead of the inference ones")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="compile the shapes' inference kernels (every kept config) into TRITON_CACHE_DIR "
+                             "through Triton's runtime, as a GPU run would look them up")
+    parser.add_argument("--training-shapes", nargs="*", default=[], metavar="SHAPE",
+                        help="with --warm-cache: also one training step of these shapes")
+    parser.add_argument("--relocate-cache", metavar="DIR", default=None,
+                        help="rewrite the index files of the Triton cache DIR to its current place, then exit")
     opts = parser.parse_args(argv)
-    unknown = set(opts.shapes) - set(SHAPES)
+    if opts.relocate_cache is not None:
+        print(f"{relocate_cache(opts.relocate_cache)} kernels indexed in {opts.relocate_cache}")
+        return 0
+    unknown = (set(opts.shapes) | set(opts.training_shapes)) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(SHAPES)}")
+    if opts.warm_cache:
+        start = time.time()
+        results = warm_cache(opts.shapes, opts.training_shapes, getattr(torch, opts.dtype), not opts.no_tf32)
+        if opts.json:
+            json.dump(results, sys.stdout)
+        else:
+            for r in results:
+                print(f"{r['shape']:11s} {r['kernel']:24s} {r['config']:60s} {r['seconds']:.2f}s", flush=True)
+            print(f"{len(results)} launches warmed in {time.time() - start:.0f} s")
+        return 0
     results = []
     for name in opts.shapes or list(SHAPES):
         if opts.training:
