@@ -17,27 +17,18 @@ import torch
 from resnext_kernels.bench.cases import make_block, shape_seed
 from resnext_kernels.bench.finetune import freeze_batchnorm
 from resnext_kernels.bench.finetune_counts import finetune_step_bytes
-from resnext_kernels.bench.measure import RotatingTarget, device_name, plan_rounds
+from resnext_kernels.bench.measure import device_name
 from resnext_kernels.bench.shapes import SHAPES, dtype_name
-from resnext_kernels.bench.training import TRAIN_DTYPE, build_training_step, train_impl_unavailable_reason
-from resnext_kernels.common.timing import round_seconds
+from resnext_kernels.bench.training import (
+    TRAIN_DTYPE,
+    build_training_step,
+    peak_step_bytes,
+    time_step,
+    train_impl_unavailable_reason,
+)
 
 FINETUNE_IMPLS = ("eager_amp", "triton")
 CASES = [(shape, impl) for shape in SHAPES for impl in FINETUNE_IMPLS]
-
-
-def _time(benchmark, step, x, device, seconds):
-    calib = round_seconds(step, [x], device, 1)[0]
-    benchmark.pedantic(RotatingTarget(step, [x], device), iterations=1, warmup_rounds=1,
-                       rounds=plan_rounds(calib, seconds))
-
-
-def _peak_bytes(step, x, device):
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step(x)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
 
 
 @pytest.mark.parametrize("shape,impl", CASES, ids=[f"{s}-{i}" for s, i in CASES])
@@ -68,8 +59,8 @@ def test_finetune_block(benchmark, bench_settings, call_or_fail, shape, impl):
         x_grad_max_abs_diff_vs_eager=(x_grad.float() - x.grad.float()).abs().max().item(),
         derived_fused_bytes=derived["fused"], derived_eager_bytes=derived["eager"])
     x.grad = None
-    call_or_fail(_time, benchmark, step, x, s.device, s.seconds)
+    call_or_fail(time_step, benchmark, step, x, s.device, s.seconds)
     if benchmark.stats is not None:
         own = derived["fused"] if impl == "triton" else derived["eager"]
         benchmark.extra_info["achieved_GBps"] = own / benchmark.stats.stats.median / 1e9
-    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(_peak_bytes, step, x, s.device)
+    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(peak_step_bytes, step, x, s.device)

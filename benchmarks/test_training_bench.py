@@ -16,32 +16,19 @@ import pytest
 import torch
 
 from resnext_kernels.bench.cases import make_block, make_model, shape_seed
-from resnext_kernels.bench.measure import RotatingTarget, device_name, plan_rounds
+from resnext_kernels.bench.measure import device_name
 from resnext_kernels.bench.shapes import SHAPES, dtype_name, training_step_bytes
 from resnext_kernels.bench.training import (
     TRAIN_DTYPE,
     TRAIN_IMPLS,
     build_training_step,
+    peak_step_bytes,
+    time_step,
     train_impl_unavailable_reason,
 )
-from resnext_kernels.common.timing import round_seconds
 
 CASES = [(shape, impl) for shape in SHAPES for impl in TRAIN_IMPLS]  # shape-major: a time limit cuts whole shapes
 MODEL_RESOLUTION = 224
-
-
-def _time(benchmark, step, x, device, seconds):
-    calib = round_seconds(step, [x], device, 1)[0]
-    benchmark.pedantic(RotatingTarget(step, [x], device), iterations=1, warmup_rounds=1,
-                       rounds=plan_rounds(calib, seconds))
-
-
-def _peak_bytes(step, x, device):
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step(x)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
 
 
 @pytest.mark.parametrize("shape,impl", CASES, ids=[f"{s}-{i}" for s, i in CASES])
@@ -68,11 +55,11 @@ def test_training_block(benchmark, bench_settings, call_or_fail, shape, impl):
         device=device_name(s.device), seed=s.seed, first_call_s=info["first_call_s"],
         max_abs_diff_vs_eager=(info["output"].float() - eager_out.float()).abs().max().item(),
         derived_fused_bytes=derived["fused"], derived_eager_bytes=derived["eager"])
-    call_or_fail(_time, benchmark, step, x, s.device, s.seconds)
+    call_or_fail(time_step, benchmark, step, x, s.device, s.seconds)
     if benchmark.stats is not None:
         own = derived["fused"] if impl == "triton" else derived["eager"]
         benchmark.extra_info["achieved_GBps"] = own / benchmark.stats.stats.median / 1e9
-    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(_peak_bytes, step, x, s.device)
+    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(peak_step_bytes, step, x, s.device)
 
 
 @pytest.mark.parametrize("impl", TRAIN_IMPLS)
@@ -91,7 +78,7 @@ def test_training_model(benchmark, bench_settings, call_or_fail, impl):
     benchmark.extra_info.update(training=True, model="resnext50_32x4d", shape="resnext50_32x4d", impl=impl,
                                 batch=s.batch, resolution=MODEL_RESOLUTION, dtype=dtype_name(TRAIN_DTYPE),
                                 device=device_name(s.device), seed=s.seed, first_call_s=info["first_call_s"])
-    call_or_fail(_time, benchmark, step, x, s.device, s.seconds * 3)
+    call_or_fail(time_step, benchmark, step, x, s.device, s.seconds * 3)
     if benchmark.stats is not None:
         benchmark.extra_info["images_per_s"] = s.batch / benchmark.stats.stats.median
-    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(_peak_bytes, step, x, s.device)
+    benchmark.extra_info["peak_mem_bytes"] = call_or_fail(peak_step_bytes, step, x, s.device)

@@ -23,7 +23,7 @@ import torch
 from ..backends.triton.packing import GroupTiling
 from ..convert import convert
 from .measure import saved_activation_bytes
-from .shapes import SHAPES, _conv1x1_wgrad_bytes, _training_maps, _wgrad_output_bytes, gpu_splits
+from .shapes import _conv1x1_wgrad_bytes, _training_maps, _wgrad_output_bytes, gpu_splits, step_bytes_table
 
 # Pixels per row of fp64 partial sums the fused backward writes (and
 # sum_rows reads back), per kernel, on a GPU with 16-bit operands: the tail
@@ -123,15 +123,7 @@ def finetune_step_bytes(shape, batch, dtype=torch.bfloat16):
 
 def finetune_bytes_table(batch=128, dtype=torch.bfloat16):
     """Markdown table of finetune_step_bytes for every canonical shape (docs/training.md)."""
-    lines = ["| shape | eager GB | fused GB | fused / eager | maps only (units of y2) |", "|---|---|---|---|---|"]
-    for s in SHAPES.values():
-        b = finetune_step_bytes(s, batch, dtype)
-        traffic = finetune_step_traffic(s, batch)
-        unit = _training_maps(s, batch)["y2"]
-        units = {k: sum(r + w for _, r, w in v) / unit for k, v in traffic.items()}
-        lines.append(f"| {s.name} | {b['eager'] / 1e9:.2f} | {b['fused'] / 1e9:.2f} | {b['ratio']:.3f} | "
-                     f"{units['fused']:.0f} / {units['eager']:.0f} |")
-    return "\n".join(lines)
+    return step_bytes_table(finetune_step_bytes, finetune_step_traffic, batch, dtype)
 
 
 def _is_activation(batch):

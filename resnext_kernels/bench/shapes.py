@@ -344,10 +344,17 @@ def training_step_bytes(shape, batch, dtype):
 
 def training_bytes_table(batch=128, dtype=torch.bfloat16):
     """Markdown table of training_step_bytes for every canonical shape (docs/training.md)."""
+    return step_bytes_table(training_step_bytes, training_step_traffic, batch, dtype)
+
+
+def step_bytes_table(step_bytes, step_traffic, batch, dtype):
+    """Markdown table of a step's derived bytes for every canonical shape:
+    step_bytes(shape, batch, dtype) -> {"fused", "eager", "ratio"} and
+    step_traffic(shape, batch) -> {"fused"/"eager": [(name, read, write)]}."""
     lines = ["| shape | eager GB | fused GB | fused / eager | maps only (units of y2) |", "|---|---|---|---|---|"]
     for s in SHAPES.values():
-        b = training_step_bytes(s, batch, dtype)
-        traffic = training_step_traffic(s, batch)
+        b = step_bytes(s, batch, dtype)
+        traffic = step_traffic(s, batch)
         unit = _training_maps(s, batch)["y2"]
         units = {k: sum(r + w for _, r, w in v) / unit for k, v in traffic.items()}
         lines.append(f"| {s.name} | {b['eager'] / 1e9:.2f} | {b['fused'] / 1e9:.2f} | {b['ratio']:.3f} | "

@@ -16,8 +16,9 @@ import torch
 
 from ..backends import registry
 from ..block import FusedResNeXtBlock
-from ..common.timing import synchronize
+from ..common.timing import round_seconds, synchronize
 from ..convert import convert
+from .measure import RotatingTarget, plan_rounds
 
 TRAIN_IMPLS = ("eager_amp", "triton", "compile_amp")
 TRAIN_DTYPE = torch.bfloat16
@@ -71,3 +72,20 @@ def build_training_step(impl, module, device, x, grad, is_model=False):
 
 
 __all__ = ["COMPILE_MODE", "TRAIN_DTYPE", "TRAIN_IMPLS", "build_training_step", "train_impl_unavailable_reason"]
+
+
+def time_step(benchmark, step, x, device, seconds):
+    """Time step(x) with pytest-benchmark's `benchmark` for about `seconds`:
+    rounds planned from one calibration round, inputs rotated."""
+    calib = round_seconds(step, [x], device, 1)[0]
+    benchmark.pedantic(RotatingTarget(step, [x], device), iterations=1, warmup_rounds=1,
+                       rounds=plan_rounds(calib, seconds))
+
+
+def peak_step_bytes(step, x, device):
+    """Peak CUDA memory allocated during one step(x)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(x)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
