@@ -16,6 +16,7 @@ import torch
 from training_cases import (
     CASES,
     DEVICE,
+    EVEN_STRIDE_2,
     check_backward_on_same_state,
     models,
     needs_triton,
@@ -28,7 +29,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 pytestmark = needs_triton
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + EVEN_STRIDE_2, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_steps_match_float64_torchvision(case, dtype, poisoned_empty, allow_tf32):
     allow_tf32(False)
@@ -68,7 +69,7 @@ def test_two_identical_steps_are_bitwise_identical(allow_tf32):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + EVEN_STRIDE_2, ids=str)
 def test_fp16_backward_on_the_same_forward_state(case, poisoned_empty):
     """The fp16 backward against float64 given identical forward state
     (training_cases.check_backward_on_same_state): dx, every conv weight's

@@ -28,7 +28,7 @@ pytestmark = needs_triton
 TWO_WIDE_GROUPS = TrainCase(32, 8, 2, 256, 5, 4)
 # 4 groups of 4 in one tile (width 16, identity), 2 x 5 x 4 = 40 pixels:
 # three 16-pixel steps, so every wgrad can take 2 or 3 pixel ranges.
-SMALL = TrainCase(16, 4, 4, 16, 5, 4)
+SMALL = TrainCase(16, 4, 4, 64, 5, 4)
 
 
 def _launched(counts, kernel, **consts):
