@@ -20,7 +20,9 @@ interpreter (slow: keep the model small).
 
 Options are examples/train.py's (model, data, --batch-size per process,
 --lr, --dtype, --seed, ...); --compare, --resume and --amp are train.py's
-only and --out is not used. Each process trains on its DistributedSampler
+only; rank 0 writes the final model's state_dict to --out/distributed.pt
+(the stem's BatchNorm statistics there are rank 0's own on CPU). Each
+process trains on its DistributedSampler
 share of the data (the global batch is nproc x --batch-size); rank 0
 evaluates and prints; at the end every process checks that all processes
 hold the same parameters and synchronized running statistics. Tested on CPU
@@ -106,7 +108,7 @@ def main(argv=None):
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, images) on this process
         for x, y in loader:
             x, y = x.to(device, dtype).contiguous(memory_format=torch.channels_last), y.to(device)
-            loss = nn.functional.cross_entropy(trained(x).float(), y)
+            loss = nn.functional.cross_entropy(trained(x), y)  # in --dtype (no --amp here)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not cuda:
@@ -124,6 +126,8 @@ def main(argv=None):
     same = replicas_identical(model)
     if rank == 0:
         print(f"replicas identical: {same}", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(args.out, "distributed.pt"))
     dist.destroy_process_group()
     if not same:
         raise SystemExit(f"rank {rank}: the processes' parameters or running statistics differ")

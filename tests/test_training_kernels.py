@@ -16,6 +16,7 @@ import torch
 from training_cases import (
     CASES,
     DEVICE,
+    EVEN_STRIDE_2,
     check_backward_on_same_state,
     models,
     needs_triton,
@@ -23,14 +24,12 @@ from training_cases import (
     run_steps,
 )
 
-from resnext_kernels.backends.triton import packing
-
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 pytestmark = needs_triton
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + EVEN_STRIDE_2, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_steps_match_float64_torchvision(case, dtype, poisoned_empty, allow_tf32):
     allow_tf32(False)
@@ -47,17 +46,6 @@ def test_a_random_case(request, poisoned_empty, allow_tf32):
     case = random_case(gen)
     print("random case:", case)
     run_steps(case, torch.float32)
-
-
-@pytest.mark.parametrize("max_gt", [16, 32])
-def test_group_wider_than_a_tile_sweeps_its_chunks(monkeypatch, max_gt, allow_tf32):
-    """d = 64 with GT forced to 16 or 32 (KCH = 4 or 2): the forward, dgrad
-    and wgrad of the grouped conv must sweep all chunks of a group; a kernel
-    reading only its own tile passes d <= 16 and fails here."""
-    allow_tf32(False)
-    monkeypatch.setattr(packing, "MAX_GT", max_gt)
-    case = next(c for c in CASES if c.d == 64)
-    run_steps(case, torch.float32, steps=1)
 
 
 def test_two_identical_steps_are_bitwise_identical(allow_tf32):
@@ -81,7 +69,7 @@ def test_two_identical_steps_are_bitwise_identical(allow_tf32):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + EVEN_STRIDE_2, ids=str)
 def test_fp16_backward_on_the_same_forward_state(case, poisoned_empty):
     """The fp16 backward against float64 given identical forward state
     (training_cases.check_backward_on_same_state): dx, every conv weight's

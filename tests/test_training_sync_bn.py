@@ -314,9 +314,55 @@ def _check_group_rules(rank, world, device):
         synced(x)
 
 
+def _check_stage_many_tiles(rank, world, device):
+    """One training step of the stage's first block (the stride-2
+    projection block: 4 norms, at H x W and Ho x Wo) through the triton
+    backend with 16-pixel statistics tiles (_common.forced_tiling): each rank merges
+    several rows per norm (merge_rows) before the exchange, and the ranks
+    hold unequal counts (BATCHES), so a merge that weighs rows or ranks
+    equally, or keeps only a rank's first row, fails. Output, input and
+    averaged parameter gradients, and running statistics against the
+    global-batch float64 reference; eager one-process fp32 sets the
+    tolerance."""
+    from resnext_kernels.backends.triton import _common
+    from resnext_kernels.common import process_group_exchange
+
+    ref = _stage()[:1]
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(rk.convert(copy.deepcopy(ref), backend="triton")).float()
+    eager = copy.deepcopy(ref).float()
+    rows = []
+    real_merge = process_group_exchange.merge_rows
+    process_group_exchange.merge_rows = lambda r: rows.append(r.count.numel()) or real_merge(r)
+    lo, hi = sum(BATCHES[:rank]), sum(BATCHES[:rank + 1])
+    x = torch.randn(sum(BATCHES), CIN, H, W, dtype=F64)
+    g = torch.randn(sum(BATCHES), COUT, HO, WO, dtype=F64)
+    expect = _step(ref, x, g)
+    base = _step(eager, x.float(), g.float())
+    try:
+        with _common.forced_tiling(pixels=16):
+            got = _step(model, x[lo:hi].float(), g[lo:hi].float())
+    finally:
+        process_group_exchange.merge_rows = real_merge
+    # bn1 (the rank's H x W pixels), then the Ho x Wo norms: 16-pixel tiles.
+    assert rows[0] == -(-BATCHES[rank] * H * W // 16) and min(rows) == -(-BATCHES[rank] * HO * WO // 16) > 1, rows
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    what = f"rank {rank} many tiles"
+    close(f"{what} out", got[0], expect[0][lo:hi], base[0][lo:hi])
+    close(f"{what} x.grad", got[1], expect[1][lo:hi], base[1][lo:hi])
+    for pname in expect[2]:
+        close(f"{what} {pname}.grad", got[2][pname], expect[2][pname] / world, base[2][pname] / world)
+    base_buffers = dict(eager.named_buffers())
+    for bname, buf in model.named_buffers():
+        if not bname.endswith("num_batches_tracked"):
+            close(f"{what} {bname}", buf, dict(ref.named_buffers())[bname], base_buffers[bname])
+
+
 CHECKS = {"stage": lambda rank, world, device: _check_stage_training(rank, world, device, ddp=False),
           "stage_ddp": lambda rank, world, device: _check_stage_training(rank, world, device, ddp=True),
-          "backends": _check_backends_inside, "groups": _check_group_rules, "empty_rank": _check_empty_rank}
+          "backends": _check_backends_inside, "groups": _check_group_rules, "empty_rank": _check_empty_rank,
+          "many_tiles": _check_stage_many_tiles}
 
 
 def _worker(rank, world, port, seed, device, checks):
@@ -376,8 +422,10 @@ def _spawn(checks, device="cpu"):
 def test_two_gloo_processes_train_a_sync_batchnorm_stage_as_one_global_batch():
     """Two CPU processes over gloo (module docstring): the stage's training
     steps on both backends, the collectives per step, the backends' inside,
-    nn.SyncBatchNorm's group rules, a rank with an empty batch."""
-    _spawn(["stage", "backends", "groups", "empty_rank"])
+    nn.SyncBatchNorm's group rules, a rank with an empty batch, a step
+    with many statistics tiles per rank (_check_stage_many_tiles); all in
+    the same processes: a spawn costs ~30 s here."""
+    _spawn(["stage", "backends", "groups", "empty_rank", "many_tiles"])
 
 
 @pytest.mark.cuda

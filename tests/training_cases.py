@@ -121,6 +121,15 @@ CASES = [
     TrainCase(16, 4, 3, 64, 5, 7, stride=2),                                     # 3 x 4, projection
 ]
 
+# Stride 2 on even sizes (CASES' stride-2 inputs are all odd): the last
+# output row and column read their taps' bottom/right neighbours at
+# 2*(H/2 - 1) + 1 = H - 1 (in the image), and the dgrad's input pixels of
+# odd index receive no stride-aligned centre tap.
+EVEN_STRIDE_2 = [
+    TrainCase(16, 4, 4, 64, 6, 6, stride=2),                                     # 4 x 4, projection
+    TrainCase(24, 8, 2, 64, 8, 8, stride=2, dilation=2),                         # 2 x 8, dilation 2, projection
+]
+
 
 def random_case(gen):
     """A case drawn from the issue's space with `gen` (the test's seed), sized for the interpreter."""

@@ -1,6 +1,8 @@
 """Helpers shared by the kernels and their launchers (no kernels here)."""
 
+import collections
 import contextlib
+import dataclasses
 import inspect
 
 import torch
@@ -136,11 +138,61 @@ def training_gemm_tiles(n_cols, k_depth, itemsize, prec):
     block_k = min(64, max(16, next_pow2(k_depth)))
     block_m = 64 if (itemsize == 4 and prec == "ieee") else 128
     if interpreting():
-        block_m = 128
+        block_m = interpreter_pixels()
     return block_m, block_n, block_k, 8 if block_n >= 128 else 4, 2 if itemsize == 4 else 3
 
 
+# -- test-only knobs: the tilings a GPU chooses, forced onto small CPU shapes --
+#
+# Under the interpreter the training kernels take 128-pixel tiles, one pixel
+# range per wgrad and (at the tests' d <= 64) one tile per group, so the
+# paths that only GPU-sized shapes reach (several tiles per group, split
+# wgrad reductions, many statistics tiles) would never run on CPU. The
+# tests force them with forced_tiling(); nothing else may set FORCED.
+
+
+@dataclasses.dataclass
+class ForcedTiling:
+    """Test-only overrides (None: the normal rule).
+
+    max_gt: the grouped conv's largest tile width (packing.GroupTiling), so
+        that d = 32 or 64 spans KCH = d_p / max_gt tiles.
+    wgrad_splits: pixel ranges of every wgrad reduction (conv1x1_wgrad.splits;
+        fewer where the pixels run out: each range is whole pixel steps).
+    pixels: pixels per program under the interpreter (interpreter_pixels):
+        rows of the statistics tiles and of the backward's partial sums, and
+        the wgrads' reduction step; a power of two >= 16 (tl.dot's minimum).
+    """
+
+    max_gt: int | None = None
+    wgrad_splits: int | None = None
+    pixels: int | None = None
+
+
+FORCED = ForcedTiling()
+
+
+@contextlib.contextmanager
+def forced_tiling(max_gt=None, wgrad_splits=None, pixels=None):
+    """Test-only: within, the training kernels use the ForcedTiling given."""
+    global FORCED
+    if pixels is not None and (pixels < 16 or pixels & (pixels - 1)):
+        raise ValueError(f"pixels must be a power of two >= 16, got {pixels}")
+    saved, FORCED = FORCED, ForcedTiling(max_gt, wgrad_splits, pixels)
+    try:
+        yield FORCED
+    finally:
+        FORCED = saved
+
+
+def interpreter_pixels():
+    """Pixels per program of the training kernels under the interpreter:
+    128 (fewer programs, fewer numpy round trips), or FORCED.pixels."""
+    return FORCED.pixels or 128
+
+
 _RECORDED = None  # a list while recording_launches() is active
+_COUNTED = None  # a Counter while counting_launches() is active
 
 
 @contextlib.contextmanager
@@ -157,12 +209,34 @@ def recording_launches():
         _RECORDED = saved
 
 
+@contextlib.contextmanager
+def counting_launches():
+    """Test-only: within, launch_fixed also counts its launches (they run as
+    usual) in the yielded Counter, keyed by launch_key: the tests check
+    that every code path they force has run."""
+    global _COUNTED
+    saved, _COUNTED = _COUNTED, collections.Counter()
+    try:
+        yield _COUNTED
+    finally:
+        _COUNTED = saved
+
+
+def launch_key(kernel, grid, consts):
+    """(kernel name, its constexprs as a sorted tuple of (name, value), the
+    grid's second dimension or 1: a wgrad's pixel ranges)."""
+    name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+    return name, tuple(sorted(consts.items())), grid[1] if len(grid) > 1 else 1
+
+
 def launch_fixed(kernel, grid, args, consts, num_warps, num_stages):
     """Launch a training kernel with one config (no autotuning); the
     interpreter ignores num_warps and num_stages."""
     if _RECORDED is not None:
         _RECORDED.append((kernel, args, consts, num_warps, num_stages))
         return
+    if _COUNTED is not None:
+        _COUNTED[launch_key(kernel, grid, consts)] += 1
     kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
 
 

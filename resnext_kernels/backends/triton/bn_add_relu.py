@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ...common.sizes import cdiv
 from ._bn import bn_apply, bn_grad_sums, load_bn, relu, relu_grad
-from ._common import interpreting, launch_fixed
+from ._common import interpreter_pixels, interpreting, launch_fixed
 
 
 @triton.jit
@@ -127,9 +127,10 @@ def _tiles(c, backward=False):
     """(BLOCK_M, BLOCK_C): 64 pixels x up to 128 channels on 4 warps; the
     backward 32 pixels (its four fp32 input tiles and fp64 sums spilled 60
     bytes at 64 on sm_90a, bench/triton_compile.py --training). The
-    interpreter takes whole rows of up to 256 channels and 128 pixels."""
+    interpreter takes whole rows of up to 256 channels and
+    interpreter_pixels() (128) pixels."""
     if interpreting():
-        return 128, max(16, min(256, triton.next_power_of_2(c)))
+        return interpreter_pixels(), max(16, min(256, triton.next_power_of_2(c)))
     return 32 if backward else 64, min(128, max(16, triton.next_power_of_2(c)))
 
 

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from ...common.sizes import cdiv, next_pow2
+from . import _common
 from ._bn import bn_grad_input, bn_relu
-from ._common import dot_precision, interpreting, launch_fixed
+from ._common import dot_precision, interpreter_pixels, interpreting, launch_fixed
 from .bn_statistics import sum_rows
 
 
@@ -101,7 +102,10 @@ def gpu_splits(m, output_tiles, partial_bytes, read_bytes):
 
 
 def splits(m, output_tiles, partial_bytes, read_bytes):
-    """gpu_splits, or 1 under the interpreter."""
+    """gpu_splits, or 1 under the interpreter; the tests' forced_tiling
+    (_common.FORCED.wgrad_splits) overrides both."""
+    if _common.FORCED.wgrad_splits is not None:
+        return _common.FORCED.wgrad_splits
     return 1 if interpreting() else gpu_splits(m, output_tiles, partial_bytes, read_bytes)
 
 
@@ -118,9 +122,10 @@ def gpu_tiles(n_ch, k, itemsize, prec):
 
 
 def tiles(dz, k):
-    """gpu_tiles for dz's channels and dtype; 128 pixels per step under the interpreter."""
+    """gpu_tiles for dz's channels and dtype; under the interpreter
+    _common.interpreter_pixels() per step."""
     bm, bn, bk, warps, stages = gpu_tiles(dz.shape[1], k, dz.element_size(), dot_precision(dz.dtype))
-    return (128 if interpreting() else bm), bn, bk, warps, stages
+    return (interpreter_pixels() if interpreting() else bm), bn, bk, warps, stages
 
 
 def conv1x1_wgrad(dz, y, mean, coef, a, weight_shape, dtype, prologue=None, stride=1):

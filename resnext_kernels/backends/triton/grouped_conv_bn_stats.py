@@ -26,7 +26,7 @@ import triton.language as tl
 from ...common.batch_stats import StatisticsRows
 from ...common.sizes import cdiv
 from ._bn import bn_relu, real_channel, tile_mean_m2
-from ._common import dot_precision, interpreting, launch_fixed
+from ._common import dot_precision, interpreter_pixels, interpreting, launch_fixed
 
 
 @triton.jit
@@ -97,9 +97,10 @@ def block_p(tiling, dtype):
     128 (one warpgroup's wgmma M) on 4 warps; 64 where ptxas spilled at 128
     on sm_90a (bench/triton_compile.py --training): groups of 64 channels
     or more per tile sweep (GT * KCH >= 64) and full-fp32 "ieee" dots; 32
-    for both at once (676 bytes spilled at 64). The interpreter takes 128."""
+    for both at once (676 bytes spilled at 64). The interpreter takes
+    interpreter_pixels() (128)."""
     if interpreting():
-        return 128
+        return interpreter_pixels()
     ieee = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     wide = tiling.gt * tiling.kch >= 64
     return 32 if wide and ieee else 64 if wide or ieee else 128

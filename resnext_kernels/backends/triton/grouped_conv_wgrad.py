@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ...common.sizes import cdiv
 from ._bn import bn_grad_input, bn_relu, load_bn, real_channel
-from ._common import dot_precision, interpreting, launch_fixed
+from ._common import dot_precision, interpreter_pixels, interpreting, launch_fixed
 from .bn_statistics import sum_rows
 from .conv1x1_wgrad import splits
 from .packing import unpack_w2
@@ -86,8 +86,8 @@ def _grouped_conv_wgrad_kernel(
 
 
 def block_p():
-    """Output pixels per reduction step: 64 (128 in the interpreter)."""
-    return 128 if interpreting() else 64
+    """Output pixels per reduction step: 64 (interpreter_pixels() in the interpreter)."""
+    return interpreter_pixels() if interpreting() else 64
 
 
 def grouped_conv_wgrad(y1, stats1, dz2, y2, stats2, coef2, tiling, stride, dilation, dtype):

@@ -37,6 +37,7 @@ import torch
 
 from ...common.sizes import cdiv, next_pow2
 from ...common.weight_cache import WeightCache
+from . import _common
 from ._common import MAX_WEIGHT_ELEMENTS
 
 # Largest tile of the grouped conv for d > 16. 64 keeps one tap's weight tile
@@ -60,7 +61,7 @@ class GroupTiling:
             groups_per_tile = MIN_GT // self.d_p
             self.n_tiles = cdiv(groups, groups_per_tile)
         else:
-            self.gt = min(self.d_p, MAX_GT)
+            self.gt = min(self.d_p, _common.FORCED.max_gt or MAX_GT)
             self.kch = self.d_p // self.gt
             self.n_tiles = groups * self.kch
         self.width_p = self.n_tiles * self.gt
