@@ -51,8 +51,12 @@ def bn_grad_input(dz, y, mean, a, b, c, dtype: tl.constexpr):
 
     With batch statistics a = gamma*invstd, b = -a*invstd*sum(dz*xhat)/n,
     c = -a*sum(dz)/n (bn_statistics.backward_coefficients); with running
-    statistics b = c = 0."""
-    return (a * dz.to(tl.float32) + b * (y.to(tl.float32) - mean) + c).to(dtype)
+    statistics b = c = 0, and then the y term is left out rather than
+    multiplied by 0, as eager's BN backward has no such term: an infinite
+    y (or, in the inference op's backward, which passes dz as y, an
+    infinite dz) must not turn 0 * inf into NaN where eager carries inf."""
+    xhat_term = tl.where(b == 0.0, 0.0, b * (y.to(tl.float32) - mean))
+    return (a * dz.to(tl.float32) + xhat_term + c).to(dtype)
 
 
 @triton.jit

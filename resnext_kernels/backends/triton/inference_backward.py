@@ -11,7 +11,7 @@ norms" (mean 0, scale 1, beta 0 on the post-ReLU t1, t2: relu(bn(t)) = t,
 and the ReLU mask threshold_backward(g, t) is the training kernels' mask),
 and BN-backward coefficients (a, b, c) = (1, 0, 0), which make each
 prologue's dy = a*dz + b*(y - mean) + c the incoming gradient dz itself
-(the "y" operand is dz again: multiplied by b = 0, see the NaN note below).
+(the "y" operand is dz again, with b = 0: see the NaN note below).
 
 Launches (each skipped when no requested gradient needs it):
     t1 = relu(x @ w1 + b1)                     conv1x1_bias_relu (K1, recompute, packed channels)
@@ -32,10 +32,9 @@ the buffers are the real tensors; otherwise the real columns are gathered
 once (an index copy of t1 and t2; small blocks and odd d only).
 
 NaN/inf: the ReLU masks are threshold_backward's (zero where t <= 0, a NaN
-t passes the gradient). One difference from eager: a prologue computes
-1*dz + 0*(dz - 0), so an infinite incoming gradient (only reachable through
-an infinite grad_y or weight) becomes NaN where eager's conv backward
-would carry +-inf into its sums.
+t passes the gradient). The prologues' dy = 1*dz + 0*(dz - 0) leaves the
+b = 0 term out (_bn.bn_grad_input), so an infinite incoming gradient stays
++-inf as in eager's conv backward rather than becoming 0 * inf = NaN.
 """
 
 import contextlib
