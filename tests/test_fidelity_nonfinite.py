@@ -11,7 +11,11 @@ The 3x3 weight is poisoned at its centre tap only: that tap never reads the
 zero padding, and eager PyTorch itself disagrees with itself about a
 non-finite weight meeting the padding (measured, torch 2.14 CPU: the oneDNN
 fp32/bf16 convs skip padded taps, the fp64/fp16 im2col path multiplies them,
-0 * inf = NaN; the Triton kernels multiply).
+0 * inf = NaN; the Triton kernels multiply). The same holds backward: an
+infinite gradient (from an infinite conv3 weight) meets the padding in the
+3x3's weight gradient; where eager's fp32 and fp64 non-finite patterns of
+a gradient differ, the fused one must equal one of them (seen: the Triton
+backward's conv2.weight.grad equals eager fp64's, seed 229023317).
 """
 
 import pytest
@@ -115,7 +119,15 @@ def test_poisoned_block_matches_torchvision(request, allow_tf32, backend, block_
         # product, where eager's sum(grad * xhat) over +-inf and -inf xhat is
         # NaN. Same positions; the values are compared for everything else.
         bn_weight = name.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight"))
-        assert_same_nonfinite(got[2][name], g, f"{name}.grad", values=not (bn_weight and kind != "nan"))
+        values = not (bn_weight and kind != "nan")
+        if values and not torch.equal(pattern(g), pattern(eager64[2][name])):
+            # Eager disagrees with itself (module docstring: an infinite
+            # gradient meeting the 3x3's zero padding in the weight gradient,
+            # skipped by oneDNN fp32, multiplied by the fp64 path): either is eager's.
+            same_as_64 = torch.equal(pattern(got[2][name]), pattern(eager64[2][name]))
+            assert same_as_64 or torch.equal(pattern(got[2][name]), pattern(g)), f"{name}.grad: neither eager's"
+            continue
+        assert_same_nonfinite(got[2][name], g, f"{name}.grad", values=values)
 
 
 # Op-level cases where the packing of the Triton kernels (and any kernel that
